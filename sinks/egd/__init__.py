@@ -1,0 +1,3 @@
+"""
+The EGD sink: the Entropy Gathering Daemon protocol over TCP and Unix sockets.
+"""

@@ -1,0 +1,3 @@
+"""
+The HTTP sink: entropy API, health checks, status and Prometheus metrics.
+"""

@@ -1,0 +1,62 @@
+"""
+The Source interface: what every driver provides to the supervisor.
+
+A driver is an async context manager (open the device on enter, release it on
+exit) with ``async read() -> bytes``. Drivers raise `broker.errors.SourceError` (or
+any ``OSError``) on device trouble; they never retry on their own, because the
+supervisor decides what happens next (backoff, reconnect, failover).
+"""
+
+import enum
+from types import TracebackType
+from typing import Protocol, Self
+
+
+class SourceState(enum.StrEnum):
+    """
+    Lifecycle of a source as reported in status and metrics.
+    """
+
+    STARTING = "starting"
+    HEALTHY = "healthy"
+    QUARANTINED = "quarantined"
+    STALLED = "stalled"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class Source(Protocol):
+    """
+    One entropy source driver.
+    """
+
+    name: str
+    kind: str
+    priority: int
+    credit: float
+    """Entropy credited per byte, in bits (0..8)."""
+
+    @property
+    def nominal_rate(self) -> float | None:
+        """
+        Bytes per second the source is expected to deliver, if known.
+        """
+        ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def read(self) -> bytes:
+        """
+        Return the next block of raw bytes (never empty).
+
+        Raises:
+            SourceError: the device failed, reached EOF or cannot be used.
+        """
+        ...
