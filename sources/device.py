@@ -103,8 +103,12 @@ class DeviceSource:
         return float(self._nominal_rate) if self._nominal_rate else None
 
     async def __aenter__(self) -> Self:
+        # A FIFO is opened read-write so that it never reports EOF while no
+        # program has it open for writing: a feeder that restarts is a stall
+        # (caught by stall_timeout), not a stream of instant EOFs.
+        mode = os.O_RDWR if self.path.is_fifo() else os.O_RDONLY
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+            fd = os.open(self.path, mode | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
         except OSError as exc:
             raise SourceError(f"cannot open {self.path}: {exc.strerror}") from exc
         if os.isatty(fd):

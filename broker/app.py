@@ -1,0 +1,234 @@
+"""
+Wiring and lifecycle of the broker process.
+
+Start-up order is pool → sources → sinks; shutdown is the reverse: report 503
+on /healthz, stop accepting, let in-flight requests finish within the grace
+period, close connections and remove Unix sockets, stop sources, close the pool.
+"""
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import structlog
+
+from broker import __version__
+from broker.config import Config, SinkConfig, SourceConfig
+from broker.errors import BrokerError
+from broker.pool import EntropyPool
+from broker.status import Health, Sink, SinkStatus, SourceStatus
+from broker.supervisor import Supervisor
+from sinks.egd.config import EgdSinkConfig
+from sinks.egd.server import EgdSink
+from sinks.http.config import HttpSinkConfig
+from sinks.http.server import HttpSink
+from sources.base import Source
+from sources.device import DeviceSource, DeviceSourceConfig
+from sources.getrandom import GetrandomSource, GetrandomSourceConfig
+
+log = structlog.get_logger("ebroker.app")
+
+LISTENERS_FILE = "listeners.json"
+PID_FILE = "ebroker.pid"
+
+
+def _getrandom(config: SourceConfig) -> Source:
+    assert isinstance(config, GetrandomSourceConfig)
+    return GetrandomSource(config)
+
+
+def _device(config: SourceConfig) -> Source:
+    assert isinstance(config, DeviceSourceConfig)
+    return DeviceSource(config)
+
+
+SOURCE_KINDS: dict[str, Callable[[SourceConfig], Source]] = {
+    "getrandom": _getrandom,
+    "device": _device,
+    "hwrng": _device,
+}
+
+
+def _egd(config: SinkConfig, broker: "Broker") -> Sink:
+    assert isinstance(config, EgdSinkConfig)
+    return EgdSink(config, broker.pool, broker.state_dir)
+
+
+def _http(config: SinkConfig, broker: "Broker") -> Sink:
+    assert isinstance(config, HttpSinkConfig)
+    return HttpSink(config, broker)
+
+
+SINK_KINDS: dict[str, Callable[[SinkConfig, "Broker"], Sink]] = {
+    "egd": _egd,
+    "http": _http,
+}
+
+
+class Broker:
+    """
+    One running broker: pool, supervised sources and sinks. Implements
+    `broker.status.BrokerView` for the sinks.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.state_dir = config.broker.state_dir.absolute()
+        self._pool = EntropyPool(config.broker.pool_size)
+        self.supervisor = Supervisor(self._pool)
+        for source_config in config.enabled_sources:
+            source = SOURCE_KINDS[source_config.kind](source_config)
+            self.supervisor.add(
+                source,
+                optional=getattr(source_config, "optional", False),
+                record_raw=source_config.record_raw,
+            )
+        self.sinks: list[Sink] = [
+            SINK_KINDS[sink_config.kind](sink_config, self) for sink_config in config.sinks
+        ]
+        self._instance = socket.gethostname()
+        self._started_at = time.time()
+        self._ready = False
+        self._shutting_down = False
+
+    # ---- BrokerView ---------------------------------------------------------------
+
+    @property
+    def pool(self) -> EntropyPool:
+        return self._pool
+
+    @property
+    def instance(self) -> str:
+        return self._instance
+
+    @property
+    def started_at(self) -> float:
+        return self._started_at
+
+    def sources_status(self) -> list[SourceStatus]:
+        return self.supervisor.statuses()
+
+    def sinks_status(self) -> list[SinkStatus]:
+        return [sink.status() for sink in self.sinks]
+
+    def ready(self) -> bool:
+        return self._ready and not self._shutting_down
+
+    def health(self) -> Health:
+        if self._shutting_down:
+            return Health(False, "shutting_down", ("shutting down",))
+        level = self._pool.level
+        low = self.config.broker.low_watermark
+        has_source = self.supervisor.any_healthy()
+        reasons: list[str] = []
+        if not has_source:
+            reasons.append("no healthy source")
+        if level < low:
+            reasons.append(f"pool level {level} below low watermark {low}")
+        serving = (has_source and level > 0) or level >= low
+        if has_source and level == 0 and not serving:
+            reasons.append("pool is empty")
+        if not serving:
+            return Health(False, "unhealthy", tuple(reasons))
+        if self.supervisor.degraded:
+            tier = self.supervisor.active_tier
+            return Health(True, "degraded", (f"only fallback tier {tier} feeds the pool",))
+        if not has_source:
+            return Health(True, "degraded", tuple(reasons))
+        return Health(True, "ok", ())
+
+    # ---- lifecycle ----------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.supervisor.start()
+        started: list[Sink] = []
+        try:
+            for sink in self.sinks:
+                await sink.start()
+                started.append(sink)
+        except BaseException:
+            for sink in reversed(started):
+                await sink.shutdown(0)
+            await self.supervisor.stop()
+            self._pool.close()
+            raise
+        self._write_runtime_files()
+        self._ready = True
+        log.info(
+            "broker_started",
+            version=__version__,
+            listeners=self.listeners(),
+            sources=[runner.name for runner in self.supervisor.runners],
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        if self._shutting_down:
+            return
+        self._shutting_down = True
+        grace = self.config.broker.shutdown_grace
+        log.info("broker_stopping", grace=grace)
+        for sink in self.sinks:
+            sink.pre_shutdown()
+        results = await asyncio.gather(
+            *(sink.shutdown(grace) for sink in self.sinks), return_exceptions=True
+        )
+        for sink, result in zip(self.sinks, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("sink_shutdown_failed", sink=sink.name, error=repr(result))
+        await self.supervisor.stop()
+        self._pool.close()
+        self._remove_runtime_files()
+        log.info("broker_stopped")
+
+    def listeners(self) -> dict[str, list[str]]:
+        return {
+            sink.name: list(getattr(sink, "bound_addresses", list)()) for sink in self.sinks
+        }
+
+    def _write_runtime_files(self) -> None:
+        # Written atomically so a watcher never reads half a file.
+        listeners = self.state_dir / LISTENERS_FILE
+        temporary = listeners.with_suffix(".tmp")
+        temporary.write_text(json.dumps(self.listeners(), indent=2) + "\n")
+        temporary.replace(listeners)
+        (self.state_dir / PID_FILE).write_text(f"{os.getpid()}\n")
+
+    def _remove_runtime_files(self) -> None:
+        for name in (LISTENERS_FILE, PID_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                (self.state_dir / name).unlink()
+
+
+async def serve(config: Config, stop: asyncio.Event) -> None:
+    """
+    Run the broker until ``stop`` is set.
+
+    Raises:
+        BrokerError: start-up failed (e.g. a listen address is in use).
+    """
+    try:
+        broker = Broker(config)
+    except OSError as exc:
+        raise BrokerError(str(exc)) from exc
+    try:
+        async with broker:
+            await stop.wait()
+    except OSError as exc:
+        raise BrokerError(f"cannot start: {exc.strerror or exc}") from exc

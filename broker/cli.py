@@ -1,0 +1,162 @@
+"""
+The ``ebroker`` command line.
+
+Errors are one clear line on stderr and a non-zero exit status, never a
+traceback.
+"""
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+import uvloop
+
+from broker import __version__
+from broker.config import Config, load_config
+from broker.errors import BrokerError, ConfigError
+from broker.logging import configure_logging
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+log = structlog.get_logger("ebroker.cli")
+
+
+def _fail(message: str, status: int = EXIT_FAILURE) -> int:
+    print(f"ebroker: {message}", file=sys.stderr)
+    return status
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ebroker",
+        description="High-availability entropy broker: hardware RNGs in, EGD and HTTP out.",
+    )
+    parser.add_argument("--version", action="version", version=f"ebroker {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the broker")
+    serve.add_argument(
+        "--config", "-c", type=Path, required=True, help="configuration file (TOML)"
+    )
+
+    check = commands.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("config", type=Path, help="configuration file (TOML)")
+
+    status = commands.add_parser("status", help="show a running broker's status")
+    status.add_argument(
+        "--url", default="http://127.0.0.1:8889", help="base URL of the broker's HTTP sink"
+    )
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    return parser
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    presses = 0
+
+    def handle_exit(signum: int) -> None:
+        nonlocal presses
+        presses += 1
+        if presses > 1 and signum == signal.SIGINT:
+            # A second Ctrl-C means the operator does not want to wait for the grace period.
+            raise SystemExit(130)
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, handle_exit, signum)
+
+
+async def _serve(config: Config) -> None:
+    from broker.app import serve
+
+    stop = asyncio.Event()
+    _install_signal_handlers(stop)
+    await serve(config, stop)
+
+
+def cmd_serve(config_path: Path) -> int:
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        return _fail(f"invalid configuration:\n{exc}")
+    configure_logging(config.logging.level, config.logging.format)
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_serve(config))
+    except BrokerError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_OK
+
+
+def cmd_check_config(config_path: Path) -> int:
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_FAILURE
+    sources = ", ".join(source.name for source in config.enabled_sources)
+    sinks = ", ".join(
+        f"{sink.kind} on {' '.join(str(a) for a in sink.listen)}" for sink in config.sinks
+    )
+    print(f"{config_path}: ok (sources: {sources}; sinks: {sinks})")
+    return EXIT_OK
+
+
+def cmd_status(url: str, raw: bool) -> int:
+    target = url.rstrip("/") + "/v1/status"
+    if not target.startswith(("http://", "https://")):
+        return _fail(f"{url!r} is not an http:// or https:// URL", EXIT_USAGE)
+    try:
+        with urllib.request.urlopen(target, timeout=5) as response:  # noqa: S310 - scheme checked above
+            body = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return _fail(f"cannot read {target}: {exc}")
+    if raw:
+        print(json.dumps(body, indent=2))
+        return EXIT_OK
+    health = body.get("health", {})
+    pool = body.get("pool", {})
+    print(f"instance {body.get('instance')}  health {health.get('status')}")
+    for reason in health.get("reasons", []):
+        print(f"  - {reason}")
+    print(f"pool     {pool.get('level')} / {pool.get('capacity')} bytes ready")
+    print("sources")
+    for source in body.get("sources", []):
+        mark = "*" if source.get("feeding") else " "
+        print(
+            f" {mark} {source['name']:<16} tier {source['priority']}  "
+            f"{source['state']:<12} {source.get('rate', 0):>10.0f} B/s  {source['reason']}"
+        )
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return cmd_serve(args.config)
+        if args.command == "check-config":
+            return cmd_check_config(args.config)
+        if args.command == "status":
+            return cmd_status(args.url, args.json)
+    except Exception as exc:  # noqa: BLE001 - the CLI promises one line, never a traceback
+        return _fail(f"internal error: {exc!r}")
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
