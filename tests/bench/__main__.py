@@ -1,0 +1,37 @@
+"""
+Benchmarks: ``make bench`` (``python -m tests.bench [NAME ...]``).
+
+Every figure is reported next to a baseline measured in the same run, and as a
+ratio to it, because the machines we run on are shared and noisy.
+"""
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from tests.bench import bench_pool, bench_sinks
+
+BENCHMARKS: dict[str, Callable[[float], list[str]]] = {
+    "pool": bench_pool.run,
+    "egd": bench_sinks.run_egd,
+    "http": bench_sinks.run_http,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench")
+    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []], default=[])
+    parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    args = parser.parse_args()
+    names = args.names or list(BENCHMARKS)
+    for name in names:
+        print(f"## {name}")
+        for line in BENCHMARKS[name](args.seconds):
+            print(line)
+        print()
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

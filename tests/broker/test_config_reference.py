@@ -1,0 +1,34 @@
+"""
+The configuration reference documents every key the models accept.
+"""
+
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from broker.config import BrokerSection, LoggingSection
+from sinks.egd.config import EgdSinkConfig
+from sinks.http.config import HttpSinkConfig
+from sources.device import DeviceSourceConfig
+from sources.getrandom import GetrandomSourceConfig
+
+REFERENCE = (Path(__file__).parents[2] / "config" / "README.md").read_text()
+
+MODELS: list[type[BaseModel]] = [
+    BrokerSection,
+    LoggingSection,
+    GetrandomSourceConfig,
+    DeviceSourceConfig,
+    EgdSinkConfig,
+    HttpSinkConfig,
+]
+
+
+@pytest.mark.parametrize("model", MODELS, ids=lambda model: model.__name__)
+def test_every_key_is_documented(model: type[BaseModel]) -> None:
+    """
+    An operator finds every accepted key in config/README.md.
+    """
+    missing = [name for name in model.model_fields if f"`{name}`" not in REFERENCE]
+    assert [] == missing
