@@ -13,11 +13,11 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 import structlog
+from sinks.egd.server import EgdSink
 
 from broker import __version__
 from broker.config import Config, SinkConfig, SourceConfig
@@ -26,7 +26,6 @@ from broker.pool import EntropyPool
 from broker.status import Health, Sink, SinkStatus, SourceStatus
 from broker.supervisor import Supervisor
 from sinks.egd.config import EgdSinkConfig
-from sinks.egd.server import EgdSink
 from sinks.http.config import HttpSinkConfig
 from sinks.http.server import HttpSink
 from sources.base import Source
@@ -40,12 +39,14 @@ PID_FILE = "ebroker.pid"
 
 
 def _getrandom(config: SourceConfig) -> Source:
-    assert isinstance(config, GetrandomSourceConfig)
+    if not isinstance(config, GetrandomSourceConfig):
+        raise TypeError(f"not a getrandom config: {config!r}")
     return GetrandomSource(config)
 
 
 def _device(config: SourceConfig) -> Source:
-    assert isinstance(config, DeviceSourceConfig)
+    if not isinstance(config, DeviceSourceConfig):
+        raise TypeError(f"not a device config: {config!r}")
     return DeviceSource(config)
 
 
@@ -57,12 +58,14 @@ SOURCE_KINDS: dict[str, Callable[[SourceConfig], Source]] = {
 
 
 def _egd(config: SinkConfig, broker: "Broker") -> Sink:
-    assert isinstance(config, EgdSinkConfig)
+    if not isinstance(config, EgdSinkConfig):
+        raise TypeError(f"not an egd config: {config!r}")
     return EgdSink(config, broker.pool, broker.state_dir)
 
 
 def _http(config: SinkConfig, broker: "Broker") -> Sink:
-    assert isinstance(config, HttpSinkConfig)
+    if not isinstance(config, HttpSinkConfig):
+        raise TypeError(f"not an http config: {config!r}")
     return HttpSink(config, broker)
 
 
@@ -91,7 +94,8 @@ class Broker:
                 record_raw=source_config.record_raw,
             )
         self.sinks: list[Sink] = [
-            SINK_KINDS[sink_config.kind](sink_config, self) for sink_config in config.sinks
+            SINK_KINDS[sink_config.kind](sink_config, self)
+            for sink_config in config.sinks
         ]
         self._instance = socket.gethostname()
         self._started_at = time.time()
@@ -139,7 +143,9 @@ class Broker:
             return Health(False, "unhealthy", tuple(reasons))
         if self.supervisor.degraded:
             tier = self.supervisor.active_tier
-            return Health(True, "degraded", (f"only fallback tier {tier} feeds the pool",))
+            return Health(
+                True, "degraded", (f"only fallback tier {tier} feeds the pool",)
+            )
         if not has_source:
             return Health(True, "degraded", tuple(reasons))
         return Health(True, "ok", ())
@@ -199,7 +205,8 @@ class Broker:
 
     def listeners(self) -> dict[str, list[str]]:
         return {
-            sink.name: list(getattr(sink, "bound_addresses", list)()) for sink in self.sinks
+            sink.name: list(getattr(sink, "bound_addresses", list)())
+            for sink in self.sinks
         }
 
     def _write_runtime_files(self) -> None:

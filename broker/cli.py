@@ -38,7 +38,8 @@ def _fail(message: str, status: int = EXIT_FAILURE) -> int:
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ebroker",
-        description="High-availability entropy broker: hardware RNGs in, EGD and HTTP out.",
+        description="High-availability entropy broker: hardware RNGs in, "
+        "EGD and HTTP out.",
     )
     parser.add_argument("--version", action="version", version=f"ebroker {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -53,7 +54,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="show a running broker's status")
     status.add_argument(
-        "--url", default="http://127.0.0.1:8889", help="base URL of the broker's HTTP sink"
+        "--url",
+        default="http://127.0.0.1:8889",
+        help="base URL of the broker's HTTP sink",
     )
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     return parser
@@ -67,7 +70,7 @@ def _install_signal_handlers(stop: asyncio.Event) -> None:
         nonlocal presses
         presses += 1
         if presses > 1 and signum == signal.SIGINT:
-            # A second Ctrl-C means the operator does not want to wait for the grace period.
+            # A second Ctrl-C: the operator will not wait for the grace period.
             raise SystemExit(130)
         log.info("signal_received", signal=signal.Signals(signum).name)
         stop.set()
@@ -108,7 +111,8 @@ def cmd_check_config(config_path: Path) -> int:
         return EXIT_FAILURE
     sources = ", ".join(source.name for source in config.enabled_sources)
     sinks = ", ".join(
-        f"{sink.kind} on {' '.join(str(a) for a in sink.listen)}" for sink in config.sinks
+        f"{sink.kind} on {' '.join(str(a) for a in sink.listen)}"
+        for sink in config.sinks
     )
     print(f"{config_path}: ok (sources: {sources}; sinks: {sinks})")
     return EXIT_OK
@@ -137,7 +141,8 @@ def cmd_status(url: str, raw: bool) -> int:
         mark = "*" if source.get("feeding") else " "
         print(
             f" {mark} {source['name']:<16} tier {source['priority']}  "
-            f"{source['state']:<12} {source.get('rate', 0):>10.0f} B/s  {source['reason']}"
+            f"{source['state']:<12} {source.get('rate', 0):>10.0f} B/s  "
+            f"{source['reason']}"
         )
     return EXIT_OK
 

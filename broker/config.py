@@ -74,8 +74,12 @@ class Config(StrictModel):
     The whole configuration file.
     """
 
-    broker: BrokerSection = Field(default_factory=BrokerSection, description="pool and process")
-    logging: LoggingSection = Field(default_factory=LoggingSection, description="logging")
+    broker: BrokerSection = Field(
+        default_factory=BrokerSection, description="pool and process"
+    )
+    logging: LoggingSection = Field(
+        default_factory=LoggingSection, description="logging"
+    )
     sources: list[SourceConfig] = Field(min_length=1, description="entropy sources")
     sinks: list[SinkConfig] = Field(min_length=1, description="protocols served")
 
@@ -106,7 +110,9 @@ class Config(StrictModel):
                 if address.scheme == "tcp" and address.port == 0:
                     continue  # an ephemeral port never collides
                 if resolved in bound:
-                    problems.append(f"{where}: {address} is also used by {bound[resolved]}")
+                    problems.append(
+                        f"{where}: {address} is also used by {bound[resolved]}"
+                    )
                 bound.setdefault(resolved, where)
         if problems:
             raise ValueError("; ".join(problems))
@@ -144,9 +150,11 @@ def format_validation_error(error: ValidationError) -> str:
         if item["type"] == "extra_forbidden":
             message = "unknown key"
         elif item["type"] == "union_tag_invalid":
-            message = f"unknown kind {item['input'].get('kind')!r}" if isinstance(
-                item["input"], dict
-            ) else message
+            message = (
+                f"unknown kind {item['input'].get('kind')!r}"
+                if isinstance(item["input"], dict)
+                else message
+            )
         elif item["type"] == "union_tag_not_found":
             message = "missing 'kind'"
         if location:

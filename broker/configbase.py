@@ -75,7 +75,9 @@ class ListenAddress:
         return ListenAddress("unix", path=str(state_dir / self.path))
 
 
-_TCP_RE = re.compile(r"^(?:tcp://)?(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:/\[\]]+)):(?P<port>\d+)$")
+_TCP_RE = re.compile(
+    r"^(?:tcp://)?(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:/\[\]]+)):(?P<port>\d+)$"
+)
 
 
 def parse_listen(value: object) -> ListenAddress:
@@ -123,9 +125,7 @@ def parse_listen(value: object) -> ListenAddress:
     return ListenAddress("tcp", host=host, port=port)
 
 
-Listen = Annotated[
-    ListenAddress, BeforeValidator(parse_listen), PlainSerializer(str)
-]
+Listen = Annotated[ListenAddress, BeforeValidator(parse_listen), PlainSerializer(str)]
 
 
 class SourceConfigBase(StrictModel):
@@ -133,7 +133,9 @@ class SourceConfigBase(StrictModel):
     Keys every ``[[sources]]`` entry has, whatever its kind.
     """
 
-    name: Name = Field(description="unique name of this source, used in logs and status")
+    name: Name = Field(
+        description="unique name of this source, used in logs and status"
+    )
     priority: int = Field(
         default=0,
         ge=0,
@@ -146,10 +148,13 @@ class SourceConfigBase(StrictModel):
         le=8.0,
         description="entropy credited per byte, in bits (0 mixes without credit)",
     )
-    enabled: bool = Field(default=True, description="set false to keep an entry but not run it")
+    enabled: bool = Field(
+        default=True, description="set false to keep an entry but not run it"
+    )
     record_raw: Path | None = Field(
         default=None,
-        description="append this source's raw bytes to this file for offline assessment",
+        description="append this source's raw bytes to this file, for offline "
+        "assessment",
     )
 
 
@@ -158,9 +163,12 @@ class SinkConfigBase(StrictModel):
     Keys every ``[[sinks]]`` entry has, whatever its kind.
     """
 
-    name: Name | None = Field(default=None, description="optional name used in logs and status")
+    name: Name | None = Field(
+        default=None, description="optional name used in logs and status"
+    )
     listen: list[Listen] = Field(
-        min_length=1, description="addresses to listen on: 'tcp://HOST:PORT' or 'unix:PATH'"
+        min_length=1,
+        description="addresses to listen on: 'tcp://HOST:PORT' or 'unix:PATH'",
     )
     max_connections: int = Field(
         default=1024, ge=1, description="connections accepted at once; more are refused"

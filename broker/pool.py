@@ -26,6 +26,7 @@ weights plug in by replacing the queue's policy.
 """
 
 import asyncio
+import contextlib
 import hashlib
 from collections import deque
 from collections.abc import Hashable
@@ -86,10 +87,9 @@ class WaitQueue:
         self._queue.append(waiter)
 
     def remove(self, waiter: Waiter) -> None:
-        try:
+        # Already gone when the dispatcher served it before the caller gave up.
+        with contextlib.suppress(ValueError):
             self._queue.remove(waiter)
-        except ValueError:
-            pass  # already served and removed by the dispatcher
 
     def drain(self) -> list[Waiter]:
         waiters = list(self._queue)

@@ -63,7 +63,7 @@ class Backoff:
         self.failures += 1
         # Half fixed, half random: restarts of many sources spread out, yet a
         # delay never collapses to zero.
-        return ceiling / 2 + self._rng() * ceiling / 2
+        return float(ceiling / 2 + self._rng() * ceiling / 2)
 
     def reset(self) -> None:
         self.failures = 0
@@ -130,9 +130,13 @@ class SourceRunner:
         self.since = time.time()
         event = "source_state_changed"
         if state in (SourceState.FAILED, SourceState.STALLED, SourceState.QUARANTINED):
-            self._log.warning(event, previous=str(previous), state=str(state), reason=reason)
+            self._log.warning(
+                event, previous=str(previous), state=str(state), reason=reason
+            )
         else:
-            self._log.info(event, previous=str(previous), state=str(state), reason=reason)
+            self._log.info(
+                event, previous=str(previous), state=str(state), reason=reason
+            )
         self._supervisor.source_changed()
 
     @property
@@ -144,7 +148,7 @@ class SourceRunner:
         record: BinaryIO | None = None
         try:
             if self._record_path is not None:
-                record = self._record_path.open("ab")  # noqa: SIM115 - closed in finally
+                record = self._record_path.open("ab")
             while True:
                 try:
                     await self._run_once(record)

@@ -32,7 +32,14 @@ _PERIODS: dict[str, float] = {
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_UNITS = {
+    "ms": 0.001,
+    "s": 1.0,
+    "m": 60.0,
+    "min": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+}
 
 
 def parse_size(value: int | str) -> int:
@@ -93,7 +100,8 @@ def parse_rate(value: int | float | str) -> Rate:
     period = _PERIODS.get(period_text.strip().lower())
     if period is None:
         raise ValueError(
-            f"unknown period {period_text.strip()!r} in {value!r} (use s, min, h or day)"
+            f"unknown period {period_text.strip()!r} in {value!r} "
+            "(use s, min, h or day)"
         )
     return Rate(parse_size(size_text), period)
 

@@ -30,8 +30,12 @@ class DeviceSourceConfig(SourceConfigBase):
     """
 
     kind: Literal["device", "hwrng"] = Field(description="source driver")
-    path: Path = Field(default=Path("/dev/hwrng"), description="device, FIFO or file to read")
-    read_size: Size = Field(default=4096, ge=1, le=1 << 20, description="bytes per read")
+    path: Path = Field(
+        default=Path("/dev/hwrng"), description="device, FIFO or file to read"
+    )
+    read_size: Size = Field(
+        default=4096, ge=1, le=1 << 20, description="bytes per read"
+    )
     optional: bool = Field(
         default=False,
         description="skip this source with a warning at start-up when the path is "
@@ -58,7 +62,9 @@ class _ThreadRead:
         self._loop = loop
         self._fd = fd
         self._size = size
-        threading.Thread(target=self._run, name="ebroker-device-read", daemon=True).start()
+        threading.Thread(
+            target=self._run, name="ebroker-device-read", daemon=True
+        ).start()
 
     def _run(self) -> None:
         result: bytes | BaseException
@@ -80,6 +86,11 @@ class _ThreadRead:
             self.future.set_result(result)
 
 
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class DeviceSource:
     """
     Reads raw bytes from a device path.
@@ -87,7 +98,7 @@ class DeviceSource:
 
     def __init__(self, config: DeviceSourceConfig) -> None:
         self.name = config.name
-        self.kind = config.kind
+        self.kind: str = config.kind
         self.priority = config.priority
         self.credit = config.credit
         self.path = config.path
@@ -175,7 +186,7 @@ class DeviceSource:
             except BlockingIOError:
                 pass  # nothing yet: wait for the kernel to say the fd is readable
             readable: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+            loop.add_reader(fd, _resolve, readable)
             try:
                 await readable
             finally:

@@ -22,7 +22,9 @@ class GetrandomSourceConfig(SourceConfigBase):
     """
 
     kind: Literal["getrandom"] = Field(description="source driver")
-    read_size: Size = Field(default=4096, ge=1, le=1 << 20, description="bytes per read")
+    read_size: Size = Field(
+        default=4096, ge=1, le=1 << 20, description="bytes per read"
+    )
     rate: Size | None = Field(
         default=None,
         description="cap on bytes per second drawn from the kernel (unset: no cap)",
@@ -65,5 +67,7 @@ class GetrandomSource:
             delay = self._next_read - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            self._next_read = max(self._next_read, loop.time()) + self._read_size / self._rate
+            self._next_read = (
+                max(self._next_read, loop.time()) + self._read_size / self._rate
+            )
         return await asyncio.to_thread(os.getrandom, self._read_size)

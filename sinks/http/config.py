@@ -4,9 +4,9 @@ Config model of the HTTP sink.
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from broker.configbase import Duration, Size, SinkConfigBase
+from broker.configbase import Duration, ListenAddress, SinkConfigBase, Size
 
 
 class HttpSinkConfig(SinkConfigBase):
@@ -21,3 +21,13 @@ class HttpSinkConfig(SinkConfigBase):
     max_wait: Duration = Field(
         default=30.0, description="longest ?wait= a client may ask, in seconds"
     )
+
+    @field_validator("listen")
+    @classmethod
+    def _tcp_only(cls, value: list[ListenAddress]) -> list[ListenAddress]:
+        for address in value:
+            if address.scheme != "tcp":
+                raise ValueError(
+                    f"{address}: the http sink listens on TCP addresses only"
+                )
+        return value

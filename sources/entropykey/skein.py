@@ -66,8 +66,8 @@ def threefish256(key: Words, t0: int, t1: int, block: Words) -> Words:
     """
     m = _MASK
     k0, k1, k2, k3 = key
-    kx = (k0, k1, k2, k3, _PARITY ^ k0 ^ k1 ^ k2 ^ k3)
-    kx = kx + kx
+    k4 = _PARITY ^ k0 ^ k1 ^ k2 ^ k3
+    kx = (k0, k1, k2, k3, k4, k0, k1, k2, k3)
     tx = (t0, t1, t0 ^ t1, t0, t1)
     x0, x1, x2, x3 = block
     # Nine passes of eight rounds; subkeys 2p and 2p+1 are injected inside the
@@ -218,9 +218,7 @@ class Skein256:
         """
         self._finish()
         self.start(TYPE_OUT)
-        self.update(bytes(BLOCK_BYTES))
-        # The output block is counter 0 (8 bytes) plus padding; T0 counts only
-        # the 8 counter bytes.
+        # The output message is counter 0 as 8 bytes; T0 counts only those 8.
         self._buf = bytes(8)
         return _WORDS.pack(*self._finish())
 
@@ -339,6 +337,6 @@ def derive_long_term_key(
 
 def lt_nonce_mac(serial: bytes, master_key: bytes, nonce: bytes) -> bytes:
     """
-    Return the 6-byte LT-nonce MAC: ``Final_Pad(Prep(LKMS, MK) + nonce)`` cut to 48 bits.
+    Return the 6-byte long-term nonce MAC, ``Final_Pad(Prep(LKMS, MK) + nonce)``.
     """
     return mac48(prepare(serial, master_key, PERS_LKMS), nonce)

@@ -21,7 +21,9 @@ BENCHMARKS: dict[str, Callable[[float], list[str]]] = {
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench")
     parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []], default=[])
-    parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="time per measurement"
+    )
     args = parser.parse_args()
     names = args.names or list(BENCHMARKS)
     for name in names:

@@ -41,7 +41,9 @@ async def _egd_clients(host: str, port: int, seconds: float) -> float:
 
 
 async def _baseline_egd(seconds: float) -> float:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
             while True:
                 command = await reader.readexactly(2)

@@ -22,7 +22,9 @@ def minimal(**overrides: Any) -> dict[str, Any]:
     return data
 
 
-@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted(CONFIG_DIR.glob("*.toml")), ids=lambda p: p.name
+)
 def test_every_shipped_config_loads(path: Path) -> None:
     """
     Every example config in config/ is valid, so documented examples stay honest.
@@ -48,7 +50,9 @@ def test_units_are_parsed() -> None:
     """
     Sizes in the broker section accept human units.
     """
-    config = parse_config(minimal(broker={"pool_size": "2 MiB", "low_watermark": "8 KiB"}))
+    config = parse_config(
+        minimal(broker={"pool_size": "2 MiB", "low_watermark": "8 KiB"})
+    )
     assert 2 << 20 == config.broker.pool_size
     assert 8192 == config.broker.low_watermark
 
@@ -99,14 +103,17 @@ def test_units_are_parsed() -> None:
                     {"kind": "http", "listen": ["127.0.0.1:9000"]},
                 ]
             ),
-            "sinks[1].listen[0]: tcp://127.0.0.1:9000 is also used by sinks[0].listen[0]",
+            "sinks[1].listen[0]: tcp://127.0.0.1:9000 is also used by "
+            "sinks[0].listen[0]",
         ),
         (
             minimal(sinks=[{"kind": "egd", "listen": []}]),
             "sinks[0].listen: List should have at least 1 item",
         ),
         (
-            minimal(sinks=[{"kind": "egd", "listen": ["tcp://[::1]:1"], "socket_mode": "9"}]),
+            minimal(
+                sinks=[{"kind": "egd", "listen": ["tcp://[::1]:1"], "socket_mode": "9"}]
+            ),
             "sinks[0].socket_mode: '9' is not an octal mode",
         ),
         (minimal(sources=[]), "sources: List should have at least 1 item"),

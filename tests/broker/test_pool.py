@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.errors import PoolClosedError
-from broker.pool import BLOCK_BYTES, BLOCK_BITS, RESERVE_BITS, EntropyPool
+from broker.pool import BLOCK_BITS, BLOCK_BYTES, RESERVE_BITS, EntropyPool
 
 
 def max_output(credited_bits: float) -> int:
@@ -69,7 +69,9 @@ def test_output_is_conditioned_not_copied() -> None:
 @settings(max_examples=200, deadline=None)
 @given(
     inputs=st.lists(
-        st.tuples(st.integers(1, 3000), st.sampled_from([0.0, 0.25, 1.0, 3.5, 7.0, 8.0])),
+        st.tuples(
+            st.integers(1, 3000), st.sampled_from([0.0, 0.25, 1.0, 3.5, 7.0, 8.0])
+        ),
         min_size=1,
         max_size=30,
     ),

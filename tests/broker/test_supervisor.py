@@ -56,9 +56,15 @@ class ScriptedSource:
         return os.urandom(64)
 
 
-def make(pool: EntropyPool, *priorities: int) -> tuple[Supervisor, list[ScriptedSource]]:
-    supervisor = Supervisor(pool, standby_probe=0.05, backoff_initial=0.01, backoff_max=0.05)
-    sources = [ScriptedSource(f"s{index}", tier) for index, tier in enumerate(priorities)]
+def make(
+    pool: EntropyPool, *priorities: int
+) -> tuple[Supervisor, list[ScriptedSource]]:
+    supervisor = Supervisor(
+        pool, standby_probe=0.05, backoff_initial=0.01, backoff_max=0.05
+    )
+    sources = [
+        ScriptedSource(f"s{index}", tier) for index, tier in enumerate(priorities)
+    ]
     for source in sources:
         supervisor.add(source)
     return supervisor, sources

@@ -55,7 +55,9 @@ async def test_all_five_commands(daemon: Daemon, transport: str) -> None:
         writer.close()
 
 
-async def test_pipelined_requests_are_answered_in_order(daemon: Daemon, transport: str) -> None:
+async def test_pipelined_requests_are_answered_in_order(
+    daemon: Daemon, transport: str
+) -> None:
     """
     Four blocking reads sent back to back (as ekeyd-egd-linux and QEMU do) get
     512 bytes, and a level request coalesced after a read is answered after it.
@@ -67,7 +69,10 @@ async def test_pipelined_requests_are_answered_in_order(daemon: Daemon, transpor
                 writer.write(b"\x02\x80")
                 await writer.drain()
             data = await reader.readexactly(512)
-            assert 512 == len(set(zip(data[::2], data[1::2], strict=True))) or len(data) == 512
+            assert (
+                512 == len(set(zip(data[::2], data[1::2], strict=True)))
+                or len(data) == 512
+            )
             writer.write(b"\x02\x40\x00")
             await reader.readexactly(64)
             level = await reader.readexactly(4)

@@ -17,7 +17,9 @@ async def test_entropy_formats(daemon: Daemon) -> None:
     Raw, hex and base64 responses carry exactly the bytes asked for.
     """
     async with aiohttp.ClientSession(daemon.http_url) as session:
-        async with session.get("/v1/entropy", params={"bytes": "64", "wait": "5"}) as resp:
+        async with session.get(
+            "/v1/entropy", params={"bytes": "64", "wait": "5"}
+        ) as resp:
             assert 200 == resp.status
             assert "application/octet-stream" == resp.content_type
             assert 64 == len(await resp.read())
@@ -50,11 +52,13 @@ async def test_bad_parameters_get_400_with_a_reason(
     """
     A bad query is refused with 400 and a JSON reason naming the parameter.
     """
-    async with aiohttp.ClientSession(daemon.http_url) as session:
-        async with session.get("/v1/entropy", params=query) as resp:
-            assert 400 == resp.status
-            body = await resp.json()
-            assert word in body["error"]
+    async with (
+        aiohttp.ClientSession(daemon.http_url) as session,
+        session.get("/v1/entropy", params=query) as resp,
+    ):
+        assert 400 == resp.status
+        body = await resp.json()
+        assert word in body["error"]
 
 
 async def test_status_metrics_and_readiness(daemon: Daemon) -> None:

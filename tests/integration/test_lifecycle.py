@@ -54,7 +54,9 @@ def test_check_config_accepts_good_and_refuses_bad(tmp_path: Path) -> None:
     assert 0 == result.returncode, result.stderr
     assert "ok" in result.stdout
     bad = tmp_path / "bad.toml"
-    bad.write_text(default_config(tmp_path).replace('kind = "getrandom"', 'kind = "magic"'))
+    bad.write_text(
+        default_config(tmp_path).replace('kind = "getrandom"', 'kind = "magic"')
+    )
     result = run_cli("check-config", str(bad))
     assert 1 == result.returncode
     assert "sources[0]: unknown kind 'magic'" in result.stderr
@@ -108,7 +110,7 @@ def test_optional_hwrng_absent_still_serves(tmp_path: Path) -> None:
         [[sources]]
         name = "hwrng"
         kind = "hwrng"
-        path = "{tmp_path / 'no-hwrng'}"
+        path = "{tmp_path / "no-hwrng"}"
         optional = true
 
         [[sources]]

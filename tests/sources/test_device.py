@@ -37,7 +37,9 @@ async def test_fifo_bytes_arrive_as_written(tmp_path: Path) -> None:
             os.close(writer)
 
 
-async def test_fifo_waits_for_a_writer_without_blocking_the_loop(tmp_path: Path) -> None:
+async def test_fifo_waits_for_a_writer_without_blocking_the_loop(
+    tmp_path: Path,
+) -> None:
     """
     With no writer yet, a read waits while the event loop keeps running.
     """

@@ -1,0 +1,245 @@
+"""
+Prometheus metrics of a running broker.
+
+Nothing here keeps counters of its own: `BrokerCollector` reads the `BrokerView`
+at scrape time, so the numbers can never drift from what status reports, and an
+idle broker pays nothing for metrics. Each broker gets its own `CollectorRegistry`
+(never the process-global default), so several brokers in one process (tests)
+do not collide.
+"""
+
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder
+from prometheus_client.exposition import generate_latest as _generate_text
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from broker import __version__
+from broker.status import BrokerView
+from sources.base import SourceState
+
+NAMESPACE = "ebroker"
+SOURCE_STATES: tuple[str, ...] = tuple(state.value for state in SourceState)
+HEALTH_STATES: tuple[str, ...] = ("ok", "degraded", "unhealthy", "shutting_down")
+
+
+def _one_hot(
+    family: GaugeMetricFamily, labels: list[str], current: str, known: Iterable[str]
+) -> None:
+    """
+    Add one series per known value, 1 for ``current`` and 0 for the others.
+
+    Emitting the zeros too means a PromQL query never sees a state series vanish
+    and reappear, and an unknown ``current`` value still gets its own series.
+    """
+    values = list(known)
+    if current not in values:
+        values.append(current)
+    for value in values:
+        family.add_metric([*labels, value], 1.0 if value == current else 0.0)
+
+
+class BrokerCollector(Collector):
+    """
+    Collector reading pool, source, sink and health figures from a `BrokerView`.
+    """
+
+    def __init__(self, broker: BrokerView) -> None:
+        self._broker = broker
+
+    def describe(self) -> Iterable[Metric]:
+        # Describing nothing keeps the registry from calling collect() at
+        # registration, when the broker may not be fully built yet.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._collect_broker()
+        yield from self._collect_pool()
+        yield from self._collect_sources()
+        yield from self._collect_sinks()
+
+    def _collect_broker(self) -> Iterator[Metric]:
+        broker = self._broker
+        info = InfoMetricFamily(f"{NAMESPACE}_build", "Version of this broker")
+        info.add_metric([], {"version": __version__, "instance": broker.instance})
+        yield info
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_start_time_seconds",
+            "Wall-clock time (Unix seconds) the broker started",
+            value=broker.started_at,
+        )
+        health = broker.health()
+        status = GaugeMetricFamily(
+            f"{NAMESPACE}_health_status",
+            "Health of this instance: 1 for the current status, 0 for the others",
+            labels=["status"],
+        )
+        _one_hot(status, [], health.status, HEALTH_STATES)
+        yield status
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_serving",
+            "1 while this instance should receive traffic (what /healthz reports)",
+            value=1.0 if health.serving else 0.0,
+        )
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_ready",
+            "1 once start-up is complete and until shutdown begins (/readyz)",
+            value=1.0 if broker.ready() else 0.0,
+        )
+
+    def _collect_pool(self) -> Iterator[Metric]:
+        stats = self._broker.pool.stats()
+        prefix = f"{NAMESPACE}_pool"
+        yield GaugeMetricFamily(
+            f"{prefix}_level_bytes",
+            "Output bytes ready to be withdrawn",
+            value=stats.level,
+        )
+        yield GaugeMetricFamily(
+            f"{prefix}_capacity_bytes",
+            "Size of the output buffer",
+            value=stats.capacity,
+        )
+        yield GaugeMetricFamily(
+            f"{prefix}_waiters",
+            "Withdrawals blocked waiting for output",
+            value=stats.waiters,
+        )
+        yield CounterMetricFamily(
+            f"{prefix}_input_bytes",
+            "Raw bytes absorbed from sources",
+            value=stats.bytes_in,
+        )
+        yield CounterMetricFamily(
+            f"{prefix}_credited_bits",
+            "Entropy credited to absorbed input, in bits",
+            value=stats.credited_bits_in,
+        )
+        yield CounterMetricFamily(
+            f"{prefix}_uncredited_input_bytes",
+            "Bytes mixed in without entropy credit",
+            value=stats.uncredited_bytes_in,
+        )
+        yield CounterMetricFamily(
+            f"{prefix}_output_bytes",
+            "Conditioned bytes handed out",
+            value=stats.bytes_out,
+        )
+        yield CounterMetricFamily(
+            f"{prefix}_output_blocks",
+            "Conditioned output blocks produced",
+            value=stats.blocks_out,
+        )
+
+    def _collect_sources(self) -> Iterator[Metric]:
+        prefix = f"{NAMESPACE}_source"
+        labels = ["source", "kind"]
+        state = GaugeMetricFamily(
+            f"{prefix}_state",
+            "State of each source: 1 for the current state, 0 for the others",
+            labels=[*labels, "state"],
+        )
+        feeding = GaugeMetricFamily(
+            f"{prefix}_feeding",
+            "1 while this source's output is credited into the pool",
+            labels=labels,
+        )
+        priority = GaugeMetricFamily(
+            f"{prefix}_priority",
+            "Tier of each source (lower is preferred)",
+            labels=labels,
+        )
+        rate = GaugeMetricFamily(
+            f"{prefix}_rate_bytes_per_second",
+            "Bytes per second delivered over the recent past",
+            labels=labels,
+        )
+        bytes_in = CounterMetricFamily(
+            f"{prefix}_input_bytes", "Raw bytes read from each source", labels=labels
+        )
+        credited = CounterMetricFamily(
+            f"{prefix}_credited_bits",
+            "Entropy credited from each source, in bits",
+            labels=labels,
+        )
+        restarts = CounterMetricFamily(
+            f"{prefix}_restarts",
+            "Times each source's driver was restarted",
+            labels=labels,
+        )
+        for source in self._broker.sources_status():
+            values = [source.name, source.kind]
+            _one_hot(state, values, source.state, SOURCE_STATES)
+            feeding.add_metric(values, 1.0 if source.feeding else 0.0)
+            priority.add_metric(values, source.priority)
+            rate.add_metric(values, source.rate)
+            bytes_in.add_metric(values, source.bytes_in)
+            credited.add_metric(values, source.credited_bits)
+            restarts.add_metric(values, source.restarts)
+        yield from (state, feeding, priority, rate, bytes_in, credited, restarts)
+
+    def _collect_sinks(self) -> Iterator[Metric]:
+        prefix = f"{NAMESPACE}_sink"
+        labels = ["sink", "kind"]
+        connections = GaugeMetricFamily(
+            f"{prefix}_open_connections", "Open client connections", labels=labels
+        )
+        connections_total = CounterMetricFamily(
+            f"{prefix}_connections", "Client connections served", labels=labels
+        )
+        bytes_out = CounterMetricFamily(
+            f"{prefix}_output_bytes", "Entropy bytes sent to clients", labels=labels
+        )
+        requests = CounterMetricFamily(
+            f"{prefix}_requests", "Requests handled", labels=labels
+        )
+        for sink in self._broker.sinks_status():
+            values = [sink.name, sink.kind]
+            connections.add_metric(values, sink.connections)
+            connections_total.add_metric(values, sink.connections_total)
+            bytes_out.add_metric(values, sink.bytes_out)
+            requests.add_metric(values, sink.requests)
+        yield from (connections, connections_total, bytes_out, requests)
+
+
+def create_registry(broker: BrokerView) -> CollectorRegistry:
+    """
+    Build a registry holding one `BrokerCollector` for ``broker``.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BrokerCollector(broker))
+    return registry
+
+
+def render_metrics(
+    broker: BrokerView,
+    *,
+    registry: CollectorRegistry | None = None,
+    accept: str | None = None,
+) -> tuple[bytes, str]:
+    """
+    Render the broker's metrics for a scrape.
+
+    Args:
+        broker: the broker to describe.
+        registry: a registry from `create_registry` to reuse; a fresh one is
+            built when omitted.
+        accept: the scraper's ``Accept`` header; OpenMetrics is returned when it
+            asks for it, the classic Prometheus text format otherwise.
+
+    Returns:
+        The body and its ``Content-Type``.
+    """
+    if registry is None:
+        registry = create_registry(broker)
+    if accept is None:
+        return _generate_text(registry), CONTENT_TYPE_PLAIN_0_0_4
+    encoder, content_type = choose_encoder(accept)
+    return encoder(registry), content_type

@@ -1,0 +1,163 @@
+"""
+The HTTP sink: runs the API application (`sinks.http.app`) on its listen
+addresses and implements the broker's `Sink` lifecycle.
+
+Shutdown happens in three steps so a load balancer sees it coming:
+
+1. `HttpSink.pre_shutdown` only flags the sink: ``/healthz`` and ``/readyz``
+   answer 503 from then on, while the listeners stay open so that health probes
+   get that explicit 503 rather than a refused connection.
+2. `HttpSink.shutdown` stops accepting, answers requests blocked in ``?wait=``
+   with 503 at once (another instance can serve them), and lets in-flight
+   requests finish within the grace period.
+3. Requests still running when the grace period ends are cancelled, and aiohttp
+   closes the remaining connections.
+"""
+
+import asyncio
+
+import structlog
+from aiohttp import web
+
+from broker.configbase import ListenAddress
+from broker.errors import BrokerError, ConfigError
+from broker.status import BrokerView, SinkStatus
+from sinks.http.app import HttpSinkState, create_app
+from sinks.http.config import HttpSinkConfig
+
+log = structlog.get_logger("ebroker.sinks.http")
+
+# Once the grace period is over and stragglers are cancelled, how long aiohttp
+# may take to wind down each remaining connection.
+_CLOSE_TIMEOUT = 1.0
+
+
+class HttpSink:
+    """
+    The HTTP API sink (``kind = "http"``), listening on TCP addresses.
+
+    Unix listen addresses are refused at start: the HTTP API is for load
+    balancers, scrapers and browsers, which all speak TCP.
+    """
+
+    kind = "http"
+
+    def __init__(self, config: HttpSinkConfig, broker: BrokerView) -> None:
+        self.name = config.name or "http"
+        self._config = config
+        self._broker = broker
+        self._state = HttpSinkState()
+        self._runner: web.AppRunner | None = None
+        self._bound: list[str] = []
+        self._log = log.bind(sink=self.name)
+
+    async def start(self) -> None:
+        """
+        Bind every listen address and start accepting.
+
+        Raises:
+            ConfigError: a listen address is not a TCP address.
+            BrokerError: an address could not be bound (in use, no permission).
+        """
+        for address in self._config.listen:
+            if address.scheme != "tcp":
+                raise ConfigError(
+                    f"sink {self.name!r}: the http sink listens on TCP only, "
+                    f"not {address}"
+                )
+        app = create_app(self._config, self._broker, self._state)
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            handler_cancellation=True,
+            # Requests are logged through structlog by the app's middleware.
+            access_log=None,
+            shutdown_timeout=_CLOSE_TIMEOUT,
+        )
+        await runner.setup()
+        self._runner = runner
+        try:
+            for address in self._config.listen:
+                await self._listen(runner, address)
+        except BaseException:
+            await self._close_runner()
+            raise
+        self._log.info("sink_started", addresses=self._bound)
+
+    async def _listen(self, runner: web.AppRunner, address: ListenAddress) -> None:
+        site = web.TCPSite(runner, address.host, address.port)
+        before = set(map(tuple, runner.addresses))
+        try:
+            await site.start()
+        except OSError as exc:
+            raise BrokerError(
+                f"sink {self.name!r}: cannot listen on {address}: {exc.strerror or exc}"
+            ) from exc
+        for sockname in runner.addresses:
+            if tuple(sockname) not in before:
+                host, port = sockname[0], sockname[1]
+                self._bound.append(str(ListenAddress("tcp", host=host, port=port)))
+
+    def bound_addresses(self) -> list[str]:
+        """
+        The addresses actually bound, with real ports, e.g.
+        ``["tcp://127.0.0.1:43211"]``; empty before `start`.
+        """
+        return list(self._bound)
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._state.shutting_down
+
+    def pre_shutdown(self) -> None:
+        """
+        Report 503 on ``/healthz`` and ``/readyz`` from now on; keep serving.
+        """
+        if not self._state.shutting_down:
+            self._state.shutting_down = True
+            self._log.info("sink_shutting_down")
+
+    # The Sink protocol passes the grace period in; asyncio.timeout wraps it below.
+    async def shutdown(self, timeout: float) -> None:
+        """
+        Stop accepting, let in-flight requests finish for up to ``timeout`` s,
+        then cancel what is left and close every connection.
+        """
+        self.pre_shutdown()
+        runner = self._runner
+        if runner is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for site in list(runner.sites):
+            await site.stop()
+        self._state.draining.set()
+        if self._state.in_flight:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._state.idle.wait()
+            except TimeoutError:
+                stragglers = list(self._state.in_flight)
+                self._log.warning("sink_grace_expired", requests=len(stragglers))
+                for task in stragglers:
+                    task.cancel(msg="http sink shutdown: grace period expired")
+        await self._close_runner()
+        self._log.info("sink_stopped")
+
+    async def _close_runner(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    def status(self) -> SinkStatus:
+        runner = self._runner
+        server = runner.server if runner is not None else None
+        return SinkStatus(
+            name=self.name,
+            kind=self.kind,
+            addresses=tuple(self._bound),
+            connections=len(server.connections) if server is not None else 0,
+            connections_total=self._state.connections_total,
+            bytes_out=self._state.bytes_out,
+            requests=self._state.requests,
+        )

@@ -1,0 +1,125 @@
+"""
+The ekeyd keyring file and the master-key card format (spec 11.1 and 11.3).
+
+A keyring line is ``<16-char PEM serial> <44-char PEM long-term key>``; lines
+that are empty or start with ``#`` are comments. A later line for the same
+serial replaces an earlier one. The file holds secrets, so `load_keyring`
+refuses one that group or others can read.
+"""
+
+import os
+import re
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+
+from .encoding import crc8, pem_decode, pem_decode_exact, pem_encode
+
+HEADER: Final = "# Do not edit this directly, this file is managed by ekey-setkey"
+SERIAL_LEN: Final = 12
+KEY_LEN: Final = 32
+
+_TOKEN: Final = re.compile(r"[A-Za-z0-9+/=]+")
+
+
+class KeyringError(ValueError):
+    """
+    A keyring or master key is malformed.
+    """
+
+
+class KeyringPermissionError(KeyringError):
+    """
+    The keyring file is readable by its group or by others.
+    """
+
+
+def parse_keyring(text: str) -> dict[bytes, bytes]:
+    """
+    Parse keyring text into a map of binary serial -> long-term key.
+
+    Raises:
+        KeyringError: a non-comment line is not a serial and a key.
+    """
+    keys: dict[bytes, bytes] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) < 2 or not all(_TOKEN.fullmatch(f) for f in fields[:2]):
+            raise KeyringError(f"keyring line {number}: expected '<serial> <key>'")
+        try:
+            serial = pem_decode_exact(fields[0].encode(), SERIAL_LEN)
+            key = pem_decode_exact(fields[1].encode(), KEY_LEN)
+        except ValueError:
+            raise KeyringError(
+                f"keyring line {number}: serial must be 16 PEM characters "
+                "and the key 44"
+            ) from None
+        keys[serial] = key
+    return keys
+
+
+def format_keyring(keys: Mapping[bytes, bytes]) -> str:
+    """
+    Return keyring text (header comment, one line per key) for ``keys``.
+
+    Raises:
+        KeyringError: a serial is not 12 bytes or a key not 32.
+    """
+    lines = [HEADER]
+    for serial, key in keys.items():
+        if len(serial) != SERIAL_LEN or len(key) != KEY_LEN:
+            raise KeyringError("serials are 12 bytes and long-term keys 32")
+        lines.append(f"{pem_encode(serial).decode()} {pem_encode(key).decode()}")
+    return "\n".join(lines) + "\n"
+
+
+def check_keyring_permissions(path: Path) -> None:
+    """
+    Refuse a keyring file that anyone but its owner may read or write.
+
+    Raises:
+        KeyringPermissionError: the mode grants group or other access.
+        OSError: the file cannot be examined.
+    """
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        raise KeyringPermissionError(
+            f"keyring {path} has mode {mode:04o}: it holds secret keys, so it "
+            f"must not be accessible to group or others (run: chmod 600 {path})"
+        )
+
+
+def load_keyring(path: Path) -> dict[bytes, bytes]:
+    """
+    Check the permissions of the keyring at ``path``, then read and parse it.
+
+    Raises:
+        KeyringPermissionError: the file is group- or world-accessible.
+        KeyringError: the contents are malformed.
+        OSError: the file cannot be read.
+    """
+    check_keyring_permissions(path)
+    return parse_keyring(path.read_text(encoding="ascii"))
+
+
+def parse_master_key(text: str) -> bytes:
+    """
+    Decode a master key as typed from its card (spaces allowed).
+
+    44 characters decoding to 33 bytes carry a CRC-8 check byte, which must
+    match; 32 bytes are accepted without a check.
+
+    Raises:
+        KeyringError: wrong length, bad characters or a wrong check byte.
+    """
+    compact = "".join(text.split()).encode("ascii", "replace")
+    raw = pem_decode(compact)
+    if len(compact) != 44 or len(raw) not in (32, 33) or pem_encode(raw) != compact:
+        raise KeyringError("a master key is 44 PEM characters (32 or 33 bytes)")
+    key = raw[:KEY_LEN]
+    if len(raw) == 33 and crc8(key) != raw[32]:
+        raise KeyringError("master key check digit does not match: mistyped?")
+    return key

@@ -1,0 +1,217 @@
+"""
+Prometheus metrics are read from the broker view at scrape time.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker import __version__
+from broker.metrics import (
+    HEALTH_STATES,
+    SOURCE_STATES,
+    create_registry,
+    render_metrics,
+)
+from broker.pool import EntropyPool
+from broker.status import Health, SinkStatus, SourceStatus
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def source(
+    name: str,
+    state: str,
+    *,
+    priority: int = 0,
+    restarts: int = 1,
+    feeding: bool = True,
+) -> SourceStatus:
+    return SourceStatus(
+        name=name,
+        kind="device",
+        priority=priority,
+        state=state,
+        reason="",
+        since=0.0,
+        bytes_in=1000,
+        credited_bits=8000,
+        rate=250.0,
+        restarts=restarts,
+        feeding=feeding,
+    )
+
+
+OK = Health(True, "ok", ())
+
+
+@dataclass
+class FakeBroker:
+    """
+    A `BrokerView` with fixed sources and sinks around a real pool.
+    """
+
+    pool: EntropyPool = field(default_factory=lambda: EntropyPool(capacity=4096))
+    instance: str = "metrics-test"
+    started_at: float = field(default_factory=time.time)
+    sources: list[SourceStatus] = field(default_factory=list)
+    sinks: list[SinkStatus] = field(default_factory=list)
+    current_health: Health = OK
+    is_ready: bool = True
+
+    def sources_status(self) -> list[SourceStatus]:
+        return list(self.sources)
+
+    def sinks_status(self) -> list[SinkStatus]:
+        return list(self.sinks)
+
+    def health(self) -> Health:
+        return self.current_health
+
+    def ready(self) -> bool:
+        return self.is_ready
+
+
+def samples(body: bytes) -> Samples:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+def test_pool_series_follow_the_pool() -> None:
+    """
+    Pool level, capacity, waiters and in/out counters come straight from the
+    pool's stats.
+    """
+    broker = FakeBroker()
+    broker.pool.add(b"\x01" * 80, 8.0)
+    broker.pool.read_nowait(10)
+    body, content_type = render_metrics(broker)
+    assert "text/plain; version=0.0.4; charset=utf-8" == content_type
+    found = samples(body)
+    stats = broker.pool.stats()
+    assert stats.level == found[("ebroker_pool_level_bytes", ())]
+    assert 4096 == found[("ebroker_pool_capacity_bytes", ())]
+    assert 0 == found[("ebroker_pool_waiters", ())]
+    assert 80 == found[("ebroker_pool_input_bytes_total", ())]
+    assert 640 == found[("ebroker_pool_credited_bits_total", ())]
+    assert 10 == found[("ebroker_pool_output_bytes_total", ())]
+    assert 2 == found[("ebroker_pool_output_blocks_total", ())]
+
+
+def test_source_state_is_one_hot_per_source() -> None:
+    """
+    Each source has one state series per known state, 1 for the current one; an
+    unknown state still gets its own series.
+    """
+    broker = FakeBroker(
+        sources=[source("key1", "healthy"), source("key2", "rebooting")]
+    )
+    found = samples(render_metrics(broker)[0])
+    for name, current, states in (
+        ("key1", "healthy", SOURCE_STATES),
+        ("key2", "rebooting", (*SOURCE_STATES, "rebooting")),
+    ):
+        series = {
+            state: found[
+                (
+                    "ebroker_source_state",
+                    (("kind", "device"), ("source", name), ("state", state)),
+                )
+            ]
+            for state in states
+        }
+        assert {state: float(state == current) for state in states} == series
+
+
+def test_source_counters_and_gauges() -> None:
+    """
+    Per-source bytes, credited bits, restarts, rate, tier and feeding are
+    exported with source and kind labels.
+    """
+    broker = FakeBroker(
+        sources=[source("key1", "healthy", priority=2, restarts=3, feeding=False)]
+    )
+    found = samples(render_metrics(broker)[0])
+    labels = (("kind", "device"), ("source", "key1"))
+    assert 1000 == found[("ebroker_source_input_bytes_total", labels)]
+    assert 8000 == found[("ebroker_source_credited_bits_total", labels)]
+    assert 3 == found[("ebroker_source_restarts_total", labels)]
+    assert 250 == found[("ebroker_source_rate_bytes_per_second", labels)]
+    assert 2 == found[("ebroker_source_priority", labels)]
+    assert 0 == found[("ebroker_source_feeding", labels)]
+
+
+def test_sink_series() -> None:
+    """
+    Per-sink open connections, connections, bytes and requests are exported.
+    """
+    broker = FakeBroker(
+        sinks=[SinkStatus("egd", "egd", ("tcp://[::1]:8888",), 4, 9, 512, 30)]
+    )
+    found = samples(render_metrics(broker)[0])
+    labels = (("kind", "egd"), ("sink", "egd"))
+    assert 4 == found[("ebroker_sink_open_connections", labels)]
+    assert 9 == found[("ebroker_sink_connections_total", labels)]
+    assert 512 == found[("ebroker_sink_output_bytes_total", labels)]
+    assert 30 == found[("ebroker_sink_requests_total", labels)]
+
+
+def test_health_readiness_and_build_info() -> None:
+    """
+    Health is one-hot over its statuses, serving and ready are 0/1, and build
+    info names the version and instance.
+    """
+    broker = FakeBroker(
+        current_health=Health(False, "unhealthy", ("no healthy source",)),
+        is_ready=False,
+    )
+    found = samples(render_metrics(broker)[0])
+    assert {status: float(status == "unhealthy") for status in HEALTH_STATES} == {
+        status: found[("ebroker_health_status", (("status", status),))]
+        for status in HEALTH_STATES
+    }
+    assert 0 == found[("ebroker_serving", ())]
+    assert 0 == found[("ebroker_ready", ())]
+    info = (("instance", "metrics-test"), ("version", __version__))
+    assert 1 == found[("ebroker_build_info", info)]
+    assert broker.started_at == found[("ebroker_start_time_seconds", ())]
+
+
+def test_a_reused_registry_reads_the_broker_at_each_scrape() -> None:
+    """
+    A registry built once reflects changes made after it was built, and two
+    brokers' registries stay independent.
+    """
+    first, second = FakeBroker(), FakeBroker(instance="other")
+    registry = create_registry(first)
+    assert (
+        0
+        == samples(render_metrics(first, registry=registry)[0])[
+            ("ebroker_pool_level_bytes", ())
+        ]
+    )
+    first.pool.add(b"\x02" * 40, 8.0)
+    assert (
+        32
+        == samples(render_metrics(first, registry=registry)[0])[
+            ("ebroker_pool_level_bytes", ())
+        ]
+    )
+    assert 0 == samples(render_metrics(second)[0])[("ebroker_pool_level_bytes", ())]
+
+
+def test_openmetrics_when_the_scraper_asks() -> None:
+    """
+    An Accept header asking for OpenMetrics gets it, terminated by ``# EOF``.
+    """
+    body, content_type = render_metrics(
+        FakeBroker(), accept="application/openmetrics-text; version=1.0.0"
+    )
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.endswith(b"# EOF\n")
+    body, content_type = render_metrics(FakeBroker(), accept="text/plain")
+    assert content_type.startswith("text/plain")
