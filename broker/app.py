@@ -12,9 +12,10 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from functools import partial
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import structlog
 from sinks.egd.server import EgdSink
@@ -30,6 +31,8 @@ from sinks.http.config import HttpSinkConfig
 from sinks.http.server import HttpSink
 from sources.base import Source
 from sources.device import DeviceSource, DeviceSourceConfig
+from sources.entropykey.config import ANY_SERIAL, EntropyKeySourceConfig
+from sources.entropykey.factory import SimulatedFleet, build_sources, watch_for_keys
 from sources.getrandom import GetrandomSource, GetrandomSourceConfig
 
 log = structlog.get_logger("ebroker.app")
@@ -38,22 +41,32 @@ LISTENERS_FILE = "listeners.json"
 PID_FILE = "ebroker.pid"
 
 
-def _getrandom(config: SourceConfig) -> Source:
+def _getrandom(config: SourceConfig, broker: "Broker") -> list[Source]:
     if not isinstance(config, GetrandomSourceConfig):
         raise TypeError(f"not a getrandom config: {config!r}")
-    return GetrandomSource(config)
+    return [GetrandomSource(config)]
 
 
-def _device(config: SourceConfig) -> Source:
+def _device(config: SourceConfig, broker: "Broker") -> list[Source]:
     if not isinstance(config, DeviceSourceConfig):
         raise TypeError(f"not a device config: {config!r}")
-    return DeviceSource(config)
+    return [DeviceSource(config)]
 
 
-SOURCE_KINDS: dict[str, Callable[[SourceConfig], Source]] = {
+def _entropykey(config: SourceConfig, broker: "Broker") -> list[Source]:
+    if not isinstance(config, EntropyKeySourceConfig):
+        raise TypeError(f"not an entropykey config: {config!r}")
+    sources = build_sources(config, usb_backend=broker.usb_backend, fleet=broker.fleet)
+    if config.serial == ANY_SERIAL:
+        broker.key_watches.append((config, {source.serial for source in sources}))
+    return list(sources)
+
+
+SOURCE_KINDS: dict[str, Callable[[SourceConfig, "Broker"], list[Source]]] = {
     "getrandom": _getrandom,
     "device": _device,
     "hwrng": _device,
+    "entropykey": _entropykey,
 }
 
 
@@ -81,18 +94,24 @@ class Broker:
     `broker.status.BrokerView` for the sinks.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, usb_backend: Any = None) -> None:
         self.config = config
         self.state_dir = config.broker.state_dir.absolute()
+        self.usb_backend = usb_backend
+        self.fleet = SimulatedFleet()
+        self.key_watches: list[tuple[EntropyKeySourceConfig, set[str]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self._pool = EntropyPool(config.broker.pool_size)
         self.supervisor = Supervisor(self._pool)
         for source_config in config.enabled_sources:
-            source = SOURCE_KINDS[source_config.kind](source_config)
-            self.supervisor.add(
-                source,
-                optional=getattr(source_config, "optional", False),
-                record_raw=source_config.record_raw,
-            )
+            for source in SOURCE_KINDS[source_config.kind](source_config, self):
+                self.supervisor.add(
+                    source,
+                    optional=getattr(source_config, "optional", False),
+                    record_raw=source_config.record_raw,
+                    health=source_config.health,
+                    watchdog=source_config.watchdog,
+                )
         self.sinks: list[Sink] = [
             SINK_KINDS[sink_config.kind](sink_config, self)
             for sink_config in config.sinks
@@ -155,6 +174,22 @@ class Broker:
     async def __aenter__(self) -> Self:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.supervisor.start()
+        for key_config, known in self.key_watches:
+            self._spawn(
+                watch_for_keys(
+                    key_config,
+                    usb_backend=self.usb_backend,
+                    fleet=self.fleet,
+                    known=known,
+                    add=partial(
+                        self.supervisor.add_running,
+                        record_raw=key_config.record_raw,
+                        health=key_config.health,
+                        watchdog=key_config.watchdog,
+                    ),
+                ),
+                name=f"watch:{key_config.name}",
+            )
         started: list[Sink] = []
         try:
             for sink in self.sinks:
@@ -198,10 +233,42 @@ class Broker:
         for sink, result in zip(self.sinks, results, strict=True):
             if isinstance(result, BaseException):
                 log.error("sink_shutdown_failed", sink=sink.name, error=repr(result))
+        for task in list(self._tasks):
+            task.cancel(msg="broker shutting down")
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.supervisor.stop()
         self._pool.close()
         self._remove_runtime_files()
         log.info("broker_stopped")
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def simulator_control(self, serial: str, action: str) -> str:
+        """
+        Act on a simulated Entropy Key: unplug, replug, fail, heal.
+
+        Raises:
+            KeyError: no simulated key has that serial.
+            ValueError: unknown action.
+        """
+        from sources.entropykey.wire import FailureMode
+
+        key = self.fleet.keys[serial]
+        if action == "unplug":
+            key.unplug()
+        elif action == "replug":
+            key.replug()
+        elif action == "fail":
+            key.fail(FailureMode.RAW_XOR_BAD)
+        elif action == "heal":
+            key.heal()
+        else:
+            raise ValueError(f"unknown action {action!r} (unplug, replug, fail, heal)")
+        log.warning("simulated_key_control", serial=serial, action=action)
+        return action
 
     def listeners(self) -> dict[str, list[str]]:
         return {

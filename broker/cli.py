@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import structlog
 import uvloop
@@ -22,6 +23,7 @@ from broker import __version__
 from broker.config import Config, load_config
 from broker.errors import BrokerError, ConfigError
 from broker.logging import configure_logging
+from sources.entropykey.config import DEFAULT_KEYRING
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -59,6 +61,41 @@ def _build_parser() -> argparse.ArgumentParser:
         help="base URL of the broker's HTTP sink",
     )
     status.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    keys = commands.add_parser("keys", help="list Entropy Keys and their state")
+    keys.add_argument(
+        "--keyring", type=Path, default=DEFAULT_KEYRING, help="keyring file"
+    )
+    keys.add_argument(
+        "--url",
+        default="http://127.0.0.1:8889",
+        help="a running broker to ask for key states ('' to skip)",
+    )
+
+    rekey = commands.add_parser(
+        "rekey", help="set a key's long-term key (master key read from stdin)"
+    )
+    rekey.add_argument("--serial", required=True, help="the key's 16-character serial")
+    rekey.add_argument(
+        "--keyring", type=Path, default=DEFAULT_KEYRING, help="keyring file"
+    )
+    rekey.add_argument("--transport", choices=["usb", "tty", "unix"], default="usb")
+    rekey.add_argument("--path", type=Path, help="device or socket path (tty, unix)")
+
+    simulate = commands.add_parser(
+        "simulate-key", help="serve a simulated Entropy Key on a Unix socket"
+    )
+    simulate.add_argument("--serial", required=True, help="serial from the keyring")
+    simulate.add_argument("--keyring", type=Path, required=True, help="keyring file")
+    simulate.add_argument("--socket", type=Path, required=True, help="socket to create")
+    simulate.add_argument(
+        "--rate", type=float, default=4000.0, help="entropy bytes per second"
+    )
+    simulate.add_argument(
+        "--master-key-file",
+        type=Path,
+        help="file holding the master key, so `ebroker rekey` can be tried",
+    )
     return parser
 
 
@@ -147,6 +184,89 @@ def cmd_status(url: str, raw: bool) -> int:
     return EXIT_OK
 
 
+def _fetch_status(url: str) -> dict[str, Any] | None:
+    if not url:
+        return None
+    target = url.rstrip("/") + "/v1/status"
+    if not target.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(target, timeout=5) as response:  # noqa: S310 - scheme checked above
+            document = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def cmd_keys(keyring: Path, url: str) -> int:
+    from sources.entropykey.cli import format_rows, list_keys
+
+    status = _fetch_status(url)
+    rows, warnings = list_keys(keyring, status)
+    for warning in warnings:
+        print(f"ebroker: warning: {warning}", file=sys.stderr)
+    if url and status is None:
+        print(
+            f"ebroker: note: no broker answered at {url}; states unknown",
+            file=sys.stderr,
+        )
+    if not rows:
+        print("no Entropy Keys found")
+        return EXIT_OK
+    print(format_rows(rows))
+    return EXIT_OK
+
+
+def cmd_rekey(serial: str, keyring: Path, transport: str, path: Path | None) -> int:
+    from sources.entropykey.cli import read_master_key, rekey, rekey_transport
+    from sources.entropykey.keyring import KeyringError
+    from sources.entropykey.rekey import RekeyError
+
+    try:
+        master_key = read_master_key()
+        link = rekey_transport(serial, transport, path)
+        print(rekey(serial, keyring, master_key, link))
+    except (KeyringError, RekeyError, ValueError) as exc:
+        return _fail(f"rekey failed, keyring unchanged: {exc}")
+    return EXIT_OK
+
+
+def cmd_simulate_key(
+    serial: str,
+    keyring: Path,
+    socket_path: Path,
+    rate: float,
+    master_key_file: Path | None,
+) -> int:
+    from sources.entropykey.keyring import KeyringError, parse_master_key
+    from sources.entropykey.simulator import SimulatedKey, serve_unix
+
+    try:
+        master_key = (
+            parse_master_key(master_key_file.read_text()) if master_key_file else None
+        )
+        key = SimulatedKey.from_keyring(
+            keyring, serial, rate=rate, master_key=master_key
+        )
+    except (KeyringError, OSError, ValueError) as exc:
+        return _fail(str(exc))
+    configure_logging("info", "console")
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        print(f"simulated key {serial} on unix:{socket_path}", file=sys.stderr)
+        await serve_unix(key, socket_path, stop=stop)
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        return _fail(f"cannot serve on {socket_path}: {exc.strerror or exc}")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -157,6 +277,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check_config(args.config)
         if args.command == "status":
             return cmd_status(args.url, args.json)
+        if args.command == "keys":
+            return cmd_keys(args.keyring, args.url)
+        if args.command == "rekey":
+            return cmd_rekey(args.serial, args.keyring, args.transport, args.path)
+        if args.command == "simulate-key":
+            return cmd_simulate_key(
+                args.serial, args.keyring, args.socket, args.rate, args.master_key_file
+            )
     except Exception as exc:  # noqa: BLE001 - the CLI promises one line, never a traceback
         return _fail(f"internal error: {exc!r}")
     parser.print_help(sys.stderr)

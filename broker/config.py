@@ -16,14 +16,14 @@ from broker.errors import ConfigError
 from sinks.egd.config import EgdSinkConfig
 from sinks.http.config import HttpSinkConfig
 from sources.device import DeviceSourceConfig
+from sources.entropykey.config import EntropyKeySourceConfig
 from sources.getrandom import GetrandomSourceConfig
 
-SourceConfig = Annotated[
-    GetrandomSourceConfig | DeviceSourceConfig, Field(discriminator="kind")
-]
+AnySourceConfig = GetrandomSourceConfig | DeviceSourceConfig | EntropyKeySourceConfig
+SourceConfig = Annotated[AnySourceConfig, Field(discriminator="kind")]
 SinkConfig = Annotated[EgdSinkConfig | HttpSinkConfig, Field(discriminator="kind")]
 
-_KIND_TAGS = {"getrandom", "device", "hwrng", "egd", "http"}
+_KIND_TAGS = {"getrandom", "device", "hwrng", "entropykey", "egd", "http"}
 
 
 class BrokerSection(StrictModel):
@@ -119,7 +119,7 @@ class Config(StrictModel):
         return self
 
     @property
-    def enabled_sources(self) -> list[GetrandomSourceConfig | DeviceSourceConfig]:
+    def enabled_sources(self) -> list[AnySourceConfig]:
         return [source for source in self.sources if source.enabled]
 
 

@@ -28,3 +28,16 @@ class PoolClosedError(BrokerError):
     """
     The pool was closed while a withdrawal was waiting.
     """
+
+
+class SourceQuarantined(SourceError):
+    """
+    A source delivers data that must not be credited (a latched device failure,
+    failed health tests); the supervisor keeps it out of the pool.
+    """
+
+
+class SourceStalled(SourceError):
+    """
+    A source stopped delivering for longer than it should.
+    """

@@ -46,6 +46,25 @@ def _one_hot(
         family.add_metric([*labels, value], 1.0 if value == current else 0.0)
 
 
+DEVICE_DETAILS: dict[str, tuple[str, str, str]] = {
+    "temperature_c": ("gauge", "device_temperature_celsius", "Device temperature"),
+    "voltage_v": ("gauge", "device_supply_volts", "Device supply voltage"),
+    "fips_failures": (
+        "gauge",
+        "device_fips_failed_blocks",
+        "FIPS 140-2 blocks the device itself reports as failed",
+    ),
+    "frames_ok": ("counter", "device_frames_ok", "Frames received intact"),
+    "mac_failures": (
+        "counter",
+        "device_mac_failures",
+        "Frames dropped for a bad MAC or malformed packet",
+    ),
+    "resets": ("counter", "device_resets", "Protocol resets sent to the device"),
+    "rekeys": ("counter", "device_rekeys", "Session rekeys completed"),
+}
+
+
 class BrokerCollector(Collector):
     """
     Collector reading pool, source, sink and health figures from a `BrokerView`.
@@ -184,6 +203,24 @@ class BrokerCollector(Collector):
             credited.add_metric(values, source.credited_bits)
             restarts.add_metric(values, source.restarts)
         yield from (state, feeding, priority, rate, bytes_in, credited, restarts)
+        yield from self._collect_device_details()
+
+    def _collect_device_details(self) -> Iterator[Metric]:
+        # Sources that report device facts (Entropy Keys) get one series per
+        # fact; the label set stays bounded by the number of configured sources.
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+        for source in self._broker.sources_status():
+            for key, (kind, name, text) in DEVICE_DETAILS.items():
+                value = source.details.get(key)
+                if not isinstance(value, int | float) or isinstance(value, bool):
+                    continue
+                family = families.get(key)
+                if family is None:
+                    cls = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+                    family = cls(f"{NAMESPACE}_{name}", text, labels=["source", "kind"])
+                    families[key] = family
+                family.add_metric([source.name, source.kind], float(value))
+        yield from families.values()
 
     def _collect_sinks(self) -> Iterator[Metric]:
         prefix = f"{NAMESPACE}_sink"

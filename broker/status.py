@@ -4,8 +4,9 @@ Read-only views of the running broker, shared by the HTTP sink, metrics and CLI.
 Sinks receive a `BrokerView` and never reach into sources or the supervisor.
 """
 
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from broker.pool import EntropyPool
 
@@ -30,6 +31,10 @@ class SourceStatus:
     restarts: int
     feeding: bool
     """Whether this source's output is credited into the pool right now."""
+    health: Mapping[str, Any] = field(default_factory=dict)
+    """Health-test state and counters: cut-offs, failures, quarantines."""
+    details: Mapping[str, Any] = field(default_factory=dict)
+    """Driver-specific facts (an Entropy Key's serial, temperature, counters)."""
 
 
 @dataclass(frozen=True, slots=True)

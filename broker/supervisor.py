@@ -8,6 +8,15 @@ Each source gets a `SourceRunner`: a task that opens the driver, reads from it,
 and on any error closes it, waits a backoff delay (exponential, with jitter,
 bounded) and tries again. One bad device never disturbs its siblings.
 
+Every byte a source delivers goes through that source's continuous health
+tests (`broker.health.SourceHealth`) before anything is credited. A source in
+its start-up test or in quarantine keeps being read, but its bytes are mixed in
+with no credit; it is re-admitted once a fresh start-up test passes. A source
+whose tests fail too often is ``failed`` for good (restart the broker to clear
+it). A watchdog bounds each read: a source that delivers nothing for longer
+than its ``watchdog`` (derived from its nominal rate unless configured) is
+``stalled``, closed and restarted.
+
 Sources are grouped in tiers by ``priority`` (lower is better). The *active*
 tier is the best one with a healthy source; only sources in the active tier
 are credited. Sources in worse tiers run as hot standby: they are opened and
@@ -28,11 +37,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import structlog
 
-from broker.errors import SourceError
+from broker.errors import SourceError, SourceQuarantined, SourceStalled
+from broker.health import STARTUP_SAMPLES, HealthConfig, HealthState, SourceHealth
 from broker.pool import EntropyPool
 from broker.status import SourceStatus
 from sources.base import Source, SourceState
@@ -40,6 +50,26 @@ from sources.base import Source, SourceState
 log = structlog.get_logger("ebroker.supervisor")
 
 _RATE_WINDOW = 10.0
+# Watchdog when a source's rate is unknown, and the floor when it is known.
+_WATCHDOG_DEFAULT = 30.0
+_WATCHDOG_FLOOR = 5.0
+# With a known rate, allow this many bytes' worth of time before calling a stall.
+_WATCHDOG_BYTES = 16384
+
+
+class SourceFailedForGood(SourceError):
+    """
+    The health tests failed the source permanently; it is not restarted.
+    """
+
+
+def derive_watchdog(nominal_rate: float | None) -> float:
+    """
+    How long a read may take before the source counts as stalled.
+    """
+    if not nominal_rate:
+        return _WATCHDOG_DEFAULT
+    return max(_WATCHDOG_FLOOR, _WATCHDOG_BYTES / nominal_rate)
 
 
 class Backoff:
@@ -103,6 +133,8 @@ class SourceRunner:
         *,
         optional: bool = False,
         record_raw: Path | None = None,
+        health: HealthConfig | None = None,
+        watchdog: float | None = None,
     ) -> None:
         self.source = source
         self.name = source.name
@@ -118,6 +150,11 @@ class SourceRunner:
         self.restarts = 0
         self.skipped = False
         self.backoff = Backoff(supervisor.backoff_initial, supervisor.backoff_max)
+        self.health = SourceHealth(health or HealthConfig(), source.credit)
+        self.watchdog = watchdog or derive_watchdog(source.nominal_rate)
+        self.transitions = 0
+        self.stalls = 0
+        self._opened_once = False
         self._meter = RateMeter()
         self._log = log.bind(source=source.name, kind=source.kind)
 
@@ -128,6 +165,7 @@ class SourceRunner:
         self.state = state
         self.reason = reason
         self.since = time.time()
+        self.transitions += 1
         event = "source_state_changed"
         if state in (SourceState.FAILED, SourceState.STALLED, SourceState.QUARANTINED):
             self._log.warning(
@@ -152,6 +190,13 @@ class SourceRunner:
             while True:
                 try:
                     await self._run_once(record)
+                except SourceFailedForGood:
+                    return
+                except SourceQuarantined as exc:
+                    self.set_state(SourceState.QUARANTINED, str(exc))
+                except SourceStalled as exc:
+                    self.stalls += 1
+                    self.set_state(SourceState.STALLED, str(exc))
                 except (SourceError, OSError) as exc:
                     if first_attempt and self._optional and self.bytes_in == 0:
                         self.skipped = True
@@ -176,27 +221,70 @@ class SourceRunner:
     async def _run_once(self, record: BinaryIO | None) -> None:
         pool = self._supervisor.pool
         async with self.source as source:
+            if self._opened_once:
+                self._log_health_event(self.health.reset(time.time()))
+            self._opened_once = True
+            self._apply_health_state()
             while True:
                 await pool.wait_for_space()
                 if not self._supervisor.is_active(self) and self.healthy:
                     await self._supervisor.wait_until_needed(self)
                     await pool.wait_for_space()
-                data = await source.read()
+                try:
+                    async with asyncio.timeout(self.watchdog):
+                        data = await source.read()
+                except TimeoutError:
+                    raise SourceStalled(
+                        f"delivered nothing for {self.watchdog:g} s (watchdog)"
+                    ) from None
                 if not data:
                     raise SourceError("driver returned no data")
-                now = time.monotonic()
-                self.bytes_in += len(data)
-                self._meter.add(now, len(data))
-                if record is not None:
-                    record.write(data)
-                if self.state != SourceState.HEALTHY:
-                    self.backoff.reset()
-                    self.set_state(SourceState.HEALTHY, "delivering")
-                if self._supervisor.is_active(self):
-                    pool.add(data, source.credit)
-                    self.credited_bits += int(len(data) * source.credit)
-                else:
-                    pool.mix(data)
+                self._absorb(data, record)
+
+    def _absorb(self, data: bytes, record: BinaryIO | None) -> None:
+        pool = self._supervisor.pool
+        self.bytes_in += len(data)
+        self._meter.add(time.monotonic(), len(data))
+        if record is not None:
+            record.write(data)
+        verdict = self.health.feed(data, time.time())
+        for event in verdict.events:
+            self._log_health_event(event)
+        self._apply_health_state()
+        creditable = verdict.creditable if self._supervisor.is_active(self) else 0
+        if creditable < len(data):
+            pool.mix(data[: len(data) - creditable])
+        if creditable:
+            pool.add(data[len(data) - creditable :], self.source.credit)
+            self.credited_bits += int(creditable * self.source.credit)
+
+    def _apply_health_state(self) -> None:
+        state = self.health.state
+        if state is HealthState.HEALTHY:
+            if self.state != SourceState.HEALTHY:
+                self.backoff.reset()
+            self.set_state(SourceState.HEALTHY, "delivering")
+        elif state is HealthState.STARTUP:
+            self.set_state(
+                SourceState.STARTING,
+                f"start-up health test over {STARTUP_SAMPLES} bytes",
+            )
+        elif state is HealthState.QUARANTINED:
+            self.set_state(SourceState.QUARANTINED, self.health.reason)
+        else:
+            self.set_state(SourceState.FAILED, f"health tests: {self.health.reason}")
+            raise SourceFailedForGood(self.health.reason)
+
+    def _log_health_event(self, event: Any) -> None:
+        if event is None:
+            return
+        self._log.warning(
+            "health_transition",
+            previous=event.from_state.value,
+            state=event.to_state.value,
+            reason=event.reason,
+            position=event.position,
+        )
 
     def status(self) -> SourceStatus:
         return SourceStatus(
@@ -211,7 +299,39 @@ class SourceRunner:
             rate=self._meter.rate(time.monotonic()),
             restarts=self.restarts,
             feeding=self._supervisor.is_active(self) and self.healthy,
+            health=self._health_summary(),
+            details=self._details(),
         )
+
+    def _health_summary(self) -> dict[str, Any]:
+        counters = self.health.counters
+        return {
+            "state": self.health.state.value,
+            "reason": self.health.reason,
+            "failed_at": self.health.failed_at,
+            "transitions": self.transitions,
+            "stalls": self.stalls,
+            "watchdog": self.watchdog,
+            "rct_cutoff": self.health.rct.cutoff,
+            "apt_cutoff": self.health.apt.cutoff,
+            "samples_tested": counters.samples_tested,
+            "rct_failures": counters.rct_failures,
+            "apt_failures": counters.apt_failures,
+            "fips_blocks": counters.fips_blocks,
+            "fips_failures": counters.fips_failures,
+            "startups_passed": counters.startups_passed,
+            "quarantines": counters.quarantines,
+        }
+
+    def _details(self) -> dict[str, Any]:
+        details = getattr(self.source, "details", None)
+        if details is None:
+            return {}
+        try:
+            return dict(details())
+        except Exception:  # noqa: BLE001 - a status page must not die of a driver bug
+            self._log.error("source_details_failed", exc_info=True)
+            return {}
 
 
 class Supervisor:
@@ -236,20 +356,58 @@ class Supervisor:
         self.failovers = 0
         self._tier_changed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._started = False
+        self._tier_seconds: dict[str, float] = {}
+        self._tier_since = time.monotonic()
 
     def add(
-        self, source: Source, *, optional: bool = False, record_raw: Path | None = None
+        self,
+        source: Source,
+        *,
+        optional: bool = False,
+        record_raw: Path | None = None,
+        health: HealthConfig | None = None,
+        watchdog: float | None = None,
     ) -> SourceRunner:
-        runner = SourceRunner(source, self, optional=optional, record_raw=record_raw)
+        runner = SourceRunner(
+            source,
+            self,
+            optional=optional,
+            record_raw=record_raw,
+            health=health,
+            watchdog=watchdog,
+        )
         self.runners.append(runner)
         return runner
 
     def start(self) -> None:
         for runner in self.runners:
-            task = asyncio.create_task(runner.run(), name=f"source:{runner.name}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._launch(runner)
+        self._started = True
         self.source_changed()
+
+    def add_running(
+        self,
+        source: Source,
+        *,
+        record_raw: Path | None = None,
+        health: HealthConfig | None = None,
+        watchdog: float | None = None,
+    ) -> SourceRunner:
+        """
+        Add a source while the broker runs (a newly plugged device).
+        """
+        runner = self.add(
+            source, record_raw=record_raw, health=health, watchdog=watchdog
+        )
+        if self._started:
+            self._launch(runner)
+        return runner
+
+    def _launch(self, runner: SourceRunner) -> None:
+        task = asyncio.create_task(runner.run(), name=f"source:{runner.name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
         tasks = list(self._tasks)
@@ -266,12 +424,28 @@ class Supervisor:
         tier = min(healthy_tiers) if healthy_tiers else None
         if tier == self.active_tier:
             return
+        now = time.monotonic()
+        self._account_tier_time(now)
         previous, self.active_tier = self.active_tier, tier
         if previous is not None:
             self.failovers += 1
         log.info("active_tier_changed", previous=previous, tier=tier)
         self._tier_changed.set()
         self._tier_changed = asyncio.Event()
+
+    def _account_tier_time(self, now: float) -> None:
+        key = "none" if self.active_tier is None else str(self.active_tier)
+        self._tier_seconds[key] = (
+            self._tier_seconds.get(key, 0.0) + now - self._tier_since
+        )
+        self._tier_since = now
+
+    def tier_seconds(self) -> dict[str, float]:
+        """
+        Seconds spent with each tier active ("none": no healthy source at all).
+        """
+        self._account_tier_time(time.monotonic())
+        return dict(self._tier_seconds)
 
     def is_active(self, runner: SourceRunner) -> bool:
         # With no healthy source at all, anyone who delivers may claim the tier.

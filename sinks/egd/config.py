@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from broker.configbase import Size, SinkConfigBase
+from broker.configbase import SinkConfigBase, Size
 
 
 class EgdSinkConfig(SinkConfigBase):

@@ -8,9 +8,11 @@ import pytest
 from pydantic import BaseModel
 
 from broker.config import BrokerSection, LoggingSection
+from broker.health import HealthConfig
 from sinks.egd.config import EgdSinkConfig
 from sinks.http.config import HttpSinkConfig
 from sources.device import DeviceSourceConfig
+from sources.entropykey.config import EntropyKeySourceConfig
 from sources.getrandom import GetrandomSourceConfig
 
 REFERENCE = (Path(__file__).parents[2] / "config" / "README.md").read_text()
@@ -20,6 +22,8 @@ MODELS: list[type[BaseModel]] = [
     LoggingSection,
     GetrandomSourceConfig,
     DeviceSourceConfig,
+    EntropyKeySourceConfig,
+    HealthConfig,
     EgdSinkConfig,
     HttpSinkConfig,
 ]

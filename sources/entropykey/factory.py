@@ -1,0 +1,192 @@
+"""
+Turn ``kind = "entropykey"`` config entries into driver objects.
+
+One entry names one key, or with ``serial = "*"`` every key the keyring knows
+that is on the bus (or, simulated, every key in the keyring). Simulated keys are
+kept in a `SimulatedFleet` owned by the broker, so they outlive driver restarts
+and can be unplugged and replugged by an operator trying failover.
+"""
+
+import asyncio
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from broker.errors import SourceError
+
+from .config import ANY_SERIAL, EntropyKeySourceConfig
+from .driver import NOMINAL_RATE, EntropyKeySource, serial_text
+from .keyring import KeyringError, load_keyring
+from .transport import (
+    KeyTransport,
+    SimulatedTransport,
+    TtyTransport,
+    UnixTransport,
+    UsbTransport,
+    find_usb_keys,
+    usb_serial,
+)
+
+
+class SimulatedFleet:
+    """
+    The simulated keys of one broker, by serial.
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[str, Any] = {}
+
+    def get(self, serial: str, long_term_key: bytes, rate: float) -> Any:
+        from .simulator import SimulatedKey
+
+        key = self.keys.get(serial)
+        if key is None:
+            from .encoding import pem_decode_exact
+
+            key = SimulatedKey(
+                pem_decode_exact(serial.encode(), 12), long_term_key, rate=rate
+            )
+            self.keys[serial] = key
+        return key
+
+
+def source_name(config: EntropyKeySourceConfig, serial: str) -> str:
+    """
+    The name of one key's source: the entry's name, suffixed with the serial when
+    the entry stands for every key.
+    """
+    if config.serial != ANY_SERIAL:
+        return config.name
+    # '/' and '+' are legal in serials but awkward in names and metric labels.
+    return f"{config.name}-{serial.replace('/', '_').replace('+', '-')}"
+
+
+def _transport(
+    config: EntropyKeySourceConfig,
+    serial: str,
+    *,
+    usb_backend: Any,
+    fleet: SimulatedFleet,
+    keyring: dict[bytes, bytes],
+) -> KeyTransport:
+    if config.transport == "usb":
+        return UsbTransport(serial, backend=usb_backend)
+    if config.transport == "simulated":
+        from .encoding import pem_decode_exact
+
+        long_term_key = keyring.get(pem_decode_exact(serial.encode(), 12))
+        if long_term_key is None:
+            raise SourceError(f"keyring {config.keyring} has no key for {serial}")
+        return SimulatedTransport(
+            serial, fleet.get(serial, long_term_key, float(config.simulated_rate))
+        )
+    if config.path is None:  # validated at load; kept for the type checker
+        raise SourceError(f"transport {config.transport} needs a path")
+    if config.transport == "tty":
+        return TtyTransport(config.path)
+    return UnixTransport(config.path)
+
+
+def _make(
+    config: EntropyKeySourceConfig,
+    serial: str,
+    *,
+    usb_backend: Any,
+    fleet: SimulatedFleet,
+    keyring: dict[bytes, bytes],
+) -> EntropyKeySource:
+    nominal = (
+        float(config.simulated_rate)
+        if config.transport == "simulated"
+        else NOMINAL_RATE
+    )
+    return EntropyKeySource(
+        name=source_name(config, serial),
+        serial=serial,
+        keyring=config.keyring,
+        transport=_transport(
+            config, serial, usb_backend=usb_backend, fleet=fleet, keyring=keyring
+        ),
+        priority=config.priority,
+        credit=config.credit,
+        response_timeout=config.response_timeout,
+        nominal_rate=nominal,
+    )
+
+
+def _read_keyring(path: Path) -> dict[bytes, bytes]:
+    try:
+        return load_keyring(path)
+    except (KeyringError, OSError):
+        # The driver reports keyring problems with their reason when it opens.
+        return {}
+
+
+def _present_serials(config: EntropyKeySourceConfig, usb_backend: Any) -> list[str]:
+    keyring = _read_keyring(config.keyring)
+    known = {serial_text(serial) for serial in keyring}
+    if config.transport == "simulated":
+        return sorted(known)
+    present = []
+    for device in find_usb_keys(usb_backend):
+        serial = usb_serial(device)
+        if serial is not None and serial in known:
+            present.append(serial)
+    return sorted(present)
+
+
+def build_sources(
+    config: EntropyKeySourceConfig,
+    *,
+    usb_backend: Any = None,
+    fleet: SimulatedFleet,
+    exclude: Iterable[str] = (),
+) -> list[EntropyKeySource]:
+    """
+    Drivers for one config entry (for ``serial = "*"``: the keys present now,
+    minus ``exclude``).
+    """
+    keyring = _read_keyring(config.keyring)
+    if config.serial != ANY_SERIAL:
+        return [
+            _make(
+                config,
+                config.serial,
+                usb_backend=usb_backend,
+                fleet=fleet,
+                keyring=keyring,
+            )
+        ]
+    skip = set(exclude)
+    try:
+        serials = _present_serials(config, usb_backend)
+    except SourceError:
+        serials = []
+    return [
+        _make(config, serial, usb_backend=usb_backend, fleet=fleet, keyring=keyring)
+        for serial in serials
+        if serial not in skip
+    ]
+
+
+async def watch_for_keys(
+    config: EntropyKeySourceConfig,
+    *,
+    usb_backend: Any,
+    fleet: SimulatedFleet,
+    known: set[str],
+    add: Any,
+) -> None:
+    """
+    For ``serial = "*"``: every ``rescan_interval`` seconds, add a driver for each
+    newly plugged key the keyring knows. A key that comes back after an unplug
+    is already known: its own driver reconnects it.
+    """
+    while True:
+        await asyncio.sleep(config.rescan_interval)
+        sources = await asyncio.to_thread(
+            build_sources, config, usb_backend=usb_backend, fleet=fleet, exclude=known
+        )
+        for source in sources:
+            known.add(source.serial)
+            add(source)
