@@ -688,6 +688,11 @@ class HealthConfig(StrictModel):
         ge=1,
         description="failures within failure_window that fail the source for good",
     )
+    quarantine_limit: Duration = Field(
+        default=600.0,
+        description="a quarantined source that is still failing its tests after "
+        "this many seconds is failed for good",
+    )
     failure_window: Duration = Field(
         default=3600.0,
         gt=0,
@@ -757,6 +762,7 @@ class SourceHealth:
         self._fips_failures = 0
         self._startups = 0
         self._quarantines = 0
+        self._quarantined_since = 0.0
 
     @property
     def counters(self) -> HealthCounters:
@@ -898,7 +904,9 @@ class SourceHealth:
     def _fail(self, reason: str, now: float, end: int, *, permanent: bool) -> None:
         self._tainted = True
         at = self._position + end
-        if not permanent:
+        # Only a new quarantine counts towards permanent failure: a stuck source
+        # trips the APT again in every window, which is one incident, not many.
+        if not permanent and self.state is not HealthState.QUARANTINED:
             times = self._failure_times
             times.append(now)
             while times and times[0] < now - self.config.failure_window:
@@ -915,6 +923,17 @@ class SourceHealth:
             return
         if self.state is not HealthState.QUARANTINED:
             self._quarantines += 1
+            self._quarantined_since = now
+        elif now - self._quarantined_since > self.config.quarantine_limit:
+            self.failed_at = now
+            self._move(
+                HealthState.FAILED,
+                f"still failing after {self.config.quarantine_limit:g} s in "
+                f"quarantine; last: {reason}",
+                now,
+                at,
+            )
+            return
         self._startup_left = STARTUP_SAMPLES
         self._move(HealthState.QUARANTINED, reason, now, at)
 

@@ -215,7 +215,7 @@ class SourceRunner:
         finally:
             if record is not None:
                 record.close()
-            if not self.skipped:
+            if not self.skipped and self.state != SourceState.FAILED:
                 self.set_state(SourceState.STOPPED, "stopped")
 
     async def _run_once(self, record: BinaryIO | None) -> None:

@@ -550,7 +550,7 @@ def test_zero_credit_source_is_still_checked_for_being_stuck() -> None:
     """
     health = SourceHealth(HealthConfig(), 0.0)
     assert 31 == health.rct.cutoff
-    assert HealthState.FAILED == health.feed(bytes(8192), 0.0).state
+    assert HealthState.QUARANTINED == health.feed(bytes(8192), 0.0).state
 
 
 def test_config_defaults_and_validation() -> None:
@@ -606,3 +606,18 @@ def test_any_split_gives_the_same_events_and_counters(
     assert list(whole_verdict.events) == events
     assert whole.counters == split.counters
     assert whole.state == split.state
+
+
+def test_one_stuck_incident_counts_once() -> None:
+    """
+    A source stuck for many APT windows is one quarantine, not a permanent
+    failure; only the quarantine time limit fails it.
+    """
+    health = SourceHealth(HealthConfig(quarantine_limit=60), 8.0)
+    health.feed(random_bytes(2048, 7), 0.0)
+    assert HealthState.QUARANTINED == health.feed(bytes(16384), 1.0).state
+    assert HealthState.QUARANTINED == health.feed(bytes(16384), 59.0).state
+    assert 1 == health.counters.quarantines
+    verdict = health.feed(bytes(16384), 62.0)
+    assert HealthState.FAILED == verdict.state
+    assert "quarantine" in health.reason

@@ -180,3 +180,128 @@ def test_backoff_grows_and_is_bounded() -> None:
     assert [1.0, 2.0, 4.0, 8.0, 8.0] == [backoff.next_delay() for _ in range(5)]
     low = Backoff(initial=1.0, maximum=8.0, rng=lambda: 0.0)
     assert [0.5, 1.0, 2.0] == [low.next_delay() for _ in range(3)]
+
+
+class PatternSource(ScriptedSource):
+    """
+    A source whose output the test can make stuck or hang.
+    """
+
+    def __init__(self, name: str, priority: int) -> None:
+        super().__init__(name, priority)
+        self.stuck = False
+        self.hang = False
+        self.stuck_reads = 0
+
+    async def read(self) -> bytes:
+        await self.gate.wait()
+        await asyncio.sleep(0)
+        if self.hang:
+            await asyncio.Event().wait()
+        if self.stuck_reads:
+            self.stuck_reads -= 1
+            return bytes(64)
+        return bytes(64) if self.stuck else os.urandom(64)
+
+
+async def test_nothing_is_credited_before_the_startup_test() -> None:
+    """
+    The first 1024 bytes of a source are tested, not credited.
+    """
+    pool = EntropyPool(1 << 20)
+    supervisor = Supervisor(pool)
+    source = PatternSource("s", 0)
+    runner = supervisor.add(source)
+    supervisor.start()
+    try:
+        await eventually(lambda: runner.bytes_in >= 1024)
+        await eventually(lambda: runner.healthy)
+        assert runner.bytes_in - runner.credited_bits // 8 >= 1024
+    finally:
+        await supervisor.stop()
+
+
+async def test_stuck_source_is_quarantined_and_readmitted() -> None:
+    """
+    Stuck output is caught by the repetition count test within its cut-off,
+    never credited, the fallback takes over; good output again passes a fresh
+    start-up test and the source is credited again.
+    """
+    pool = EntropyPool(1 << 20)
+    supervisor = Supervisor(pool, standby_probe=0.05)
+    primary_source = PatternSource("primary", 0)
+    primary = supervisor.add(primary_source)
+    fallback = supervisor.add(PatternSource("fallback", 1))
+    supervisor.start()
+    try:
+        await eventually(lambda: primary.healthy and supervisor.active_tier == 0)
+        primary_source.stuck = True
+        await eventually(lambda: primary.state == SourceState.QUARANTINED)
+        credited_when_stuck = primary.credited_bits
+        assert 1 == primary.health.counters.rct_failures
+        await eventually(lambda: supervisor.active_tier == 1)
+        await eventually(lambda: fallback.credited_bits > 0)
+        assert credited_when_stuck == primary.credited_bits
+        assert SourceState.QUARANTINED == primary.state
+        primary_source.stuck = False
+        await eventually(lambda: supervisor.active_tier == 0)
+        assert primary.health.counters.startups_passed >= 2
+    finally:
+        await supervisor.stop()
+
+
+async def test_hanging_source_is_caught_by_the_watchdog() -> None:
+    """
+    A read that never returns is reported as stalled and the source restarted.
+    """
+    pool = EntropyPool(1 << 20)
+    supervisor = Supervisor(pool, backoff_initial=0.01, backoff_max=0.02)
+    source = PatternSource("s", 0)
+    runner = supervisor.add(source, watchdog=0.05)
+    supervisor.start()
+    try:
+        await eventually(lambda: runner.healthy)
+        source.hang = True
+        await eventually(lambda: runner.state == SourceState.STALLED)
+        assert "watchdog" in runner.reason
+        source.hang = False
+        await eventually(lambda: runner.restarts >= 1 and runner.healthy)
+        assert 1 <= runner.stalls
+    finally:
+        await supervisor.stop()
+
+
+async def test_repeated_failures_fail_the_source_for_good() -> None:
+    """
+    A source that keeps failing its tests (three separate incidents within the
+    failure window) is marked failed with the reason and time, and is no
+    longer read.
+    """
+    pool = EntropyPool(1 << 20)
+    supervisor = Supervisor(pool)
+    source = PatternSource("s", 0)
+    runner = supervisor.add(source)
+    supervisor.start()
+    try:
+        for incident in (1, 2):
+            await eventually(lambda: runner.healthy)
+            source.stuck_reads = 1
+            await eventually(
+                lambda incident=incident: runner.health.counters.quarantines == incident
+            )
+        await eventually(lambda: runner.healthy)
+        credited = runner.credited_bits
+        source.stuck = True
+        await eventually(lambda: runner.state == SourceState.FAILED)
+        # The third incident fails it instead of quarantining it once more.
+        assert 2 == runner.health.counters.quarantines
+        assert runner.health.failed_at is not None
+        assert runner.reason.startswith("health tests: 3 failures")
+        assert credited == runner.credited_bits
+        read = runner.bytes_in
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert read == runner.bytes_in
+    finally:
+        await supervisor.stop()
+    assert SourceState.FAILED == runner.state
