@@ -24,7 +24,7 @@ from broker import __version__
 from broker.config import Config, SinkConfig, SourceConfig
 from broker.errors import BrokerError
 from broker.pool import EntropyPool
-from broker.status import Health, Sink, SinkStatus, SourceStatus
+from broker.status import Health, Sink, SinkStatus, SourceStatus, TierStatus
 from broker.supervisor import Supervisor
 from sinks.egd.config import EgdSinkConfig
 from sinks.http.config import HttpSinkConfig
@@ -143,6 +143,16 @@ class Broker:
 
     def ready(self) -> bool:
         return self._ready and not self._shutting_down
+
+    def tiers(self) -> TierStatus:
+        supervisor = self.supervisor
+        return TierStatus(
+            active_tier=supervisor.active_tier,
+            best_tier=supervisor.best_tier,
+            degraded=supervisor.degraded,
+            failovers=supervisor.failovers,
+            tier_seconds=supervisor.tier_seconds(),
+        )
 
     def health(self) -> Health:
         if self._shutting_down:

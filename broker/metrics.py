@@ -83,6 +83,7 @@ class BrokerCollector(Collector):
         yield from self._collect_pool()
         yield from self._collect_sources()
         yield from self._collect_sinks()
+        yield from self._collect_tiers()
 
     def _collect_broker(self) -> Iterator[Metric]:
         broker = self._broker
@@ -204,6 +205,52 @@ class BrokerCollector(Collector):
             restarts.add_metric(values, source.restarts)
         yield from (state, feeding, priority, rate, bytes_in, credited, restarts)
         yield from self._collect_device_details()
+
+    def _collect_tiers(self) -> Iterator[Metric]:
+        tiers_of = getattr(self._broker, "tiers", None)
+        if tiers_of is None:
+            return
+        tiers = tiers_of()
+        active = GaugeMetricFamily(
+            f"{NAMESPACE}_active_tier", "Tier feeding the pool (-1: none healthy)"
+        )
+        active.add_metric([], -1 if tiers.active_tier is None else tiers.active_tier)
+        degraded = GaugeMetricFamily(
+            f"{NAMESPACE}_degraded", "1 while only a fallback tier feeds the pool"
+        )
+        degraded.add_metric([], 1.0 if tiers.degraded else 0.0)
+        failovers = CounterMetricFamily(
+            f"{NAMESPACE}_failovers", "Changes of the tier feeding the pool"
+        )
+        failovers.add_metric([], tiers.failovers)
+        seconds = CounterMetricFamily(
+            f"{NAMESPACE}_tier_active_seconds",
+            "Seconds each tier fed the pool (tier 'none': no healthy source)",
+            labels=["tier"],
+        )
+        for tier, value in sorted(tiers.tier_seconds.items()):
+            seconds.add_metric([tier], value)
+        failures = CounterMetricFamily(
+            f"{NAMESPACE}_source_test_failures",
+            "Health test failures of each source, by test",
+            labels=["source", "kind", "test"],
+        )
+        quarantines = CounterMetricFamily(
+            f"{NAMESPACE}_source_quarantines",
+            "Times each source was quarantined by its health tests",
+            labels=["source", "kind"],
+        )
+        for source in self._broker.sources_status():
+            health = source.health
+            for test in ("rct", "apt", "fips"):
+                value = health.get(f"{test}_failures")
+                if isinstance(value, int):
+                    failures.add_metric([source.name, source.kind, test], value)
+            if isinstance(health.get("quarantines"), int):
+                quarantines.add_metric(
+                    [source.name, source.kind], health["quarantines"]
+                )
+        yield from (active, degraded, failovers, seconds, failures, quarantines)
 
     def _collect_device_details(self) -> Iterator[Metric]:
         # Sources that report device facts (Entropy Keys) get one series per

@@ -53,6 +53,20 @@ class SinkStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class TierStatus:
+    """
+    Which tier feeds the pool and how often that changed.
+    """
+
+    active_tier: int | None
+    best_tier: int | None
+    degraded: bool
+    failovers: int
+    tier_seconds: Mapping[str, float]
+    """Seconds each tier was the active one ("none": no healthy source)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Health:
     """
     Whether this instance should receive traffic, and why.

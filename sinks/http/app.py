@@ -390,6 +390,14 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
+def _tiers(broker: BrokerView) -> dict[str, Any] | None:
+    # Optional in the view: test doubles and future brokers may have no tiers.
+    tiers = getattr(broker, "tiers", None)
+    if tiers is None:
+        return None
+    return dataclasses.asdict(tiers())
+
+
 def status_document(broker: BrokerView) -> dict[str, Any]:
     """
     The JSON body of ``GET /v1/status``.
@@ -409,6 +417,7 @@ def status_document(broker: BrokerView) -> dict[str, Any]:
             "reasons": list(health.reasons),
         },
         "pool": dataclasses.asdict(broker.pool.stats()),
+        "tiers": _tiers(broker),
         "sources": [dataclasses.asdict(source) for source in broker.sources_status()],
         "sinks": [
             {**dataclasses.asdict(sink), "addresses": list(sink.addresses)}

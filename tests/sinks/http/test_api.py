@@ -481,6 +481,8 @@ async def test_status_json_shape(
             "rate": 0.0,
             "restarts": 2,
             "feeding": True,
+            "health": {},
+            "details": {},
         }
     ] == body["sources"]
     assert [
