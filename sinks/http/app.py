@@ -32,6 +32,7 @@ from broker.errors import PoolClosedError
 from broker.metrics import create_registry, render_metrics
 from broker.pool import BLOCK_BITS, RESERVE_BITS
 from broker.status import BrokerView
+from sinks.http.admin import simulator_handler
 from sinks.http.config import HttpSinkConfig
 
 log = structlog.get_logger("ebroker.sinks.http")
@@ -487,6 +488,12 @@ def create_app(
     router.add_get("/v1/entropy", entropy, allow_head=False)
     router.add_get("/v1/status", status)
     router.add_get("/metrics", metrics)
+    if config.simulator_control:
+        # Serials may contain '/', so the serial segment takes everything up to
+        # the last path segment.
+        router.add_post(
+            r"/v1/simulator/{serial:.+}/{action:[a-z]+}", simulator_handler(broker)
+        )
     return app
 
 

@@ -21,6 +21,11 @@ class HttpSinkConfig(SinkConfigBase):
     max_wait: Duration = Field(
         default=30.0, description="longest ?wait= a client may ask, in seconds"
     )
+    simulator_control: bool = Field(
+        default=False,
+        description="serve POST /v1/simulator/SERIAL/ACTION (loopback clients only) "
+        "to unplug, replug, fail or heal simulated Entropy Keys",
+    )
 
     @field_validator("listen")
     @classmethod

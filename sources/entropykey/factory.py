@@ -8,9 +8,12 @@ and can be unplugged and replugged by an operator trying failover.
 """
 
 import asyncio
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import structlog
 
 from broker.errors import SourceError
 
@@ -26,6 +29,8 @@ from .transport import (
     find_usb_keys,
     usb_serial,
 )
+
+log = structlog.get_logger("ebroker.entropykey")
 
 
 class SimulatedFleet:
@@ -114,6 +119,31 @@ def _make(
     )
 
 
+def provision_simulated(config: EntropyKeySourceConfig) -> bool:
+    """
+    Give a simulated key a long-term key when the keyring has none for it, so a
+    demo config works out of the box. Real keys are never provisioned: their
+    long-term key must come from `ebroker rekey` and the master key.
+
+    Returns:
+        True when a key was added (the keyring is created with mode 0600).
+
+    Raises:
+        KeyringError: the existing keyring is malformed or too widely readable.
+    """
+    if config.transport != "simulated" or config.serial == ANY_SERIAL:
+        return False
+    from .encoding import pem_decode_exact
+    from .rekey import store_long_term_key
+
+    serial = pem_decode_exact(config.serial.encode(), 12)
+    if config.keyring.exists() and serial in load_keyring(config.keyring):
+        return False
+    config.keyring.parent.mkdir(parents=True, exist_ok=True)
+    store_long_term_key(config.keyring, serial, os.urandom(32))
+    return True
+
+
 def _read_keyring(path: Path) -> dict[bytes, bytes]:
     try:
         return load_keyring(path)
@@ -146,6 +176,15 @@ def build_sources(
     Drivers for one config entry (for ``serial = "*"``: the keys present now,
     minus ``exclude``).
     """
+    try:
+        if provision_simulated(config):
+            log.warning(
+                "simulated_key_provisioned",
+                serial=config.serial,
+                keyring=str(config.keyring),
+            )
+    except (KeyringError, OSError) as exc:
+        log.error("simulated_key_not_provisioned", serial=config.serial, error=str(exc))
     keyring = _read_keyring(config.keyring)
     if config.serial != ANY_SERIAL:
         return [

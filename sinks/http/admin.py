@@ -1,0 +1,60 @@
+"""
+Operator endpoints that change the broker, kept apart from the read-only API.
+
+``POST /v1/simulator/{serial}/{action}`` drives a simulated Entropy Key
+(unplug, replug, fail, heal) so operators can rehearse failover without
+hardware. It exists only when the sink's config sets ``simulator_control``,
+and only answers loopback peers.
+"""
+
+import ipaddress
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from broker.status import BrokerView
+
+SIMULATOR_ACTIONS = ("unplug", "replug", "fail", "heal")
+
+
+def _from_loopback(request: web.Request) -> bool:
+    peer = request.remote
+    if peer is None:
+        return False
+    try:
+        return ipaddress.ip_address(peer).is_loopback
+    except ValueError:
+        return False
+
+
+def simulator_handler(
+    broker: BrokerView,
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """
+    The handler of ``POST /v1/simulator/{serial}/{action}`` for ``broker``.
+    """
+
+    async def handle(request: web.Request) -> web.Response:
+        if not _from_loopback(request):
+            return web.json_response(
+                {"error": "simulator control only answers loopback clients"}, status=403
+            )
+        serial = request.match_info["serial"]
+        action = request.match_info["action"]
+        if action not in SIMULATOR_ACTIONS:
+            return web.json_response(
+                {"error": f"action must be one of {', '.join(SIMULATOR_ACTIONS)}"},
+                status=400,
+            )
+        control = getattr(broker, "simulator_control", None)
+        if control is None:
+            return web.json_response({"error": "no simulated keys here"}, status=404)
+        try:
+            control(serial, action)
+        except KeyError:
+            return web.json_response(
+                {"error": f"no simulated key with serial {serial!r}"}, status=404
+            )
+        return web.json_response({"serial": serial, "action": action})
+
+    return handle
