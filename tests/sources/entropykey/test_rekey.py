@@ -100,8 +100,9 @@ def test_cli_rekey_against_simulate_key(tmp_path: Path) -> None:
     master_file.write_text(master_key_text(master_key))
     sock = tmp_path / "key.sock"
     server = subprocess.Popen(
-        [sys.executable, "-m", "broker.cli", "simulate-key", "--serial", pair.serial_text,
-         "--keyring", str(keyring), "--socket", str(sock), "--master-key-file", str(master_file)],
+        [sys.executable, "-m", "broker.cli", "simulate-key",
+         "--serial", pair.serial_text, "--keyring", str(keyring),
+         "--socket", str(sock), "--master-key-file", str(master_file)],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
