@@ -44,6 +44,8 @@ from sinks.egd.wire import (
 
 log = structlog.get_logger("ebroker.egd")
 
+EOF_GRACE = 1.0
+
 
 class _Close:
     """
@@ -77,6 +79,8 @@ class EgdConnection(asyncio.Protocol):
         self._reading_paused = False
         self._closing = False
         self._busy = False
+        self._eof_deadline: float | None = None
+        self._answering: asyncio.Timeout | None = None
         self._worker: asyncio.Task[None] | None = None
         self._log = log
 
@@ -129,7 +133,15 @@ class EgdConnection(asyncio.Protocol):
         self._parse()
 
     def eof_received(self) -> bool | None:
-        # A client may half-close after its last request; answer what it asked.
+        # EOF cannot tell a half-close (`nc -q1` after its last request) from a
+        # client that went away. Queued requests still get answered if the pool
+        # can do so within EOF_GRACE seconds; then the connection closes, so a
+        # departed client's blocked read does not hold output forever.
+        self._eof_deadline = asyncio.get_running_loop().time() + EOF_GRACE
+        if self._answering is not None:
+            self._answering.reschedule(self._eof_deadline)
+        self._queue.append(_CLOSE)
+        self._wakeup.set()
         return True
 
     # ---- requests ----
@@ -175,7 +187,15 @@ class EgdConnection(asyncio.Protocol):
                     self._close_transport()
                     return
                 self._busy = True
-                await self._answer(item)
+                try:
+                    async with asyncio.timeout_at(self._eof_deadline) as answering:
+                        self._answering = answering
+                        await self._answer(item)
+                except TimeoutError:
+                    self._close_transport()
+                    return
+                finally:
+                    self._answering = None
                 self._busy = False
                 self._pending_bytes -= _requested(item)
                 if not self._queue:
@@ -246,6 +266,12 @@ class EgdConnection(asyncio.Protocol):
     def close(self) -> None:
         self._close_transport()
 
+    def write_buffer_size(self) -> int:
+        """
+        Reply bytes queued in user space for this client.
+        """
+        return self._transport.get_write_buffer_size() if self._transport else 0
+
 
 def _peer_text(peer: object) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
@@ -287,6 +313,9 @@ class EgdSink:
         self._connections.add(connection)
         self.connections_total += 1
         return True
+
+    def connections(self) -> list[EgdConnection]:
+        return list(self._connections)
 
     def forget(self, connection: EgdConnection) -> None:
         self._connections.discard(connection)

@@ -5,13 +5,14 @@ best tier that has a healthy source.
 
 import asyncio
 import os
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 from broker.errors import SourceError
 from broker.pool import EntropyPool
-from broker.supervisor import Backoff, Supervisor
+from broker.supervisor import Backoff, SourceRunner, Supervisor
 from sources.base import SourceState
 from sources.device import DeviceSource, DeviceSourceConfig
 from tests.helpers import eventually
@@ -271,6 +272,10 @@ async def test_hanging_source_is_caught_by_the_watchdog() -> None:
         await supervisor.stop()
 
 
+def quarantined_times(runner: SourceRunner, times: int) -> bool:
+    return runner.health.counters.quarantines == times
+
+
 async def test_repeated_failures_fail_the_source_for_good() -> None:
     """
     A source that keeps failing its tests (three separate incidents within the
@@ -286,9 +291,7 @@ async def test_repeated_failures_fail_the_source_for_good() -> None:
         for incident in (1, 2):
             await eventually(lambda: runner.healthy)
             source.stuck_reads = 1
-            await eventually(
-                lambda incident=incident: runner.health.counters.quarantines == incident
-            )
+            await eventually(partial(quarantined_times, runner, incident))
         await eventually(lambda: runner.healthy)
         credited = runner.credited_bits
         source.stuck = True

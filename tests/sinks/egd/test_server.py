@@ -1,0 +1,236 @@
+"""
+The EGD server on loopback with a real pool: ordering, empty pools, departed
+clients, written entropy, back-pressure, connection limits, shutdown.
+"""
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.errors import BrokerError
+from broker.pool import EntropyPool
+from sinks.egd.config import EgdSinkConfig
+from sinks.egd.server import EgdSink
+from tests.helpers import eventually
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+def fill(pool: EntropyPool, nbytes: int) -> None:
+    """
+    Release about ``nbytes`` of output (40 credited input bytes per 32 out).
+    """
+    pool.add(os.urandom(nbytes * 40 // 32 + 40), 8)
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[EgdSink, EntropyPool]]:
+    pool = EntropyPool(1 << 20)
+    config = EgdSinkConfig(
+        kind="egd", listen=["tcp://127.0.0.1:0", "unix:egd.sock"], max_connections=8
+    )
+    sink = EgdSink(config, pool, tmp_path)
+    await sink.start()
+    try:
+        yield sink, pool
+    finally:
+        await sink.shutdown(0)
+
+
+async def connect(sink: EgdSink, scheme: str = "tcp") -> Streams:
+    for address in sink.bound_addresses():
+        if address.startswith("tcp://") and scheme == "tcp":
+            host, port = address.removeprefix("tcp://").rsplit(":", 1)
+            return await asyncio.open_connection(host, int(port))
+        if address.startswith("unix:") and scheme == "unix":
+            return await asyncio.open_unix_connection(address.removeprefix("unix:"))
+    raise AssertionError(f"no {scheme} listener")
+
+
+async def test_blocking_read_waits_through_an_empty_pool(served: Any) -> None:
+    """
+    02 FF on an empty pool keeps the connection open and completes with exactly
+    255 bytes once the pool refills.
+    """
+    sink, pool = served
+    reader, writer = await connect(sink)
+    writer.write(b"\x02\xff")
+    await eventually(lambda: pool.waiters == 1)
+    fill(pool, 100)
+    await eventually(lambda: pool.level == 0)
+    fill(pool, 300)
+    async with asyncio.timeout(5):
+        assert 255 == len(await reader.readexactly(255))
+    writer.write(b"\x01\x00")
+    async with asyncio.timeout(5):
+        assert b"\x00" == await reader.readexactly(1)
+    writer.close()
+
+
+async def test_replies_follow_request_order(served: Any) -> None:
+    """
+    A non-blocking read behind a pending blocking read is answered after it.
+    """
+    sink, pool = served
+    reader, writer = await connect(sink, "unix")
+    writer.write(b"\x02\x40\x01\x10\x04")
+    await eventually(lambda: pool.waiters == 1)
+    fill(pool, 200)
+    async with asyncio.timeout(5):
+        assert 64 == len(await reader.readexactly(64))
+        count = (await reader.readexactly(1))[0]
+        assert 16 == count
+        await reader.readexactly(count)
+        length = (await reader.readexactly(1))[0]
+        assert str(os.getpid()).encode() == await reader.readexactly(length)
+    writer.close()
+
+
+async def test_departed_client_costs_nobody_anything(served: Any) -> None:
+    """
+    A client that closes with a 0x02 pending is dropped; no byte is counted as
+    served to it and the next reader gets the output.
+    """
+    sink, pool = served
+    _reader, writer = await connect(sink)
+    writer.write(b"\x02\xff")
+    await eventually(lambda: pool.waiters == 1)
+    writer.close()
+    await eventually(lambda: sink.status().connections == 0)
+    await eventually(lambda: pool.waiters == 0)
+    fill(pool, 64)
+    assert 0 == pool.stats().bytes_out
+    reader2, writer2 = await connect(sink)
+    writer2.write(b"\x02\x20")
+    async with asyncio.timeout(5):
+        assert 32 == len(await reader2.readexactly(32))
+    writer2.close()
+
+
+async def test_written_entropy_is_not_credited_by_default(served: Any) -> None:
+    """
+    0x03 data is mixed in but releases no output unless writes are trusted.
+    """
+    sink, pool = served
+    reader, writer = await connect(sink)
+    payload = os.urandom(255)
+    writer.write(b"\x03\x07\xf8\xff" + payload + b"\x00")
+    async with asyncio.timeout(5):
+        assert b"\x00\x00\x00\x00" == await reader.readexactly(4)
+    assert 0 == pool.level
+    assert 255 == pool.stats().uncredited_bytes_in
+    writer.close()
+
+
+async def test_trusted_writes_are_credited(tmp_path: Path) -> None:
+    """
+    With trust_writes, written bytes are credited up to what the client claims.
+    """
+    pool = EntropyPool(1 << 20)
+    config = EgdSinkConfig(kind="egd", listen=["tcp://127.0.0.1:0"], trust_writes=True)
+    sink = EgdSink(config, pool, tmp_path)
+    await sink.start()
+    try:
+        reader, writer = await connect(sink)
+        writer.write(b"\x03\x07\xf8\xff" + os.urandom(255) + b"\x00")
+        async with asyncio.timeout(5):
+            bits = int.from_bytes(await reader.readexactly(4), "big")
+        assert bits > 0
+        writer.close()
+    finally:
+        await sink.shutdown(0)
+
+
+async def test_client_that_stops_reading_is_not_buffered_without_bound(
+    served: Any,
+) -> None:
+    """
+    A client that asks for far more than it reads: the server stops withdrawing
+    for it once its socket buffers are full, and stops reading its requests.
+    """
+    sink, pool = served
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    host, port = sink.bound_addresses()[0].removeprefix("tcp://").rsplit(":", 1)
+    sock.connect((host, int(port)))
+    sock.setblocking(False)
+    _reader, writer = await asyncio.open_connection(sock=sock)
+    requested = 255 * 160_000  # about 40 MB, never read
+    writer.write(b"\x02\xff" * 160_000)
+    await eventually(lambda: len(sink.connections()) == 1)
+    [connection] = sink.connections()
+    # Keep the pool topped up until the server stops taking from it: kernel
+    # socket buffers are full and our own buffer reached its high-water mark.
+    async with asyncio.timeout(30):
+        while pool.waiters or pool.level < 1 << 19:
+            fill(pool, 1 << 19)
+            await asyncio.sleep(0.01)
+        served = pool.stats().bytes_out
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+    assert served == pool.stats().bytes_out
+    assert connection.write_buffer_size() <= sink.config.max_buffered_output + 255
+    assert served < requested // 4
+    writer.close()
+
+
+async def test_max_connections_is_enforced(served: Any) -> None:
+    """
+    Connections beyond max_connections are closed at accept; others carry on.
+    """
+    sink, pool = served
+    streams = [await connect(sink) for _ in range(8)]
+    await eventually(lambda: sink.status().connections == 8)
+    extra_reader, extra_writer = await connect(sink)
+    async with asyncio.timeout(5):
+        assert b"" == await extra_reader.read(1)
+    fill(pool, 64)
+    reader, writer = streams[0]
+    writer.write(b"\x02\x10")
+    async with asyncio.timeout(5):
+        assert 16 == len(await reader.readexactly(16))
+    for _, w in [*streams, (extra_reader, extra_writer)]:
+        w.close()
+
+
+async def test_shutdown_finishes_replies_and_removes_socket(tmp_path: Path) -> None:
+    """
+    Shutdown lets a pending read finish within the grace period, then closes
+    connections and removes the Unix socket file.
+    """
+    pool = EntropyPool(1 << 20)
+    config = EgdSinkConfig(kind="egd", listen=["unix:egd.sock"])
+    sink = EgdSink(config, pool, tmp_path)
+    await sink.start()
+    reader, writer = await connect(sink, "unix")
+    writer.write(b"\x02\x40")
+    await eventually(lambda: pool.waiters == 1)
+    stopping = asyncio.create_task(sink.shutdown(5))
+    await asyncio.sleep(0)
+    fill(pool, 64)
+    async with asyncio.timeout(5):
+        assert 64 == len(await reader.readexactly(64))
+        await stopping
+        assert b"" == await reader.read(1)
+    assert not (tmp_path / "egd.sock").exists()
+    writer.close()
+
+
+async def test_stale_socket_file_is_replaced_but_other_files_are_not(
+    tmp_path: Path,
+) -> None:
+    """
+    A socket left by a crashed broker is replaced; a regular file is never deleted.
+    """
+    (tmp_path / "egd.sock").write_text("precious")
+    sink = EgdSink(
+        EgdSinkConfig(kind="egd", listen=["unix:egd.sock"]), EntropyPool(), tmp_path
+    )
+    with pytest.raises(BrokerError, match="exists and is not a socket"):
+        await sink.start()
+    assert "precious" == (tmp_path / "egd.sock").read_text()
