@@ -1,0 +1,371 @@
+"""
+The Accounts facade: identification, grants under client/customer rates and
+quotas, refunds, live reload, persistence and the status snapshot.
+"""
+
+import asyncio
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.accounts import (
+    AccessDenied,
+    Accounts,
+    AccountsConfig,
+    Client,
+    CustomerConfig,
+    Denied,
+    Peer,
+    WeightedWaitQueue,
+    hash_token,
+    period_bounds,
+)
+from broker.errors import ConfigError
+from broker.pool import Waiter
+from tests.helpers import eventually
+
+NOW = 1_714_564_800.0  # 2024-05-01 12:00:00 UTC
+# A made-up bearer token, the point of these tests, not a leaked secret.
+ACME_TOKEN = "acme-secret-token"  # noqa: S105
+
+
+def customer(**fields: Any) -> CustomerConfig:
+    """
+    A validated customer entry.
+    """
+    return CustomerConfig.model_validate(fields)
+
+
+def acme(**overrides: Any) -> CustomerConfig:
+    """
+    The documented example customer, with tweaks.
+    """
+    fields: dict[str, Any] = {
+        "id": "acme",
+        "networks": ["127.0.0.2/32", "10.1.0.0/16"],
+        "uids": [1001],
+        "tokens": [hash_token(ACME_TOKEN)],
+        "weight": 3,
+        "client_rate": "512 B/s",
+        "client_burst": "4 KiB",
+        "rate": "2 KiB/s",
+        "burst": "16 KiB",
+        "quota": "200 MiB/day",
+    }
+    fields.update(overrides)
+    return customer(**fields)
+
+
+def accounts(*customers: CustomerConfig, **settings: Any) -> Accounts:
+    """
+    Accounts on the memory backend.
+    """
+    return Accounts(AccountsConfig.model_validate(settings), customers)
+
+
+def client_of(acc: Accounts, peer: Peer) -> Client:
+    """
+    Identify a peer that must be accepted.
+    """
+    found = acc.identify(peer)
+    assert isinstance(found, Client), found
+    return found
+
+
+def test_identify_by_network_uid_and_token() -> None:
+    """
+    IP, uid and token each find the owning customer; one identity is one object.
+    """
+    acc = accounts(acme())
+    by_ip = client_of(acc, Peer("tcp", ip="10.1.2.3"))
+    assert "acme" == by_ip.customer_id
+    assert by_ip is client_of(acc, Peer("http", ip="::ffff:10.1.2.3"))
+    assert "uid:1001" == client_of(acc, Peer("unix", uid=1001)).key
+    by_token = client_of(acc, Peer("http", ip="192.0.2.9", token=ACME_TOKEN))
+    assert "acme" == by_token.customer_id
+    assert ACME_TOKEN not in by_token.key
+    assert 3.0 == acc.weight_of(by_token)
+    assert 1.0 == acc.weight_of(None)
+
+
+def test_unknown_token_is_denied() -> None:
+    """
+    A bearer token nobody owns is refused rather than served as default.
+    """
+    guess = Peer("http", ip="10.1.2.3", token="guess")  # noqa: S106 - made up
+    denied = accounts(acme()).identify(guess)
+    assert isinstance(denied, Denied)
+    assert None is denied.customer_id
+
+
+def test_default_deny() -> None:
+    """
+    With ``default`` denied, unmatched peers are refused and counted.
+    """
+    acc = accounts(acme(), customer(id="default", deny=True))
+    denied = acc.identify(Peer("tcp", ip="192.0.2.1"))
+    assert isinstance(denied, Denied)
+    assert "default" == denied.customer_id
+    assert 1 == acc.snapshot(NOW)["customers"]["default"]["denied"]
+
+
+async def test_implicit_default_is_unlimited() -> None:
+    """
+    Without a ``default`` entry, unmatched clients get everything they ask.
+    """
+    acc = accounts(acme())
+    stranger = client_of(acc, Peer("tcp", ip="192.0.2.1"))
+    grant = await acc.grant(stranger, 50_000_000, NOW)
+    assert (50_000_000, None, 0) == (grant.granted, grant.limit, grant.rate_limit)
+    assert acc.snapshot(NOW)["customers"]["default"]["implicit"]
+
+
+async def test_client_rate_limits_and_refills() -> None:
+    """
+    A client gets its burst, then is cut off with limit client_rate and a
+    retry_after that matches the refill; later it gets the refilled bytes.
+    """
+    acc = accounts(acme())
+    vm = client_of(acc, Peer("tcp", ip="10.1.0.5"))
+    first = await acc.grant(vm, 5000, NOW)
+    assert (4096, "client_rate") == (first.granted, first.limit)
+    assert math.isclose((5000 - 4096) / 512, first.retry_after)
+    assert (4096, 0) == (first.rate_limit, first.rate_remaining)
+    assert math.isclose(NOW + 8.0, first.reset_at or 0)
+    assert 0 == (await acc.grant(vm, 100, NOW)).granted
+    assert 256 == (await acc.grant(vm, 1000, NOW + 0.5)).granted
+
+
+async def test_customer_rate_is_shared_by_clients() -> None:
+    """
+    Clients of one customer together stay within the customer's burst and rate.
+    """
+    acc = accounts(acme(client_rate="1 MiB/s", client_burst="1 MiB"))
+    vms = [client_of(acc, Peer("tcp", ip=f"10.1.0.{i}")) for i in range(1, 4)]
+    grants = [await acc.grant(vm, 10_000, NOW) for vm in vms]
+    assert [10_000, 6384, 0] == [g.granted for g in grants]
+    assert "customer_rate" == grants[2].limit
+    assert math.isclose(10_000 / 2048, grants[2].retry_after)
+
+
+async def test_quota_exhaustion_resets_next_period() -> None:
+    """
+    A spent quota answers limit "quota" with reset_at the next period's start,
+    and the next day brings a fresh quota.
+    """
+    acc = accounts(
+        acme(
+            client_rate=None,
+            client_burst=None,
+            rate=None,
+            burst=None,
+            quota="10 KiB/day",
+        )
+    )
+    vm = client_of(acc, Peer("tcp", ip="10.1.0.5"))
+    first = await acc.grant(vm, 8192, NOW)
+    assert (8192, 2048) == (first.granted, first.remaining_quota)
+    assert (10240, 2048) == (first.rate_limit, first.rate_remaining)
+    second = await acc.grant(vm, 8192, NOW + 1)
+    _, midnight = period_bounds("day", NOW)
+    assert (2048, "quota", midnight, 0) == (
+        second.granted,
+        second.limit,
+        second.reset_at,
+        second.remaining_quota,
+    )
+    assert math.isclose(midnight - NOW - 1, second.retry_after)
+    assert 0 == (await acc.grant(vm, 1, NOW + 2)).granted
+    assert 8192 == (await acc.grant(vm, 8192, midnight)).granted
+
+
+async def test_refund_returns_bytes() -> None:
+    """
+    Refunded bytes go back to the client bucket and the quota.
+    """
+    acc = accounts(acme(quota="10 KiB/day"))
+    vm = client_of(acc, Peer("tcp", ip="10.1.0.5"))
+    await acc.grant(vm, 4096, NOW)
+    acc.refund(vm, 1000, NOW)
+    await acc.flush()
+    again = await acc.grant(vm, 4096, NOW)
+    assert 1000 == again.granted
+    assert 10240 - 4096 == again.remaining_quota
+    assert 4096 == acc.snapshot(NOW)["customers"]["acme"]["bytes_served"]
+
+
+async def test_reload_keeps_clients_working_with_new_limits() -> None:
+    """
+    After a reload, existing Client objects obey the new limits, move to the
+    customer that now owns them, and are refused if that customer is denied.
+    """
+    acc = accounts(acme(), customer(id="other", networks=["192.0.2.0/24"]))
+    vm = client_of(acc, Peer("tcp", ip="10.1.0.5"))
+    stray = client_of(acc, Peer("tcp", ip="192.0.2.7"))
+    assert 4096 == (await acc.grant(vm, 100_000, NOW)).granted
+    acc.reload(
+        [
+            acme(client_rate="8 KiB/s", client_burst="8 KiB", weight=5),
+            customer(id="other", networks=["192.0.2.0/24"], deny=True),
+        ]
+    )
+    assert 5.0 == vm.weight
+    assert 8192 == (await acc.grant(vm, 100_000, NOW + 1)).granted
+    assert "denied" == (await acc.grant(stray, 10, NOW)).limit
+    with pytest.raises(AccessDenied):
+        await acc.wait_grant(stray, 10)
+    acc.reload([acme(networks=["127.0.0.2/32"])])
+    assert "default" == vm.customer_id
+    assert 100_000 == (await acc.grant(vm, 100_000, NOW + 2)).granted
+
+
+def test_reload_refuses_ambiguous_config() -> None:
+    """
+    A bad reload raises ConfigError with key paths and changes nothing.
+    """
+    acc = accounts(acme())
+    with pytest.raises(ConfigError, match=r"customers\[1\]\.networks\[0\]"):
+        acc.reload([acme(), customer(id="b", networks=["10.1.0.0/16"])])
+    assert "acme" == client_of(acc, Peer("tcp", ip="10.1.0.5")).customer_id
+
+
+async def test_wait_grant_streams_at_the_client_rate() -> None:
+    """
+    A blocking reader past its burst waits for the bucket and gets >= 1 byte.
+    """
+    acc = accounts(customer(id="default", client_rate="256 B/s", client_burst=64))
+    vm = client_of(acc, Peer("tcp", ip="192.0.2.1"))
+    async with asyncio.timeout(10):
+        assert 64 == await acc.wait_grant(vm, 100)
+        # The bucket is empty: the next piece (64 B) takes about 0.25 s.
+        assert 64 == await acc.wait_grant(vm, 100)
+    assert 0 < acc.snapshot()["customers"]["default"]["throttled_seconds"]
+
+
+async def test_wait_grant_wakes_on_reload() -> None:
+    """
+    A reader waiting for tomorrow's quota is served as soon as a reload raises it.
+    """
+    acc = accounts(customer(id="default", quota="10 B/day"))
+    vm = client_of(acc, Peer("tcp", ip="192.0.2.1"))
+    assert 10 == await acc.wait_grant(vm, 10)
+    waiting = asyncio.ensure_future(acc.wait_grant(vm, 10))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    acc.reload([customer(id="default", quota="1 KiB/day")])
+    async with asyncio.timeout(10):
+        assert 10 == await waiting
+
+
+async def test_usage_survives_restart(tmp_path: Path) -> None:
+    """
+    Counters saved at shutdown are loaded at start: no fresh daily quota.
+    """
+    path = tmp_path / "accounts.json"
+    config = AccountsConfig()
+    now = time.time()
+    first = Accounts(config, [acme(quota="1 MiB/day")], state_path=path)
+    await first.start()
+    vm = client_of(first, Peer("tcp", ip="10.1.0.5"))
+    assert 4096 == (await first.grant(vm, 4096, now)).granted
+    await first.close()
+    assert json.loads(path.read_text())["quotas"]
+    second = Accounts(config, [acme(quota="1 MiB/day")], state_path=path)
+    await second.start()
+    vm = client_of(second, Peer("tcp", ip="10.1.0.5"))
+    grant = await second.grant(vm, 100, now + 1)
+    assert 1024 * 1024 - 4096 - 100 == grant.remaining_quota
+    await second.close()
+
+
+async def test_unreadable_state_file_is_logged_not_fatal(tmp_path: Path) -> None:
+    """
+    A corrupt counter file does not stop the broker; it starts fresh counters.
+    """
+    path = tmp_path / "accounts.json"
+    path.write_text("garbage")
+    acc = Accounts(AccountsConfig(), [acme()], state_path=path)
+    await acc.start()
+    await acc.close()
+    assert 1 == json.loads(path.read_text())["version"]
+
+
+async def test_tick_forgets_idle_clients_and_saves(tmp_path: Path) -> None:
+    """
+    Housekeeping drops clients idle for an hour and writes the counters.
+    """
+    path = tmp_path / "accounts.json"
+    acc = Accounts(AccountsConfig(), [acme()], state_path=path)
+    vm = client_of(acc, Peer("tcp", ip="10.1.0.5"))
+    await acc.grant(vm, 10, NOW)
+    await acc.tick(NOW + 7200)
+    assert 0 == acc.snapshot(NOW)["customers"]["acme"]["client_count"]
+    assert path.exists()
+
+
+async def test_snapshot_shows_usage_never_tokens() -> None:
+    """
+    Status lists per-customer and per-client usage without any token or hash.
+    """
+    acc = accounts(acme())
+    vm = client_of(acc, Peer("http", ip="10.1.0.5", token=ACME_TOKEN))
+    await acc.grant(vm, 5000, NOW)
+    view = acc.snapshot(NOW)
+    entry = view["customers"]["acme"]
+    assert 4096 == entry["bytes_served"]
+    assert 1 == entry["throttled_requests"]
+    assert 1 == entry["client_count"]
+    assert 200 * 1024**2 - 4096 == entry["quota"]["remaining"]
+    assert {"bytes_served": 4096}.items() <= next(
+        iter(entry["clients"].values())
+    ).items()
+    text = json.dumps(view)
+    assert ACME_TOKEN not in text
+    assert hash_token(ACME_TOKEN) not in text
+    assert {"kind": "memory", "healthy": True} == view["backend"]
+
+
+async def test_background_housekeeping_saves(tmp_path: Path) -> None:
+    """
+    Once started, counters reach the state file every persist_interval without
+    a shutdown.
+    """
+    path = tmp_path / "accounts.json"
+    config = AccountsConfig(persist_interval=0.01)
+    acc = Accounts(config, [acme(quota="1 MiB/day")], state_path=path)
+    await acc.start()
+    vm = client_of(acc, Peer("tcp", ip="10.1.0.5"))
+    await acc.grant(vm, 100, time.time())
+
+    def saved() -> bool:
+        return path.exists() and bool(json.loads(path.read_text())["quotas"])
+
+    await eventually(saved)
+    await acc.close()
+
+
+async def test_clients_carry_customer_weight_into_fair_queue() -> None:
+    """
+    Client objects are valid fair-queue keys: their weight is the customer's,
+    and follows a reload.
+    """
+    acc = accounts(acme(), customer(id="small", networks=["192.0.2.0/24"]))
+    big = client_of(acc, Peer("tcp", ip="10.1.0.5"))
+    small = client_of(acc, Peer("tcp", ip="192.0.2.5"))
+    queue = WeightedWaitQueue()
+    loop = asyncio.get_running_loop()
+    for key in (big, small):
+        queue.push(Waiter(1 << 30, False, loop.create_future(), key))
+    served = {"acme": 0, "small": 0}
+    for _ in range(400):
+        waiter = queue.pop()
+        queue.charge(waiter, 256)
+        served[waiter.key.customer_id] += 256  # type: ignore[attr-defined]
+        queue.requeue(waiter)
+    assert 3.0 == served["acme"] / served["small"]
+    acc.reload([acme(weight=1), customer(id="small", networks=["192.0.2.0/24"])])
+    assert 1.0 == big.weight
