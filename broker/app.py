@@ -10,23 +10,26 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Coroutine
 from functools import partial
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import structlog
-from sinks.egd.server import EgdSink
 
 from broker import __version__
-from broker.config import Config, SinkConfig, SourceConfig
-from broker.errors import BrokerError
+from broker.accounts import STATE_FILE, Accounts, WeightedWaitQueue
+from broker.config import Config, SinkConfig, SourceConfig, load_config
+from broker.errors import BrokerError, ConfigError
 from broker.pool import EntropyPool
 from broker.status import Health, Sink, SinkStatus, SourceStatus, TierStatus
 from broker.supervisor import Supervisor
 from sinks.egd.config import EgdSinkConfig
+from sinks.egd.server import EgdSink
 from sinks.http.config import HttpSinkConfig
 from sinks.http.server import HttpSink
 from sources.base import Source
@@ -73,7 +76,7 @@ SOURCE_KINDS: dict[str, Callable[[SourceConfig, "Broker"], list[Source]]] = {
 def _egd(config: SinkConfig, broker: "Broker") -> Sink:
     if not isinstance(config, EgdSinkConfig):
         raise TypeError(f"not an egd config: {config!r}")
-    return EgdSink(config, broker.pool, broker.state_dir)
+    return EgdSink(config, broker.pool, broker.state_dir, broker.accounts)
 
 
 def _http(config: SinkConfig, broker: "Broker") -> Sink:
@@ -94,14 +97,26 @@ class Broker:
     `broker.status.BrokerView` for the sinks.
     """
 
-    def __init__(self, config: Config, *, usb_backend: Any = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: Path | None = None,
+        usb_backend: Any = None,
+    ) -> None:
         self.config = config
+        self.config_path = config_path
         self.state_dir = config.broker.state_dir.absolute()
         self.usb_backend = usb_backend
         self.fleet = SimulatedFleet()
         self.key_watches: list[tuple[EntropyKeySourceConfig, set[str]]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._pool = EntropyPool(config.broker.pool_size)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.accounts = Accounts(
+            config.accounts,
+            config.customers,
+            state_path=self.state_dir / STATE_FILE,
+        )
+        self._pool = EntropyPool(config.broker.pool_size, waiters=WeightedWaitQueue())
         self.supervisor = Supervisor(self._pool)
         for source_config in config.enabled_sources:
             for source in SOURCE_KINDS[source_config.kind](source_config, self):
@@ -170,6 +185,16 @@ class Broker:
             reasons.append("pool is empty")
         if not serving:
             return Health(False, "unhealthy", tuple(reasons))
+        store = self.accounts.backend.status()
+        if not store.get("healthy", True):
+            return Health(
+                True,
+                "degraded",
+                (
+                    f"budget store {store.get('kind')} unreachable, "
+                    f"serving {store.get('policy')}",
+                ),
+            )
         if self.supervisor.degraded:
             tier = self.supervisor.active_tier
             return Health(
@@ -183,6 +208,7 @@ class Broker:
 
     async def __aenter__(self) -> Self:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        await self.accounts.start()
         self.supervisor.start()
         for key_config, known in self.key_watches:
             self._spawn(
@@ -210,6 +236,7 @@ class Broker:
                 await sink.shutdown(0)
             await self.supervisor.stop()
             self._pool.close()
+            await self.accounts.close()
             raise
         self._write_runtime_files()
         self._ready = True
@@ -248,10 +275,46 @@ class Broker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.supervisor.stop()
         self._pool.close()
+        await self.accounts.close()
         self._remove_runtime_files()
         log.info("broker_stopped")
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+    def handle_hup(self) -> None:
+        """
+        SIGHUP: re-read customers and limits from the config file.
+        """
+        self._spawn(self.reload(), name="reload")
+
+    async def reload(self) -> bool:
+        """
+        Re-read the config file and apply its customers and limits; live
+        connections keep running under the new limits. A bad file is refused
+        and the running configuration kept.
+
+        Returns:
+            True when the new customers and limits are in force.
+        """
+        if self.config_path is None:
+            log.warning("reload_refused", reason="broker was not started from a file")
+            return False
+        try:
+            config = await asyncio.to_thread(load_config, self.config_path)
+            self.accounts.reload(config.customers)
+        except ConfigError as exc:
+            log.error("reload_refused", reason=str(exc), kept="previous configuration")
+            return False
+        if config.model_dump(exclude={"customers"}) != self.config.model_dump(
+            exclude={"customers"}
+        ):
+            log.warning(
+                "reload_partial",
+                reason="only [[customers]] apply without a restart; other changes "
+                "take effect at the next start",
+            )
+        log.info("reloaded", customers=len(config.customers))
+        return True
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> None:
         task = asyncio.create_task(coroutine, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -300,19 +363,23 @@ class Broker:
                 (self.state_dir / name).unlink()
 
 
-async def serve(config: Config, stop: asyncio.Event) -> None:
+async def serve(
+    config: Config, stop: asyncio.Event, *, config_path: Path | None = None
+) -> None:
     """
-    Run the broker until ``stop`` is set.
+    Run the broker until ``stop`` is set; SIGHUP reloads customers and limits.
 
     Raises:
         BrokerError: start-up failed (e.g. a listen address is in use).
     """
     try:
-        broker = Broker(config)
-    except OSError as exc:
+        broker = Broker(config, config_path=config_path)
+    except (OSError, ConfigError) as exc:
         raise BrokerError(str(exc)) from exc
     try:
         async with broker:
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGHUP, broker.handle_hup)
             await stop.wait()
     except OSError as exc:
         raise BrokerError(f"cannot start: {exc.strerror or exc}") from exc

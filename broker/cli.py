@@ -116,12 +116,12 @@ def _install_signal_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, handle_exit, signum)
 
 
-async def _serve(config: Config) -> None:
+async def _serve(config: Config, config_path: Path) -> None:
     from broker.app import serve
 
     stop = asyncio.Event()
     _install_signal_handlers(stop)
-    await serve(config, stop)
+    await serve(config, stop, config_path=config_path)
 
 
 def cmd_serve(config_path: Path) -> int:
@@ -132,7 +132,7 @@ def cmd_serve(config_path: Path) -> int:
     configure_logging(config.logging.level, config.logging.format)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(_serve(config))
+            runner.run(_serve(config, config_path))
     except BrokerError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:

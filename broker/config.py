@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from broker.accounts import AccountsConfig, CustomerConfig, validate_customers
 from broker.configbase import Duration, Size, StrictModel
 from broker.errors import ConfigError
 from sinks.egd.config import EgdSinkConfig
@@ -82,6 +83,14 @@ class Config(StrictModel):
     )
     sources: list[SourceConfig] = Field(min_length=1, description="entropy sources")
     sinks: list[SinkConfig] = Field(min_length=1, description="protocols served")
+    accounts: AccountsConfig = Field(
+        default_factory=AccountsConfig,
+        description="where per-customer budgets and quotas are kept",
+    )
+    customers: list[CustomerConfig] = Field(
+        default_factory=list,
+        description="who may draw how much; unmatched clients fall to 'default'",
+    )
 
     @model_validator(mode="after")
     def _unique_names_and_addresses(self) -> "Config":
@@ -114,6 +123,7 @@ class Config(StrictModel):
                         f"{where}: {address} is also used by {bound[resolved]}"
                     )
                 bound.setdefault(resolved, where)
+        problems.extend(validate_customers(self.customers))
         if problems:
             raise ValueError("; ".join(problems))
         return self

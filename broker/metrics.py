@@ -84,6 +84,7 @@ class BrokerCollector(Collector):
         yield from self._collect_sources()
         yield from self._collect_sinks()
         yield from self._collect_tiers()
+        yield from self._collect_customers()
 
     def _collect_broker(self) -> Iterator[Metric]:
         broker = self._broker
@@ -251,6 +252,57 @@ class BrokerCollector(Collector):
                     [source.name, source.kind], health["quarantines"]
                 )
         yield from (active, degraded, failovers, seconds, failures, quarantines)
+
+    def _collect_customers(self) -> Iterator[Metric]:
+        # Labelled by customer only: clients are unbounded, customers are config.
+        accounts = getattr(self._broker, "accounts", None)
+        if accounts is None:
+            return
+        snapshot = accounts.snapshot()
+        prefix = f"{NAMESPACE}_customer"
+        labels = ["customer"]
+        served = CounterMetricFamily(
+            f"{prefix}_bytes_served", "Entropy bytes served per customer", labels=labels
+        )
+        throttled = CounterMetricFamily(
+            f"{prefix}_throttled_seconds",
+            "Seconds clients of each customer waited on rate limits",
+            labels=labels,
+        )
+        throttled_requests = CounterMetricFamily(
+            f"{prefix}_throttled_requests",
+            "Requests cut short or refused by a limit",
+            labels=labels,
+        )
+        denied = CounterMetricFamily(
+            f"{prefix}_denied", "Connections or requests refused", labels=labels
+        )
+        remaining = GaugeMetricFamily(
+            f"{prefix}_quota_remaining_bytes",
+            "Bytes left in the current quota period",
+            labels=labels,
+        )
+        clients = GaugeMetricFamily(
+            f"{prefix}_clients", "Clients seen recently per customer", labels=labels
+        )
+        for name, customer in snapshot.get("customers", {}).items():
+            served.add_metric([name], customer.get("bytes_served", 0))
+            throttled.add_metric([name], customer.get("throttled_seconds", 0.0))
+            throttled_requests.add_metric([name], customer.get("throttled_requests", 0))
+            denied.add_metric([name], customer.get("denied", 0))
+            clients.add_metric([name], customer.get("client_count", 0))
+            quota = customer.get("quota")
+            if quota:
+                remaining.add_metric([name], quota.get("remaining", 0))
+        backend = GaugeMetricFamily(
+            f"{NAMESPACE}_accounts_backend_healthy",
+            "1 while the budget store (memory or Redis) answers",
+        )
+        backend.add_metric(
+            [], 1.0 if snapshot.get("backend", {}).get("healthy", True) else 0.0
+        )
+        yield from (served, throttled, throttled_requests, denied, remaining, clients)
+        yield backend
 
     def _collect_device_details(self) -> Iterator[Metric]:
         # Sources that report device facts (Entropy Keys) get one series per

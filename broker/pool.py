@@ -19,10 +19,12 @@ buffer exactly once and goes to exactly one caller. Bytes a waiter had collected
 but never received (its wait timed out or was cancelled) go back to the front
 of the buffer: they were never served, so serving them later is not a repeat.
 
-Waiters queue in a `WaitQueue`. Each turn gives the waiter at the head at most
-``chunk`` bytes; a waiter that still needs more goes to the back. So blocked
-readers share scarce output round-robin, and nobody is ever skipped. Quotas and
-weights plug in by replacing the queue's policy.
+Waiters queue in a `WaitPolicy`. Each turn gives the waiter at the head at most
+``chunk`` bytes; a waiter that still needs more goes to the back. With the plain
+`WaitQueue` blocked readers share scarce output round-robin, and nobody is ever
+skipped; the broker uses `broker.accounts.WeightedWaitQueue`, which orders turns
+weighted-fair across customers (the pool tells it each turn's size through
+``charge``).
 """
 
 import asyncio
@@ -31,6 +33,7 @@ import hashlib
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Protocol
 
 from broker.errors import PoolClosedError
 
@@ -96,6 +99,34 @@ class WaitQueue:
         self._queue.clear()
         return waiters
 
+    def charge(self, waiter: Waiter, nbytes: int) -> None:
+        """
+        Told after each turn how many bytes ``waiter`` got; weighted policies
+        account with it, plain turns need not.
+        """
+
+
+class WaitPolicy(Protocol):
+    """
+    What the pool needs of a waiter queue (`WaitQueue`, or a weighted one).
+    """
+
+    def __len__(self) -> int: ...
+
+    def push(self, waiter: Waiter) -> None: ...
+
+    def peek(self) -> Waiter: ...
+
+    def pop(self) -> Waiter: ...
+
+    def requeue(self, waiter: Waiter) -> None: ...
+
+    def remove(self, waiter: Waiter) -> None: ...
+
+    def drain(self) -> list[Waiter]: ...
+
+    def charge(self, waiter: Waiter, nbytes: int) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class PoolStats:
@@ -118,7 +149,12 @@ class EntropyPool:
     Conditioned, accounted, bounded store of output bytes.
     """
 
-    def __init__(self, capacity: int = 1 << 20, chunk: int = 256) -> None:
+    def __init__(
+        self,
+        capacity: int = 1 << 20,
+        chunk: int = 256,
+        waiters: WaitPolicy | None = None,
+    ) -> None:
         if capacity < BLOCK_BYTES:
             raise ValueError("pool capacity must hold at least one block")
         self.capacity = capacity
@@ -127,7 +163,7 @@ class EntropyPool:
         self._credit_millibits = 0
         self._buffer = bytearray()
         self._offset = 0
-        self._waiters = WaitQueue()
+        self._waiters: WaitPolicy = waiters if waiters is not None else WaitQueue()
         self._space = asyncio.Event()
         self._space.set()
         self._closed = False
@@ -320,13 +356,16 @@ class EntropyPool:
                 continue
             if waiter.partial:
                 data = self._take(min(waiter.remaining, self.chunk))
+                self._waiters.charge(waiter, len(data))
                 self._waiters.pop()
                 self.bytes_out += len(data)
                 waiter.future.set_result(data)
                 continue
             if waiter.collected is None:
                 waiter.collected = bytearray()
-            waiter.collected += self._take(min(waiter.remaining, self.chunk))
+            taken = self._take(min(waiter.remaining, self.chunk))
+            waiter.collected += taken
+            self._waiters.charge(waiter, len(taken))
             self._waiters.pop()
             if waiter.remaining:
                 self._waiters.requeue(waiter)

@@ -99,6 +99,13 @@ class Accounts:
         self._housekeeper: asyncio.Task[None] | None = None
         self._apply(customers)
 
+    @classmethod
+    def unlimited(cls) -> "Accounts":
+        """
+        Accounts with no customers: every client is served without limits.
+        """
+        return cls(AccountsConfig(), [])
+
     # ---- configuration -------------------------------------------------------
 
     def _apply(self, customers: Sequence[CustomerConfig]) -> None:

@@ -16,12 +16,15 @@ import contextlib
 import os
 import socket
 import stat
+import struct
+import time
 from collections import deque
 from pathlib import Path
 from typing import cast
 
 import structlog
 
+from broker.accounts import AccessDenied, Accounts, Client, Denied, Peer
 from broker.errors import BrokerError, PoolClosedError
 from broker.pool import EntropyPool
 from broker.status import SinkStatus
@@ -81,6 +84,7 @@ class EgdConnection(asyncio.Protocol):
         self._busy = False
         self._eof_deadline: float | None = None
         self._answering: asyncio.Timeout | None = None
+        self._client: Client | None = None
         self._worker: asyncio.Task[None] | None = None
         self._log = log
 
@@ -98,6 +102,14 @@ class EgdConnection(asyncio.Protocol):
             self._log.warning("connection_refused", reason="max_connections reached")
             transport.abort()
             return
+        identity = self._sink.accounts.identify(_peer_of(transport))
+        if isinstance(identity, Denied):
+            self._log.warning("connection_refused", reason=identity.reason)
+            self._closing = True
+            transport.abort()
+            return
+        self._client = identity
+        self._log = self._log.bind(customer=identity.customer_id)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -202,7 +214,8 @@ class EgdConnection(asyncio.Protocol):
                     self._sink.idle_changed.set()
                 if self._reading_paused or self._wire.buffered:
                     self._parse()
-        except PoolClosedError:
+        except (PoolClosedError, AccessDenied) as exc:
+            self._log.info("connection_closed", reason=str(exc))
             self._close_transport()
         except asyncio.CancelledError:
             raise
@@ -217,15 +230,13 @@ class EgdConnection(asyncio.Protocol):
                 self._write(encode_level(pool.level * 8))
             case ReadNonBlocking(count=count):
                 await self._writable.wait()
-                self._write(encode_nonblocking(pool.read_nowait(count)))
+                self._write(encode_nonblocking(await self._read_now(count)))
             case ReadBlocking(count=count):
                 remaining = count
                 while remaining:
                     await self._writable.wait()
-                    data = await pool.read(
-                        min(remaining, self._sink.config.chunk_size),
-                        partial=True,
-                        key=self,
+                    data = await self._read_blocking(
+                        min(remaining, self._sink.config.chunk_size)
                     )
                     self._write(data)
                     remaining -= len(data)
@@ -233,6 +244,30 @@ class EgdConnection(asyncio.Protocol):
                 self._absorb(bits, data)
             case GetPid():
                 self._write(encode_pid(os.getpid()))
+
+    async def _read_now(self, count: int) -> bytes:
+        # Limits shorten a non-blocking read; EGD has no way to say why.
+        accounts, client = self._sink.accounts, self._require_client()
+        grant = await accounts.grant(client, count, time.time())
+        data = self._sink.pool.read_nowait(grant.granted)
+        accounts.refund(client, grant.granted - len(data))
+        return data
+
+    async def _read_blocking(self, count: int) -> bytes:
+        # Limits delay a blocking read: the client simply sees the allowed rate.
+        accounts, client = self._sink.accounts, self._require_client()
+        allowed = await accounts.wait_grant(client, count)
+        data = b""
+        try:
+            data = await self._sink.pool.read(allowed, partial=True, key=client)
+        finally:
+            accounts.refund(client, allowed - len(data))
+        return data
+
+    def _require_client(self) -> Client:
+        if self._client is None:
+            raise AccessDenied("connection was not identified")
+        return self._client
 
     def _absorb(self, bits: int, data: bytes) -> None:
         if not data:
@@ -273,6 +308,22 @@ class EgdConnection(asyncio.Protocol):
         return self._transport.get_write_buffer_size() if self._transport else 0
 
 
+def _peer_of(transport: asyncio.Transport) -> Peer:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family == socket.AF_UNIX:
+        try:
+            creds = sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+            )
+        except OSError:
+            return Peer("unix")
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        return Peer("unix", uid=uid)
+    peer = transport.get_extra_info("peername")
+    host = peer[0] if isinstance(peer, tuple) and peer else None
+    return Peer("tcp", ip=host)
+
+
 def _peer_text(peer: object) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         host, port = peer[0], peer[1]
@@ -288,10 +339,16 @@ class EgdSink:
     kind = "egd"
 
     def __init__(
-        self, config: EgdSinkConfig, pool: EntropyPool, state_dir: Path
+        self,
+        config: EgdSinkConfig,
+        pool: EntropyPool,
+        state_dir: Path,
+        accounts: Accounts | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
+        # Without accounts every client is served without limits.
+        self.accounts = accounts if accounts is not None else Accounts.unlimited()
         self.name = config.name or "egd"
         self._state_dir = state_dir
         self._servers: list[asyncio.Server] = []

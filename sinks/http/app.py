@@ -18,7 +18,7 @@ import math
 import re
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -28,12 +28,14 @@ from multidict import MultiMapping
 from prometheus_client import CollectorRegistry
 
 from broker import __version__
+from broker.accounts import Accounts
 from broker.errors import PoolClosedError
 from broker.metrics import create_registry, render_metrics
 from broker.pool import BLOCK_BITS, RESERVE_BITS
 from broker.status import BrokerView
 from sinks.http.admin import simulator_handler
 from sinks.http.config import HttpSinkConfig
+from sinks.http.limits import grant_now, grant_within, identify, rate_headers, refusal
 
 log = structlog.get_logger("ebroker.sinks.http")
 
@@ -97,6 +99,7 @@ BROKER_KEY: web.AppKey[BrokerView] = web.AppKey("ebroker_broker")
 CONFIG_KEY: Final = web.AppKey("ebroker_http_config", HttpSinkConfig)
 STATE_KEY: Final = web.AppKey("ebroker_http_state", HttpSinkState)
 REGISTRY_KEY: Final = web.AppKey("ebroker_metrics_registry", CollectorRegistry)
+ACCOUNTS_KEY: Final = web.AppKey("ebroker_accounts", Accounts)
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -274,7 +277,11 @@ def _shutting_down() -> web.Response:
 
 
 async def _read_or_drain(
-    broker: BrokerView, count: int, wait: float, draining: asyncio.Event
+    broker: BrokerView,
+    count: int,
+    wait: float,
+    draining: asyncio.Event,
+    key: Hashable = None,
 ) -> bytes | None:
     """
     Wait up to ``wait`` s for ``count`` bytes; return None if shutdown began
@@ -286,7 +293,7 @@ async def _read_or_drain(
     """
     if draining.is_set():
         return None
-    read = asyncio.create_task(broker.pool.read(count, timeout=wait))
+    read = asyncio.create_task(broker.pool.read(count, timeout=wait, key=key))
     drained = asyncio.create_task(draining.wait())
     try:
         await asyncio.wait((read, drained), return_when=asyncio.FIRST_COMPLETED)
@@ -326,7 +333,20 @@ async def entropy(request: web.Request) -> web.StreamResponse:
         query = parse_entropy_query(request.query, request.app[CONFIG_KEY])
     except QueryError as exc:
         return _error(400, str(exc))
+    accounts = request.app[ACCOUNTS_KEY]
+    client = identify(accounts, request)
+    if isinstance(client, web.Response):
+        return client
+    started = time.monotonic()
+    if query.wait == 0:
+        grant = await grant_now(accounts, client, query.count)
+    else:
+        grant = await grant_within(accounts, client, query.count, query.wait)
+    if grant.granted < query.count:
+        return refusal(grant, query.count, time.time())
+    headers = rate_headers(grant, time.time())
     pool = broker.pool
+    data = b""
     try:
         if query.wait == 0:
             if pool.level < query.count:
@@ -337,8 +357,9 @@ async def entropy(request: web.Request) -> web.StreamResponse:
                 )
             data = pool.read_nowait(query.count)
         else:
+            left = max(0.001, query.wait - (time.monotonic() - started))
             result = await _read_or_drain(
-                broker, query.count, query.wait, state.draining
+                broker, query.count, left, state.draining, key=client
             )
             if result is None:
                 return _shutting_down()
@@ -351,12 +372,17 @@ async def entropy(request: web.Request) -> web.StreamResponse:
         )
     except PoolClosedError:
         return _shutting_down()
+    finally:
+        # Whatever was granted but not served goes back to the client's budget.
+        accounts.refund(client, query.count - len(data))
     if len(data) != query.count:
         # The pool only has bytes ready when nobody waits, so this is a bug;
         # the short read is dropped rather than served twice.
         raise RuntimeError(f"pool returned {len(data)} of {query.count} bytes")
     state.bytes_out += len(data)
-    return _encode(data, query.format)
+    response = _encode(data, query.format)
+    response.headers.update(headers)
+    return response
 
 
 # ---- health, readiness, status, metrics --------------------------------------------
@@ -399,6 +425,11 @@ def _tiers(broker: BrokerView) -> dict[str, Any] | None:
     return dataclasses.asdict(tiers())
 
 
+def _accounts(broker: BrokerView) -> dict[str, Any] | None:
+    accounts = getattr(broker, "accounts", None)
+    return None if accounts is None else dict(accounts.snapshot())
+
+
 def status_document(broker: BrokerView) -> dict[str, Any]:
     """
     The JSON body of ``GET /v1/status``.
@@ -419,6 +450,7 @@ def status_document(broker: BrokerView) -> dict[str, Any]:
         },
         "pool": dataclasses.asdict(broker.pool.stats()),
         "tiers": _tiers(broker),
+        "accounts": _accounts(broker),
         "sources": [dataclasses.asdict(source) for source in broker.sources_status()],
         "sinks": [
             {**dataclasses.asdict(sink), "addresses": list(sink.addresses)}
@@ -479,6 +511,9 @@ def create_app(
     app[CONFIG_KEY] = config
     app[STATE_KEY] = state if state is not None else HttpSinkState()
     app[REGISTRY_KEY] = create_registry(broker)
+    # Without the broker's accounts (tests, embedding) nobody is limited.
+    accounts = getattr(broker, "accounts", None)
+    app[ACCOUNTS_KEY] = accounts if accounts is not None else Accounts.unlimited()
     router = app.router
     router.add_get("/", index)
     router.add_route("OPTIONS", "/", healthz)

@@ -1,0 +1,140 @@
+"""
+Per-customer limits for ``GET /v1/entropy``: who is asking, and may they have it.
+
+Every decision comes from `broker.accounts.Accounts`; this module only turns
+them into HTTP: 401 for an unknown bearer token, 403 for a denied customer or a
+spent quota (with a JSON body saying which limit and until when), 429 with
+``Retry-After`` and ``RateLimit-*`` headers for rate limits, 503 when the shared
+budget store is unreachable and the operator chose ``fail_closed``.
+"""
+
+import asyncio
+import math
+import time
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from broker.accounts import Accounts, Client, Denied, Grant, Peer
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def identify(accounts: Accounts, request: web.Request) -> Client | web.Response:
+    """
+    The client behind a request, or the 401/403 answer refusing it.
+    """
+    token = _bearer(request)
+    identity = accounts.identify(Peer("http", ip=request.remote, token=token))
+    if isinstance(identity, Denied):
+        if identity.customer_id is None:
+            return web.json_response(
+                {"error": "unknown bearer token", "limit": "auth"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="ebroker"'},
+            )
+        return web.json_response(
+            {"error": identity.reason, "limit": "denied"}, status=403
+        )
+    return identity
+
+
+def rate_headers(grant: Grant, now: float) -> dict[str, str]:
+    """
+    ``RateLimit-*`` headers for a grant (none when the client is unlimited).
+    """
+    if grant.rate_limit <= 0:
+        return {}
+    reset = 0 if grant.reset_at is None else max(0, math.ceil(grant.reset_at - now))
+    return {
+        "RateLimit-Limit": str(grant.rate_limit),
+        "RateLimit-Remaining": str(max(0, grant.rate_remaining)),
+        "RateLimit-Reset": str(reset),
+    }
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+def refusal(grant: Grant, wanted: int, now: float) -> web.Response:
+    """
+    The answer for a grant that does not cover ``wanted`` bytes.
+    """
+    headers = rate_headers(grant, now)
+    retry = max(1, math.ceil(grant.retry_after)) if grant.retry_after else 1
+    if grant.limit == "quota":
+        return web.json_response(
+            {
+                "error": f"quota spent: {wanted} bytes asked, "
+                f"{grant.remaining_quota or 0} left this period",
+                "limit": "quota",
+                "until": _iso(grant.reset_at),
+                "reset_at": grant.reset_at,
+            },
+            status=403,
+            headers={**headers, "Retry-After": str(retry)},
+        )
+    if grant.limit == "denied":
+        return web.json_response(
+            {"error": "access denied", "limit": "denied"}, status=403
+        )
+    if grant.limit == "unavailable":
+        return web.json_response(
+            {"error": "budget store unavailable", "limit": "unavailable"},
+            status=503,
+            headers={"Retry-After": str(retry)},
+        )
+    return web.json_response(
+        {
+            "error": f"rate limited: {wanted} bytes asked, {grant.granted} allowed now",
+            "limit": grant.limit,
+            "until": _iso(now + grant.retry_after),
+        },
+        status=429,
+        headers={**headers, "Retry-After": str(retry)},
+    )
+
+
+async def grant_now(accounts: Accounts, client: Client, wanted: int) -> Grant:
+    """
+    All of ``wanted`` or nothing: a partial grant is handed back.
+    """
+    now = time.time()
+    grant = await accounts.grant(client, wanted, now)
+    if 0 < grant.granted < wanted:
+        accounts.refund(client, grant.granted, now)
+    return grant
+
+
+async def grant_within(
+    accounts: Accounts, client: Client, wanted: int, wait: float
+) -> Grant:
+    """
+    Wait up to ``wait`` seconds for the limits to allow all of ``wanted``.
+
+    Returns:
+        A full grant, or (after refunding what was collected) the grant that
+        explains why not.
+    """
+    collected = 0
+    try:
+        async with asyncio.timeout(wait):
+            while collected < wanted:
+                collected += await accounts.wait_grant(client, wanted - collected)
+    except TimeoutError:
+        now = time.time()
+        accounts.refund(client, collected, now)
+        return await grant_now(accounts, client, wanted)
+    except BaseException:
+        accounts.refund(client, collected)
+        raise
+    return Grant(wanted, 0.0, None, None, None, 0, 0)
