@@ -8,6 +8,7 @@ traceback.
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import urllib.error
@@ -81,6 +82,27 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     rekey.add_argument("--transport", choices=["usb", "tty", "unix"], default="usb")
     rekey.add_argument("--path", type=Path, help="device or socket path (tty, unix)")
+
+    reload = commands.add_parser(
+        "reload", help="make a running broker re-read its customers and limits"
+    )
+    reload.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("var"),
+        help="the broker's state_dir (its ebroker.pid is signalled with SIGHUP)",
+    )
+    reload.add_argument("--url", help="or ask over HTTP: the broker's base URL")
+    reload.add_argument(
+        "--admin-token-file",
+        type=Path,
+        help="file holding the admin token (with --url)",
+    )
+
+    commands.add_parser(
+        "hash-token",
+        help="read a bearer token on stdin, print the sha256: form for the config",
+    )
 
     simulate = commands.add_parser(
         "simulate-key", help="serve a simulated Entropy Key on a Unix socket"
@@ -267,6 +289,49 @@ def cmd_simulate_key(
     return EXIT_OK
 
 
+def cmd_reload(state_dir: Path, url: str | None, token_file: Path | None) -> int:
+    if url:
+        if token_file is None:
+            return _fail("--url needs --admin-token-file", EXIT_USAGE)
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            return _fail(f"cannot read {token_file}: {exc.strerror}")
+        target = url.rstrip("/") + "/v1/admin/reload"
+        if not target.startswith(("http://", "https://")):
+            return _fail(f"{url!r} is not an http:// or https:// URL", EXIT_USAGE)
+        request = urllib.request.Request(  # noqa: S310 - scheme checked above
+            target, method="POST", headers={"Authorization": f"Bearer {token}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+                json.load(response)
+        except urllib.error.HTTPError as exc:
+            return _fail(f"reload refused ({exc.code}); see the broker's log")
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            return _fail(f"cannot reach {target}: {exc}")
+        print("reloaded")
+        return EXIT_OK
+    pid_file = state_dir / "ebroker.pid"
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        return _fail(f"cannot signal the broker through {pid_file}: {exc}")
+    print(f"sent SIGHUP to {pid}; the broker logs 'reloaded' or 'reload_refused'")
+    return EXIT_OK
+
+
+def cmd_hash_token() -> int:
+    from broker.accounts import hash_token
+
+    token = sys.stdin.readline().strip()
+    if not token:
+        return _fail("no token on stdin", EXIT_USAGE)
+    print(hash_token(token))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -281,6 +346,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_keys(args.keyring, args.url)
         if args.command == "rekey":
             return cmd_rekey(args.serial, args.keyring, args.transport, args.path)
+        if args.command == "reload":
+            return cmd_reload(args.state_dir, args.url, args.admin_token_file)
+        if args.command == "hash-token":
+            return cmd_hash_token()
         if args.command == "simulate-key":
             return cmd_simulate_key(
                 args.serial, args.keyring, args.socket, args.rate, args.master_key_file

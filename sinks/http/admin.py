@@ -1,17 +1,23 @@
 """
 Operator endpoints that change the broker, kept apart from the read-only API.
 
+``POST /v1/admin/reload`` re-reads customers and limits (as SIGHUP does); it
+exists only when the sink's config sets ``admin_token`` (a ``sha256:`` hash) and
+needs that token as a bearer token.
+
 ``POST /v1/simulator/{serial}/{action}`` drives a simulated Entropy Key
 (unplug, replug, fail, heal) so operators can rehearse failover without
 hardware. It exists only when the sink's config sets ``simulator_control``,
 and only answers loopback peers.
 """
 
+import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from broker.accounts import hash_token
 from broker.status import BrokerView
 
 SIMULATOR_ACTIONS = ("unplug", "replug", "fail", "heal")
@@ -56,5 +62,35 @@ def simulator_handler(
                 {"error": f"no simulated key with serial {serial!r}"}, status=404
             )
         return web.json_response({"serial": serial, "action": action})
+
+    return handle
+
+
+def reload_handler(
+    broker: BrokerView, admin_token_hash: str
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """
+    ``POST /v1/admin/reload``: re-read customers and limits, like SIGHUP.
+    Needs ``Authorization: Bearer <admin token>``.
+    """
+
+    async def handle(request: web.Request) -> web.Response:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        offered = hash_token(token.strip()) if scheme.lower() == "bearer" else ""
+        if not offered or not hmac.compare_digest(offered, admin_token_hash):
+            return web.json_response(
+                {"error": "admin token required"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="ebroker-admin"'},
+            )
+        reload = getattr(broker, "reload", None)
+        if reload is None:
+            return web.json_response({"error": "reload not supported"}, status=404)
+        if await reload():
+            return web.json_response({"reloaded": True})
+        return web.json_response(
+            {"reloaded": False, "error": "new configuration refused; see the log"},
+            status=409,
+        )
 
     return handle

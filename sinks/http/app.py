@@ -33,7 +33,7 @@ from broker.errors import PoolClosedError
 from broker.metrics import create_registry, render_metrics
 from broker.pool import BLOCK_BITS, RESERVE_BITS
 from broker.status import BrokerView
-from sinks.http.admin import simulator_handler
+from sinks.http.admin import reload_handler, simulator_handler
 from sinks.http.config import HttpSinkConfig
 from sinks.http.limits import grant_now, grant_within, identify, rate_headers, refusal
 
@@ -523,6 +523,8 @@ def create_app(
     router.add_get("/v1/entropy", entropy, allow_head=False)
     router.add_get("/v1/status", status)
     router.add_get("/metrics", metrics)
+    if config.admin_token is not None:
+        router.add_post("/v1/admin/reload", reload_handler(broker, config.admin_token))
     if config.simulator_control:
         # Serials may contain '/', so the serial segment takes everything up to
         # the last path segment.

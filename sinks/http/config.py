@@ -21,6 +21,12 @@ class HttpSinkConfig(SinkConfigBase):
     max_wait: Duration = Field(
         default=30.0, description="longest ?wait= a client may ask, in seconds"
     )
+    admin_token: str | None = Field(
+        default=None,
+        pattern=r"^sha256:[0-9a-f]{64}$",
+        description="SHA-256 of the admin bearer token ('sha256:HEX', from "
+        "`ebroker hash-token`) that unlocks POST /v1/admin/reload",
+    )
     simulator_control: bool = Field(
         default=False,
         description="serve POST /v1/simulator/SERIAL/ACTION (loopback clients only) "
