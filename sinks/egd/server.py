@@ -1,32 +1,14 @@
 """
-The EGD sink's asyncio side: listeners and one protocol object per connection.
+The EGD sink's asyncio side: listeners, one protocol object per connection.
 
-Theory of operation
--------------------
-`EgdSink` binds every listen address and is the registry of its connections.
-Each `EgdConnection` feeds received bytes to the sans-I/O parser
-(`sinks.egd.wire`), queues the requests, and answers them strictly in order
-from one worker task, because a 0x02 reply has no length prefix: bytes for a
-later request must not start before an earlier blocking read is complete.
-
-- A blocking read (0x02) streams bytes as the pool releases them and waits for
-  as long as it takes: QEMU never re-sends a request lost with its connection,
-  so an empty pool never closes a connection.
-- Back-pressure, both ways. Requests are parsed out of the input only while the
-  queued ones stand for less than ``max_pending_bytes`` (reply bytes owed, or
-  data held for a 0x03); past that the transport stops reading and TCP pushes
-  back on the client. While the client does not read its replies (the
-  transport called ``pause_writing``), the worker writes nothing and so
-  withdraws nothing from the pool for it; the transport buffer is bounded by
-  ``max_buffered_output`` plus one reply.
-- EOF from the client ends the connection: requests still queued are answered
-  only as far as the pool and the socket allow without waiting, a pool wait in
-  progress is cancelled (the pool takes back whatever it had set aside, so
-  nothing is counted as served), and then the connection closes. EOF cannot tell
-  a half-close from a client that went away, and a departed client must not go
-  on taking output (protocol spec §3, "Closed peers").
-- An unknown command byte cannot be skipped (no framing): the requests before it
-  are answered, then that connection alone is closed.
+Each connection parses requests with `EgdServerConnection` and answers them
+strictly in order from one worker task. A blocking read (0x02) streams bytes as
+the pool releases them and never gives up on an empty pool, because QEMU cannot
+recover a request lost with its connection. Back-pressure in both directions:
+when a client has more than ``max_pending_bytes`` requested but unanswered, the
+server stops reading from it (TCP pushes back; nothing is dropped), and while
+the client does not read its replies (``pause_writing``), the worker withdraws
+nothing from the pool for it.
 """
 
 import asyncio
@@ -35,161 +17,116 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections import deque
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import cast
 
 import structlog
 
-from broker.configbase import ListenAddress
+from broker.accounts import AccessDenied, Accounts, Client, Denied, Peer
 from broker.errors import BrokerError, PoolClosedError
 from broker.pool import EntropyPool
 from broker.status import SinkStatus
 from sinks.egd.config import EgdSinkConfig
 from sinks.egd.wire import (
     NEED_DATA,
-    BlockingData,
-    ConnectionClosed,
     EgdServerConnection,
+    Event,
     GetLevel,
     GetPid,
-    LevelReply,
-    NonBlockingReply,
-    PidReply,
+    LocalProtocolError,
     ReadBlocking,
     ReadNonBlocking,
     RemoteProtocolError,
-    Reply,
-    Request,
     WriteEntropy,
+    encode_level,
+    encode_nonblocking,
+    encode_pid,
 )
 
-log = structlog.get_logger()
+log = structlog.get_logger("ebroker.egd")
 
-CLOSE_TIMEOUT: Final = 1.0
-"""Seconds a closing connection gets to flush its replies at shutdown before it
-is aborted (a client that stopped reading would otherwise hold it open)."""
-_PROBE_TIMEOUT: Final = 1.0
-_PID_TEXT_MAX: Final = 8
+EOF_GRACE = 1.0
 
 
 class _Close:
     """
-    Queued behind the requests that came before a protocol error.
+    Queued after the requests that preceded a protocol error.
     """
 
 
-_CLOSE: Final = _Close()
+_CLOSE = _Close()
 
 
-def _cost(request: Request) -> int:
-    """
-    What a queued request stands for: reply bytes owed or data held, whichever
-    is larger. Every request costs something, so a flood of 0x00 is bounded too.
-    """
-    if isinstance(request, ReadBlocking):
-        return max(request.count, 2)
-    if isinstance(request, ReadNonBlocking):
-        return request.count + 1
-    if isinstance(request, WriteEntropy):
-        return 4 + len(request.data)
-    if isinstance(request, GetLevel):
-        return 4
-    return 1 + _PID_TEXT_MAX
-
-
-def _describe_peer(transport: asyncio.BaseTransport) -> str:
-    peer = transport.get_extra_info("peername")
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return str(ListenAddress("tcp", host=str(peer[0]), port=int(peer[1])))
-    # Unix clients rarely bind a name; their credentials say who they are.
-    sock = transport.get_extra_info("socket")
-    if sock is not None and hasattr(socket, "SO_PEERCRED"):
-        with contextlib.suppress(OSError):
-            raw = sock.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
-            )
-            pid, uid, gid = struct.unpack("3i", raw)
-            return f"unix:pid={pid},uid={uid},gid={gid}"
-    return f"unix:{peer}" if peer else "unix"
+def _requested(event: Event) -> int:
+    if isinstance(event, ReadBlocking | ReadNonBlocking):
+        return event.count
+    return 0
 
 
 class EgdConnection(asyncio.Protocol):
     """
-    One client connection: parses, queues and answers its requests in order.
+    One client connection.
     """
 
     def __init__(self, sink: "EgdSink") -> None:
         self._sink = sink
-        self._pool = sink.pool
-        self._config = sink.config
         self._wire = EgdServerConnection()
         self._transport: asyncio.Transport | None = None
-        self._queue: deque[Request | _Close] = deque()
-        self._queued_cost = 0
-        self._parsing = True
-        self._reading_paused = False
-        self._eof = False
-        self._busy = False
+        self._queue: deque[Event | _Close] = deque()
         self._wakeup = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
-        # Waits for the request being answered end at this loop time (None:
-        # never). EOF sets it to "now", so only what needs no waiting is done.
-        self._deadline: float | None = None
-        self._scope: asyncio.Timeout | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._admitted = False
-        self._lost = asyncio.Event()
-        self.peer = "unknown"
-        self.requests = 0
-        self.bytes_served = 0
-        self._log: Any = log
+        self._pending_bytes = 0
+        self._reading_paused = False
+        self._closing = False
+        self._busy = False
+        self._eof_deadline: float | None = None
+        self._answering: asyncio.Timeout | None = None
+        self._client: Client | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._log = log
 
-    # ---- asyncio.Protocol: shuttle bytes, nothing else -------------------------------
+    # ---- asyncio.Protocol ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, but are one.
-        self._transport = cast(asyncio.Transport, transport)
-        self.peer = _describe_peer(transport)
-        self._log = log.bind(sink=self._sink.name, peer=self.peer)
+        # uvloop's transports do not subclass asyncio.Transport, but are one.
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername") or transport.get_extra_info(
+            "sockname"
+        )
+        self._log = log.bind(sink=self._sink.name, peer=_peer_text(peer))
         if not self._sink.admit(self):
-            self._log.warning(
-                "client_refused",
-                reason="max_connections reached",
-                max_connections=self._config.max_connections,
-            )
+            self._log.warning("connection_refused", reason="max_connections reached")
             transport.abort()
             return
-        self._admitted = True
+        identity = self._sink.accounts.identify(_peer_of(transport))
+        if isinstance(identity, Denied):
+            self._log.warning("connection_refused", reason=identity.reason)
+            self._closing = True
+            transport.abort()
+            return
+        self._client = identity
+        self._log = self._log.bind(customer=identity.customer_id)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # The peer may already be gone; the first write will tell.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        self._transport.set_write_buffer_limits(high=self._config.max_buffered_output)
-        self._task = self._sink.spawn(self._serve(), name=f"egd {self.peer}")
-        self._log.info("client_connected")
+        limit = self._sink.config.max_buffered_output
+        transport.set_write_buffer_limits(high=limit, low=limit // 4)
+        self._worker = asyncio.create_task(self._serve(), name="egd-connection")
+        self._log.debug("client_connected")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._worker is not None:
+            self._worker.cancel(msg="client went away")
         self._writable.set()
-        self._lost.set()
-        if not self._admitted:
-            return
-        if self._task is not None and not self._task.done():
-            # Cancelling a pool wait hands its bytes back: never counted as served.
-            self._task.cancel(msg="client connection lost")
-        dropped = len([item for item in self._queue if not isinstance(item, _Close)])
-        self._log.info(
-            "client_disconnected",
-            requests=self.requests,
-            bytes_served=self.bytes_served,
-            dropped_requests=dropped + int(self._busy),
-            error=repr(exc) if exc else None,
-        )
         self._sink.forget(self)
+        self._log.debug("client_disconnected", error=str(exc) if exc else None)
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -198,411 +135,323 @@ class EgdConnection(asyncio.Protocol):
         self._writable.set()
 
     def data_received(self, data: bytes) -> None:
-        if not self._parsing:
+        if self._closing:
             return
         try:
             self._wire.receive_data(data)
-        except RemoteProtocolError as exc:
+        except (RemoteProtocolError, LocalProtocolError) as exc:
             self._protocol_error(exc)
             return
         self._parse()
 
-    def eof_received(self) -> bool:
-        if self._parsing:
-            self._wire.receive_data(b"")
-            self._parse()
-        # Keep the transport: queued replies may still go out; we close it.
+    def eof_received(self) -> bool | None:
+        # EOF cannot tell a half-close (`nc -q1` after its last request) from a
+        # client that went away. Queued requests still get answered if the pool
+        # can do so within EOF_GRACE seconds; then the connection closes, so a
+        # departed client's blocked read does not hold output forever.
+        self._eof_deadline = asyncio.get_running_loop().time() + EOF_GRACE
+        if self._answering is not None:
+            self._answering.reschedule(self._eof_deadline)
+        self._queue.append(_CLOSE)
+        self._wakeup.set()
         return True
 
-    # ---- requests ------------------------------------------------------------------
+    # ---- requests ----
 
     def _parse(self) -> None:
-        """
-        Move requests from the parser to the queue while the queue is below its
-        bound, then pause or resume reading to match.
-        """
-        limit = self._config.max_pending_bytes
-        while self._parsing and self._queued_cost < limit:
+        limit = self._sink.config.max_pending_bytes
+        while not self._closing and self._pending_bytes < limit:
             try:
                 event = self._wire.next_event()
-            except RemoteProtocolError as exc:
+            except (RemoteProtocolError, LocalProtocolError) as exc:
                 self._protocol_error(exc)
                 return
             if event is NEED_DATA:
                 break
-            if isinstance(event, ConnectionClosed):
-                self._on_eof()
-                break
+            self._pending_bytes += _requested(event)
             self._queue.append(event)
-            self._queued_cost += _cost(event)
-            self.requests += 1
             self._sink.requests += 1
-            self._wakeup.set()
-        # After EOF or an error there is nothing more to read.
-        self._set_reading(paused=self._queued_cost >= limit or not self._parsing)
-
-    def _set_reading(self, *, paused: bool) -> None:
+        self._wakeup.set()
         transport = self._transport
-        if paused == self._reading_paused or transport is None:
+        if transport is None:
             return
-        if transport.is_closing():
-            return
-        self._reading_paused = paused
-        if paused:
+        if self._pending_bytes >= limit and not self._reading_paused:
+            self._reading_paused = True
             transport.pause_reading()
-        else:
+        elif self._pending_bytes < limit and self._reading_paused:
+            self._reading_paused = False
             transport.resume_reading()
 
-    def _protocol_error(self, exc: RemoteProtocolError) -> None:
-        self._log.warning("protocol_error", error=str(exc), queued=len(self._queue))
-        self._parsing = False
-        # Whatever follows the bad byte is noise; stop taking it in.
-        self._set_reading(paused=True)
+    def _protocol_error(self, exc: Exception) -> None:
+        self._log.warning("protocol_error", error=str(exc))
+        self._closing = True
         self._queue.append(_CLOSE)
         self._wakeup.set()
 
-    def _on_eof(self) -> None:
-        self._parsing = False
-        self._eof = True
-        self._deadline = asyncio.get_running_loop().time()
-        if self._scope is not None:
-            self._scope.reschedule(self._deadline)
-        self._wakeup.set()
-
-    async def _next_request(self) -> Request | None:
-        while not self._queue:
-            if self._eof:
-                return None
-            self._wakeup.clear()
-            await self._wakeup.wait()
-        item = self._queue.popleft()
-        return None if isinstance(item, _Close) else item
-
     async def _serve(self) -> None:
         try:
-            while (request := await self._next_request()) is not None:
+            while True:
+                while not self._queue:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                item = self._queue.popleft()
+                if isinstance(item, _Close):
+                    self._close_transport()
+                    return
                 self._busy = True
                 try:
-                    async with asyncio.timeout_at(self._deadline) as scope:
-                        self._scope = scope
-                        await self._answer(request)
+                    async with asyncio.timeout_at(self._eof_deadline) as answering:
+                        self._answering = answering
+                        await self._answer(item)
+                except TimeoutError:
+                    self._close_transport()
+                    return
                 finally:
-                    self._scope = None
-                    self._busy = False
-                self._queued_cost -= _cost(request)
+                    self._answering = None
+                self._busy = False
+                self._pending_bytes -= _requested(item)
                 if not self._queue:
-                    self._sink.idle_changed()
-                self._parse()
-        except TimeoutError:
-            # The client sent EOF while a reply had to wait: drop the rest.
-            pass
-        except PoolClosedError:
-            # The broker is stopping; the connection closes below.
-            pass
-        except Exception:
-            # One connection's failure must never reach the server or the others.
-            self._log.exception("connection_failed")
-        finally:
-            self._busy = False
-            self.close()
-            self._sink.idle_changed()
+                    self._sink.idle_changed.set()
+                if self._reading_paused or self._wire.buffered:
+                    self._parse()
+        except (PoolClosedError, AccessDenied) as exc:
+            self._log.info("connection_closed", reason=str(exc))
+            self._close_transport()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - one connection's failure never reaches the server
+            self._log.error("connection_failed", exc_info=True)
+            self._close_transport()
 
-    async def _answer(self, request: Request) -> None:
-        match request:
+    async def _answer(self, event: Event) -> None:
+        pool = self._sink.pool
+        match event:
             case GetLevel():
-                await self._writable.wait()
-                self._write(LevelReply(self._pool.level * 8))
+                self._write(encode_level(pool.level * 8))
             case ReadNonBlocking(count=count):
                 await self._writable.wait()
-                data = self._pool.read_nowait(count)
-                self._write(NonBlockingReply(data), served=len(data))
+                self._write(encode_nonblocking(await self._read_now(count)))
             case ReadBlocking(count=count):
-                await self._stream(count)
-            case WriteEntropy(bits_claimed=bits, data=data):
+                remaining = count
+                while remaining:
+                    await self._writable.wait()
+                    data = await self._read_blocking(
+                        min(remaining, self._sink.config.chunk_size)
+                    )
+                    self._write(data)
+                    remaining -= len(data)
+            case WriteEntropy(bits=bits, data=data):
                 self._absorb(bits, data)
             case GetPid():
-                await self._writable.wait()
-                self._write(PidReply(os.getpid()))
+                self._write(encode_pid(os.getpid()))
 
-    async def _stream(self, count: int) -> None:
-        remaining = count
-        while remaining:
-            # Withdraw only what can be written now: a client that stopped
-            # reading must not make us take output from the pool for it.
-            await self._writable.wait()
-            # All at once when the pool has it; otherwise chunk-sized turns, so
-            # blocked connections share scarce output round-robin.
-            if self._pool.level >= remaining:
-                wanted = remaining
-            else:
-                wanted = min(remaining, self._config.chunk_size)
-            data = await self._pool.read(wanted, partial=True, key=self)
-            self._write(BlockingData(data), served=len(data))
-            remaining -= len(data)
+    async def _read_now(self, count: int) -> bytes:
+        # Limits shorten a non-blocking read; EGD has no way to say why.
+        accounts, client = self._sink.accounts, self._require_client()
+        grant = await accounts.grant(client, count, time.time())
+        data = self._sink.pool.read_nowait(grant.granted)
+        accounts.refund(client, grant.granted - len(data))
+        return data
 
-    def _absorb(self, bits_claimed: int, data: bytes) -> None:
+    async def _read_blocking(self, count: int) -> bytes:
+        # Limits delay a blocking read: the client simply sees the allowed rate.
+        accounts, client = self._sink.accounts, self._require_client()
+        allowed = await accounts.wait_grant(client, count)
+        data = b""
+        try:
+            data = await self._sink.pool.read(allowed, partial=True, key=client)
+        finally:
+            accounts.refund(client, allowed - len(data))
+        return data
+
+    def _require_client(self) -> Client:
+        if self._client is None:
+            raise AccessDenied("connection was not identified")
+        return self._client
+
+    def _absorb(self, bits: int, data: bytes) -> None:
         if not data:
             return
-        if self._config.trust_writes:
-            self._pool.add(data, min(bits_claimed / len(data), 8.0))
+        pool = self._sink.pool
+        if self._sink.config.trust_writes:
+            pool.add(data, min(bits / len(data), 8.0))
         else:
-            self._pool.mix(data)
+            pool.mix(data)
 
-    def _write(self, reply: Reply, served: int = 0) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            # connection_lost is on its way and cancels this worker.
+    def _write(self, data: bytes) -> None:
+        if self._transport is None or self._transport.is_closing():
             return
-        transport.write(self._wire.send(reply))
-        self.bytes_served += served
-        self._sink.bytes_out += served
+        self._transport.write(data)
+        self._sink.bytes_out += len(data) if len(data) else 0
 
-    # ---- for the sink ------------------------------------------------------------------
+    def _close_transport(self) -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.close()
+
+    # ---- shutdown ----
 
     @property
     def idle(self) -> bool:
         """
-        True when no request is queued or being answered.
+        True when nothing is queued or being answered.
         """
-        return not self._busy and not self._queue
-
-    @property
-    def write_buffer_size(self) -> int:
-        """
-        Reply bytes waiting in the transport's user-space buffer.
-        """
-        transport = self._transport
-        return transport.get_write_buffer_size() if transport is not None else 0
+        return not self._queue and not self._busy
 
     def close(self) -> None:
-        """
-        Close after flushing replies already written.
-        """
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
+        self._close_transport()
 
-    def abort(self) -> None:
+    def write_buffer_size(self) -> int:
         """
-        Close now, dropping unsent replies.
+        Reply bytes queued in user space for this client.
         """
-        if self._transport is not None:
-            self._transport.abort()
+        return self._transport.get_write_buffer_size() if self._transport else 0
 
-    @property
-    def lost(self) -> bool:
-        return self._lost.is_set()
 
-    async def wait_lost(self) -> None:
-        """
-        Return once the transport reported the connection gone.
-        """
-        await self._lost.wait()
+def _peer_of(transport: asyncio.Transport) -> Peer:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family == socket.AF_UNIX:
+        try:
+            creds = sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+            )
+        except OSError:
+            return Peer("unix")
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        return Peer("unix", uid=uid)
+    peer = transport.get_extra_info("peername")
+    host = peer[0] if isinstance(peer, tuple) and peer else None
+    return Peer("tcp", ip=host)
 
-    @property
-    def task(self) -> asyncio.Task[None] | None:
-        return self._task
+
+def _peer_text(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer) if peer else "unix"
 
 
 class EgdSink:
     """
-    EGD over TCP and Unix sockets; implements `broker.status.Sink`.
+    EGD over TCP and Unix sockets.
     """
 
     kind = "egd"
 
     def __init__(
-        self, config: EgdSinkConfig, pool: EntropyPool, state_dir: Path
+        self,
+        config: EgdSinkConfig,
+        pool: EntropyPool,
+        state_dir: Path,
+        accounts: Accounts | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
+        # Without accounts every client is served without limits.
+        self.accounts = accounts if accounts is not None else Accounts.unlimited()
         self.name = config.name or "egd"
         self._state_dir = state_dir
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: list[asyncio.Server] = []
         self._addresses: list[str] = []
-        self._unix_sockets: list[tuple[Path, int]] = []
+        self._unix_paths: list[Path] = []
         self._connections: set[EgdConnection] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
         self._accepting = True
-        self._idle = asyncio.Event()
-        self._log = log.bind(sink=self.name)
+        self.idle_changed = asyncio.Event()
+        """Set when a connection finished its queued requests (or went away)."""
         self.connections_total = 0
         self.bytes_out = 0
         self.requests = 0
 
-    # ---- connection registry ----------------------------------------------------------
+    # ---- connection registry ----
 
     def admit(self, connection: EgdConnection) -> bool:
-        """
-        Register a new connection, unless shutting down or at max_connections.
-        """
-        if not self._accepting:
-            return False
-        if len(self._connections) >= self.config.max_connections:
+        if not self._accepting or len(self._connections) >= self.config.max_connections:
             return False
         self._connections.add(connection)
         self.connections_total += 1
         return True
 
+    def connections(self) -> list[EgdConnection]:
+        return list(self._connections)
+
     def forget(self, connection: EgdConnection) -> None:
         self._connections.discard(connection)
-        self.idle_changed()
+        self.idle_changed.set()
 
-    def idle_changed(self) -> None:
-        """
-        A connection finished its queued requests or went away.
-        """
-        self._idle.set()
-
-    def spawn(
-        self, coroutine: Coroutine[Any, Any, None], name: str
-    ) -> asyncio.Task[None]:
-        """
-        Start a task and keep a strong reference to it until it is done.
-        """
-        task = asyncio.get_running_loop().create_task(coroutine, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    @property
-    def connections(self) -> tuple[EgdConnection, ...]:
-        return tuple(self._connections)
-
-    # ---- lifecycle -----------------------------------------------------------------
+    # ---- lifecycle ----
 
     async def start(self) -> None:
-        """
-        Bind every listen address and start accepting.
-
-        Raises:
-            BrokerError: an address cannot be bound; nothing stays bound.
-        """
-        try:
-            for address in self.config.listen:
-                await self._listen(address.resolved(self._state_dir))
-        except BaseException:
-            await self._close_listeners()
-            raise
-        self._log.info("sink_started", addresses=self._addresses)
-
-    async def _listen(self, where: ListenAddress) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            if where.scheme == "tcp":
-                server = await loop.create_server(
-                    self._new_connection, where.host, where.port
-                )
-                self._servers.append(server)
-                for sock in server.sockets:
-                    host, port = sock.getsockname()[:2]
-                    self._addresses.append(str(ListenAddress("tcp", host, port)))
-                return
-            path = Path(where.path)
-            await self._clear_stale_socket(path)
-            server = await loop.create_unix_server(self._new_connection, str(path))
+        for address in self.config.listen:
+            where = address.resolved(self._state_dir)
+            try:
+                if where.scheme == "tcp":
+                    server = await loop.create_server(
+                        lambda: EgdConnection(self),
+                        where.host,
+                        where.port,
+                        reuse_address=True,
+                    )
+                    for sock in server.sockets:
+                        host, port = sock.getsockname()[:2]
+                        shown = f"[{host}]" if ":" in host else host
+                        self._addresses.append(f"tcp://{shown}:{port}")
+                else:
+                    path = Path(where.path)
+                    self._prepare_unix_path(path)
+                    server = await loop.create_unix_server(
+                        lambda: EgdConnection(self), str(path)
+                    )
+                    os.chmod(path, int(self.config.socket_mode, 8))
+                    self._unix_paths.append(path)
+                    self._addresses.append(f"unix:{path}")
+            except OSError as exc:
+                await self.shutdown(0)
+                raise BrokerError(
+                    f"sink {self.name!r}: cannot listen on {where}: "
+                    f"{exc.strerror or exc}"
+                ) from exc
             self._servers.append(server)
-            self._unix_sockets.append((path, os.lstat(path).st_ino))
-            os.chmod(path, int(self.config.socket_mode, 8))
-            self._addresses.append(str(ListenAddress("unix", path=str(path))))
-        except OSError as exc:
-            raise BrokerError(
-                f"sink {self.name!r}: cannot listen on {where}: {exc.strerror or exc}"
-            ) from exc
+        log.info("sink_listening", sink=self.name, addresses=self._addresses)
 
-    def _new_connection(self) -> EgdConnection:
-        return EgdConnection(self)
-
-    async def _clear_stale_socket(self, path: Path) -> None:
-        """
-        Remove a socket left by a broker that did not shut down cleanly; refuse
-        to touch anything else, or a socket someone is still listening on.
-        """
+    @staticmethod
+    def _prepare_unix_path(path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             mode = os.lstat(path).st_mode
         except FileNotFoundError:
             return
         if not stat.S_ISSOCK(mode):
-            raise BrokerError(
-                f"sink {self.name!r}: {path} exists and is not a socket; "
-                "not removing it"
-            )
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.setblocking(False)
-        try:
-            async with asyncio.timeout(_PROBE_TIMEOUT):
-                await asyncio.get_running_loop().sock_connect(probe, str(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            # Nobody listens: stale. (Gone meanwhile: nothing to remove.)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            return
-        except TimeoutError:
-            # A listener that does not accept is still a listener.
-            pass
-        finally:
-            probe.close()
-        raise BrokerError(f"sink {self.name!r}: {path} is in use by a running process")
+            raise FileExistsError(17, "exists and is not a socket", str(path))
+        # A socket left behind by a broker that did not shut down cleanly.
+        path.unlink()
 
     def bound_addresses(self) -> list[str]:
-        """
-        Addresses actually bound, with real ports, e.g. ``tcp://127.0.0.1:43211``
-        and ``unix:/var/lib/ebroker/egd.sock``; empty before `start`.
-        """
         return list(self._addresses)
 
     def pre_shutdown(self) -> None:
-        """
-        Stop accepting; connections in flight keep being served.
-        """
         self._accepting = False
         for server in self._servers:
             server.close()
 
     async def shutdown(self, timeout: float) -> None:
-        """
-        Stop accepting, let queued requests (blocking reads above all) finish for
-        up to ``timeout`` s, then close every connection and remove the Unix
-        socket files this sink created.
-        """
         self.pre_shutdown()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                while not all(connection.idle for connection in self._connections):
-                    self._idle.clear()
-                    await self._idle.wait()
-        connections = list(self._connections)
-        for connection in connections:
-            task = connection.task
-            if task is not None:
-                task.cancel(msg="sink shutting down")
+        if timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    while any(not conn.idle for conn in self._connections):
+                        self.idle_changed.clear()
+                        await self.idle_changed.wait()
+        for connection in list(self._connections):
             connection.close()
-        if connections:
-            waits = [connection.wait_lost() for connection in connections]
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(CLOSE_TIMEOUT):
-                    await asyncio.gather(*waits)
-            for connection in connections:
-                if not connection.lost:
-                    connection.abort()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._close_listeners()
-        self._log.info("sink_stopped")
-
-    async def _close_listeners(self) -> None:
         for server in self._servers:
-            server.close()
-        for server in self._servers:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(CLOSE_TIMEOUT):
-                    await server.wait_closed()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
         self._servers.clear()
-        for path, inode in self._unix_sockets:
-            # Only the socket we created: another broker may have taken the path.
+        for path in self._unix_paths:
             with contextlib.suppress(FileNotFoundError):
-                if os.lstat(path).st_ino == inode:
-                    path.unlink()
-        self._unix_sockets.clear()
+                path.unlink()
+        self._unix_paths.clear()
 
     def status(self) -> SinkStatus:
         return SinkStatus(
