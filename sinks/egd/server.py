@@ -106,7 +106,7 @@ class EgdConnection(asyncio.Protocol):
         if isinstance(identity, Denied):
             self._log.warning("connection_refused", reason=identity.reason)
             self._closing = True
-            transport.abort()
+            transport.close()
             return
         self._client = identity
         self._log = self._log.bind(customer=identity.customer_id)

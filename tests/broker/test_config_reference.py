@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
+from broker.accounts import AccountsConfig, CustomerConfig
 from broker.config import BrokerSection, LoggingSection
 from broker.health import HealthConfig
 from sinks.egd.config import EgdSinkConfig
@@ -25,6 +26,8 @@ MODELS: list[type[BaseModel]] = [
     EntropyKeySourceConfig,
     HealthConfig,
     EgdSinkConfig,
+    AccountsConfig,
+    CustomerConfig,
     HttpSinkConfig,
 ]
 
