@@ -12,7 +12,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -244,10 +244,10 @@ class FifoFeeder:
 
 
 @pytest.fixture
-def fifo(tmp_path: Path) -> Iterator[Path]:
+def fifo(tmp_path: Path) -> Path:
     path = tmp_path / "slow-rng"
     os.mkfifo(path)
-    yield path
+    return path
 
 
 def test_weights_share_scarce_output(tmp_path: Path, fifo: Path) -> None:
