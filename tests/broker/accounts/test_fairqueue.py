@@ -213,8 +213,7 @@ async def test_works_inside_the_real_pool() -> None:
     """
     Swapped into `EntropyPool`, the queue serves every blocked reader once.
     """
-    pool = EntropyPool(4096, chunk=32)
-    pool._waiters = WeightedWaitQueue()  # type: ignore[assignment]
+    pool = EntropyPool(4096, chunk=32, waiters=WeightedWaitQueue())
     keys = [Key("a", 1), Key("b", 3)]
     reads = [asyncio.ensure_future(pool.read(64, key=keys[i % 2])) for i in range(6)]
     await asyncio.sleep(0)
