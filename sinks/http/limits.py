@@ -93,9 +93,16 @@ def refusal(grant: Grant, wanted: int, now: float) -> web.Response:
             status=503,
             headers={"Retry-After": str(retry)},
         )
+    if 0 < grant.rate_limit < wanted:
+        message = (
+            f"{wanted} bytes asked, more than the burst of {grant.rate_limit}: "
+            f"ask at most {grant.rate_limit} at a time, or add wait=SECONDS"
+        )
+    else:
+        message = f"rate limited: {wanted} bytes asked, {grant.granted} allowed now"
     return web.json_response(
         {
-            "error": f"rate limited: {wanted} bytes asked, {grant.granted} allowed now",
+            "error": message,
             "limit": grant.limit,
             "until": _iso(now + grant.retry_after),
         },
