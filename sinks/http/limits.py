@@ -144,4 +144,9 @@ async def grant_within(
     except BaseException:
         accounts.refund(client, collected)
         raise
-    return Grant(wanted, 0.0, None, None, None, 0, 0)
+    # A zero-byte grant charges nothing and reports where the limits stand.
+    now = await accounts.grant(client, 0, time.time())
+    return Grant(
+        wanted, 0.0, None, now.reset_at, now.remaining_quota, now.rate_limit,
+        now.rate_remaining,
+    )  # fmt: skip

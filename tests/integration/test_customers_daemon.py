@@ -399,3 +399,49 @@ def test_restart_keeps_the_days_quota(tmp_path: Path) -> None:
         daemon.stop()
     assert 6000 <= first < 6300
     assert 8192 == first + second
+
+
+def test_http_rate_limit_answers(tmp_path: Path) -> None:
+    """
+    Over HTTP a token-authenticated client gets RateLimit headers, 429 with
+    Retry-After once its burst is spent, is paced through with wait=, and an
+    unknown token gets 401.
+    """
+    customers = """
+        [[customers]]
+        id = "webshop"
+        tokens = [
+            "sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8",
+        ]
+        client_rate = "1 KiB/s"
+        """
+    daemon = start_daemon(tmp_path, customers_config(tmp_path, customers))
+    auth = {"Authorization": "Bearer password"}
+
+    async def run() -> list[tuple[int, dict[str, str], int]]:
+        answers = []
+        async with aiohttp.ClientSession(daemon.http_url) as session:
+            for params, headers in (
+                ({"bytes": "1024", "wait": "5"}, auth),
+                ({"bytes": "1024"}, auth),
+                ({"bytes": "2048", "wait": "10"}, auth),
+                ({"bytes": "16"}, {"Authorization": "Bearer nope"}),
+            ):
+                async with session.get(
+                    "/v1/entropy", params=params, headers=headers
+                ) as response:
+                    body = await response.read()
+                    answers.append((response.status, dict(response.headers), len(body)))
+        return answers
+
+    try:
+        first, limited, paced, unknown = asyncio.run(run())
+    finally:
+        daemon.stop()
+    assert (200, 1024) == (first[0], first[2])
+    assert "1024" == first[1]["RateLimit-Limit"]
+    assert 429 == limited[0]
+    assert int(limited[1]["Retry-After"]) >= 1
+    assert "0" == limited[1]["RateLimit-Remaining"]
+    assert (200, 2048) == (paced[0], paced[2])
+    assert 401 == unknown[0]
