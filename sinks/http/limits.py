@@ -145,8 +145,8 @@ async def grant_within(
         accounts.refund(client, collected)
         raise
     # A zero-byte grant charges nothing and reports where the limits stand.
-    now = await accounts.grant(client, 0, time.time())
+    state = await accounts.grant(client, 0, time.time())
     return Grant(
-        wanted, 0.0, None, now.reset_at, now.remaining_quota, now.rate_limit,
-        now.rate_remaining,
+        wanted, 0.0, None, state.reset_at, state.remaining_quota, state.rate_limit,
+        state.rate_remaining,
     )  # fmt: skip
