@@ -60,9 +60,17 @@ _CLOSE = _Close()
 
 
 def _requested(event: Event) -> int:
-    if isinstance(event, ReadBlocking | ReadNonBlocking):
-        return event.count
-    return 0
+    # What a queued request costs against max_pending_bytes: the reply it is
+    # owed, or the data it carries, so a flood of any command is bounded.
+    match event:
+        case ReadBlocking(count=count) | ReadNonBlocking(count=count):
+            return max(count, 1)
+        case WriteEntropy(data=data):
+            return 4 + len(data)
+        case GetPid():
+            return 12
+        case _:
+            return 4
 
 
 class EgdConnection(asyncio.Protocol):
@@ -227,6 +235,7 @@ class EgdConnection(asyncio.Protocol):
         pool = self._sink.pool
         match event:
             case GetLevel():
+                await self._writable.wait()
                 self._write(encode_level(pool.level * 8))
             case ReadNonBlocking(count=count):
                 await self._writable.wait()
@@ -243,6 +252,7 @@ class EgdConnection(asyncio.Protocol):
             case WriteEntropy(bits=bits, data=data):
                 self._absorb(bits, data)
             case GetPid():
+                await self._writable.wait()
                 self._write(encode_pid(os.getpid()))
 
     async def _read_now(self, count: int) -> bytes:

@@ -234,3 +234,29 @@ async def test_stale_socket_file_is_replaced_but_other_files_are_not(
     with pytest.raises(BrokerError, match="exists and is not a socket"):
         await sink.start()
     assert "precious" == (tmp_path / "egd.sock").read_text()
+
+
+async def test_flood_of_small_commands_is_bounded(served: Any) -> None:
+    """
+    A client that sends endless level requests and never reads cannot make the
+    server queue replies without bound: it stops reading from that client.
+    """
+    sink, _pool = served
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    host, port = sink.bound_addresses()[0].removeprefix("tcp://").rsplit(":", 1)
+    sock.connect((host, int(port)))
+    sock.setblocking(False)
+    _reader, writer = await asyncio.open_connection(sock=sock)
+    await eventually(lambda: len(sink.connections()) == 1)
+    [connection] = sink.connections()
+    flood = b"\x00" * 65536
+    # Write until the server stops reading: our own send buffer then fills up.
+    async with asyncio.timeout(30):
+        for _ in range(200):
+            writer.write(flood)
+            if writer.transport.get_write_buffer_size() > 4 * len(flood):
+                break
+            await asyncio.sleep(0)
+    assert connection.write_buffer_size() <= sink.config.max_buffered_output + 4
+    writer.transport.abort()
