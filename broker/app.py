@@ -180,9 +180,9 @@ class Broker:
             reasons.append("no healthy source")
         if level < low:
             reasons.append(f"pool level {level} below low watermark {low}")
-        serving = (has_source and level > 0) or level >= low
-        if has_source and level == 0 and not serving:
-            reasons.append("pool is empty")
+        # A healthy source refills the pool, so a pool drained for a moment by
+        # eager clients is no reason for a load balancer to pull the instance.
+        serving = has_source or level >= low
         if not serving:
             return Health(False, "unhealthy", tuple(reasons))
         store = self.accounts.backend.status()
