@@ -73,520 +73,70 @@ Ideal random input, H = 8 (the default credit), exact binomial arithmetic:
     ``apt_alpha_log2 = -40``, as the reference recommends for bytes.
   - permanent alpha = 2^-60 → C = 25: 2.4e-18 per window, never in practice.
 
-* FIPS 140-2 (optional): about 1 in 1,270 good blocks fails (7.9e-4); a block
-  is 2,500 bytes, so a 4 KiB/s source sees a false failed block every ~13 min.
-  A single failed block never quarantines; a leaky count does (rngd's rule:
-  +1 per failed block, -1 per 1,000 good blocks). With 7.9e-4 failures per
-  block against 1e-3 forgiven, the count drifts down only slowly, and the
-  chance of it reaching T falls by about x0.63 per step of T. Markov-chain
-  estimate of false quarantines per year:
-
-  ==== ============ ============
-  T     4 KiB/s      1 MiB/s
-  ==== ============ ============
-  25    0.065        17
-  30    6.8e-3       1.7
-  40    7.4e-5       0.019
-  ==== ============ ============
-
-  hence the default ``fips_max_failures = 40`` (rngd disables at 25). A
-  source failing every block still trips after 40 blocks (100 KB), and credits
-  nothing meanwhile because credit stops at the first failed block.
+* FIPS 140-2 (optional): a healthy source's failed blocks are forgiven by a
+  leaky count; `broker.fips` gives the false-quarantine rates behind the
+  default ``fips_max_failures = 40``.
 
 Permanent failure: 3 failures within an hour (defaults). With the rates above a
 healthy source essentially never has two, so three in an hour is a fault.
 """
 
-import math
 import operator
 from collections import deque
 from dataclasses import dataclass
-from decimal import Decimal, localcontext
 from enum import Enum
-from functools import lru_cache
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field, model_validator
 
 from broker.configtypes import Duration, StrictModel
+from broker.fips import (
+    FIPS_BLOCK_BYTES,
+    FIPS_FORGIVE_EVERY,
+    Fips140Tester,
+    FipsBlockResult,
+    fips_block_failures,
+)
+from broker.health_cutoffs import APT_WINDOW, APT_WINDOW_BINARY, apt_cutoff, rct_cutoff
+from broker.health_tests import (
+    AdaptiveProportionTest,
+    CutoffReached,
+    RepetitionCountTest,
+)
 
-APT_WINDOW = 512
-"""SP 800-90B APT window for non-binary samples."""
-APT_WINDOW_BINARY = 1024
-"""SP 800-90B APT window for binary samples."""
+# The tests and the cut-off arithmetic live in their own modules; they are
+# re-exported because callers know them as part of the health API.
+__all__ = [
+    "APT_WINDOW",
+    "APT_WINDOW_BINARY",
+    "FIPS_BLOCK_BYTES",
+    "FIPS_FORGIVE_EVERY",
+    "MIN_TEST_CREDIT",
+    "RCT_SAMPLE_BYTES",
+    "STARTUP_SAMPLES",
+    "AdaptiveProportionTest",
+    "AlphaLog2",
+    "CutoffReached",
+    "Fips140Tester",
+    "FipsBlockResult",
+    "HealthConfig",
+    "HealthCounters",
+    "HealthEvent",
+    "HealthState",
+    "HealthVerdict",
+    "RepetitionCountTest",
+    "SourceHealth",
+    "apt_cutoff",
+    "fips_block_failures",
+    "rct_cutoff",
+]
+
 STARTUP_SAMPLES = 1024
 """Samples (bytes) a start-up test must pass before anything is credited."""
 RCT_SAMPLE_BYTES = 8
 """The RCT in `SourceHealth` runs on 64-bit words."""
 MIN_TEST_CREDIT = 0.125
 """Bits per byte assumed by the tests for a source credited less (e.g. 0)."""
-FIPS_BLOCK_BYTES = 2500
-FIPS_FORGIVE_EVERY = 1000
-"""Good FIPS blocks that forgive one failed block (rngd's ``RNG_OK_CREDIT``)."""
-
-# Relative slack for -log2(alpha)/H so that e.g. 30 / 0.6 counts as 50, not
-# 50.000000000000007: the table is defined on the decimal values.
-_CEIL_SLACK = 1e-9
-_FORMATS: dict[int, Literal["B", "H", "I", "Q"]] = {1: "B", 2: "H", 4: "I", 8: "Q"}
-
-
-def rct_cutoff(h: float, alpha_log2: float) -> int:
-    """
-    SP 800-90B RCT cut-off: ``1 + ceil(-log2(alpha) / H)``.
-
-    Args:
-        h: min-entropy per sample, in bits (> 0).
-        alpha_log2: log2 of the false-positive probability per decision (< 0).
-
-    Returns:
-        The run length at which the test fails.
-
-    Raises:
-        ValueError: ``h`` or ``alpha_log2`` out of range.
-    """
-    if not h > 0:
-        raise ValueError("entropy per sample must be positive")
-    if not alpha_log2 < 0:
-        raise ValueError("alpha_log2 must be negative")
-    ratio = -alpha_log2 / h
-    return 1 + math.ceil(ratio - ratio * _CEIL_SLACK)
-
-
-@lru_cache(maxsize=64)
-def apt_cutoff(h: float, alpha_log2: float, window: int = APT_WINDOW) -> int:
-    """
-    SP 800-90B APT cut-off: ``1 + CRITBINOM(W, 2^-H, 1 - alpha)``, capped at W.
-
-    CRITBINOM(n, p, q) is the smallest k with Binomial(n, p).cdf(k) ≥ q; it is
-    computed exactly enough (60 significant digits) to match the reference
-    table in every cell.
-
-    Args:
-        h: min-entropy per sample, in bits (> 0).
-        alpha_log2: log2 of the false-positive probability per window (< 0).
-        window: W, 512 for non-binary samples, 1024 for binary ones.
-
-    Returns:
-        The count of the window's first value at which the test fails.
-
-    Raises:
-        ValueError: an argument is out of range.
-    """
-    if not h > 0:
-        raise ValueError("entropy per sample must be positive")
-    if not alpha_log2 < 0:
-        raise ValueError("alpha_log2 must be negative")
-    if window < 2:
-        raise ValueError("the window must hold at least 2 samples")
-    with localcontext() as ctx:
-        ctx.prec = 60
-        p = Decimal(2) ** Decimal(-h)
-        q = 1 - p
-        alpha = Decimal(2) ** Decimal(alpha_log2)
-        ratio = p / q
-        pmf = [q**window]
-        for k in range(window):
-            pmf.append(pmf[-1] * (window - k) / (k + 1) * ratio)
-        # Walk down from k = W keeping tail = P(X > k) ≤ alpha; stop at the
-        # smallest such k, which is CRITBINOM.
-        tail = Decimal(0)
-        k = window
-        while k > 0 and tail + pmf[k] <= alpha:
-            tail += pmf[k]
-            k -= 1
-    return min(1 + k, window)
-
-
-@dataclass(frozen=True, slots=True)
-class CutoffReached:
-    """
-    One test reaching a cut-off.
-    """
-
-    test: str
-    """``"rct"`` or ``"apt"``."""
-    end: int
-    """Bytes of the fed data up to and including the failing sample."""
-    count: int
-    """The run length or window count that reached the cut-off."""
-    permanent: bool
-    """True when the permanent cut-off was reached."""
-    detail: str
-
-
-def _thresholds(cutoff: int, permanent: int | None) -> tuple[tuple[int, bool], ...]:
-    if permanent is None:
-        return ((cutoff, False),)
-    return ((cutoff, False), (permanent, True))
-
-
-class RepetitionCountTest:
-    """
-    SP 800-90B RCT over samples of 1, 2, 4 or 8 bytes, fed incrementally.
-
-    Samples are consecutive ``sample_bytes``-byte slices of the stream; a
-    partial sample at the end of one `feed` is completed by the next.
-    """
-
-    def __init__(
-        self,
-        cutoff: int,
-        *,
-        sample_bytes: int = 1,
-        permanent_cutoff: int | None = None,
-    ) -> None:
-        if cutoff < 2:
-            raise ValueError("an RCT cut-off is at least 2")
-        if sample_bytes not in _FORMATS:
-            raise ValueError("samples are 1, 2, 4 or 8 bytes")
-        if permanent_cutoff is not None and permanent_cutoff <= cutoff:
-            raise ValueError("the permanent cut-off must exceed the cut-off")
-        self.cutoff = cutoff
-        self.permanent_cutoff = permanent_cutoff
-        self.sample_bytes = sample_bytes
-        self._format = _FORMATS[sample_bytes]
-        self._thresholds = _thresholds(cutoff, permanent_cutoff)
-        self._longest = (permanent_cutoff or cutoff) - 1
-        self.reset()
-
-    def reset(self) -> None:
-        """
-        Forget the stream: the next sample starts a new run.
-        """
-        self.samples = 0
-        self.run = 0
-        """Length of the current run (0 before the first sample)."""
-        self._last = b""
-        self._pending = b""
-
-    def feed(self, data: bytes) -> list[CutoffReached]:
-        """
-        Test the samples completed by ``data``.
-
-        Returns:
-            Every cut-off crossing in ``data``, in stream order.
-        """
-        size = self.sample_bytes
-        last, pending = self._last, self._pending
-        buf = last + pending + data
-        start = len(last)
-        usable = len(buf) - (len(buf) - start) % size
-        fresh = (usable - start) // size
-        if fresh == 0:
-            self._pending = buf[start:]
-            return []
-        view = memoryview(buf)[:usable].cast(self._format)
-        # flags[j] is 1 when new sample j equals the sample before it.
-        flags = bytes(map(operator.eq, view[1:], view[:-1]))
-        if not last:
-            flags = b"\x00" + flags
-        failures = self._crossings(flags, len(pending)) if 1 in flags else []
-        if 0 in flags:
-            self.run = len(flags) - len(flags.rstrip(b"\x01")) + 1
-        else:
-            self.run += fresh
-        self.samples += fresh
-        self._last = buf[usable - size : usable]
-        self._pending = buf[usable:]
-        return failures
-
-    def _crossings(self, flags: bytes, pending: int) -> list[CutoffReached]:
-        # The current run continues into this data as leading ones; capping
-        # them keeps the prefix short while still hiding crossings that were
-        # already reported.
-        prefix = min(max(self.run - 1, 0), self._longest)
-        ext = b"\x01" * prefix + flags
-        needle = b"\x01" * (self.cutoff - 1)
-        out: list[CutoffReached] = []
-        i = ext.find(needle)
-        while i != -1:
-            run_end = ext.find(b"\x00", i)
-            if run_end == -1:
-                run_end = len(ext)
-            for threshold, permanent in self._thresholds:
-                at = i + threshold - 2
-                if at < run_end and at >= prefix:
-                    sample = at - prefix
-                    out.append(
-                        CutoffReached(
-                            "rct",
-                            (sample + 1) * self.sample_bytes - pending,
-                            threshold,
-                            permanent,
-                            f"RCT: {threshold} equal consecutive "
-                            f"{self.sample_bytes}-byte samples",
-                        )
-                    )
-            i = ext.find(needle, run_end)
-        return out
-
-
-class AdaptiveProportionTest:
-    """
-    SP 800-90B APT over byte samples, fed incrementally; windows span calls.
-
-    The window's first sample counts: the test fails when the first value of
-    a window has occurred ``cutoff`` times in it.
-    """
-
-    def __init__(
-        self,
-        cutoff: int,
-        *,
-        window: int = APT_WINDOW,
-        permanent_cutoff: int | None = None,
-    ) -> None:
-        if not 2 <= cutoff <= window:
-            raise ValueError("an APT cut-off lies between 2 and the window")
-        if permanent_cutoff is not None and not cutoff < permanent_cutoff <= window:
-            raise ValueError("the permanent cut-off lies above the cut-off")
-        self.cutoff = cutoff
-        self.permanent_cutoff = permanent_cutoff
-        self.window = window
-        self._thresholds = _thresholds(cutoff, permanent_cutoff)
-        self.reset()
-
-    def reset(self) -> None:
-        """
-        Forget the stream: the next sample starts a new window.
-        """
-        self.samples = 0
-        self._filled = 0
-        self._value = 0
-        self._count = 0
-
-    def feed(self, data: bytes) -> list[CutoffReached]:
-        """
-        Test every byte of ``data`` as one sample.
-
-        Returns:
-            Every cut-off crossing in ``data``, in stream order.
-        """
-        out: list[CutoffReached] = []
-        size = len(data)
-        window = self.window
-        cutoff = self.cutoff
-        i = 0
-        if self._filled and size:
-            i = min(window - self._filled, size)
-            before = self._count
-            self._count += data.count(self._value, 0, i)
-            if self._count >= cutoff:
-                self._crossings(data, 0, i, before, self._count, out)
-            self._filled = (self._filled + i) % window
-        # Whole windows: one C-level count each, no per-byte Python.
-        count_in = data.count
-        while size - i >= window:
-            value = data[i]
-            count = count_in(value, i, i + window)
-            if count >= cutoff:
-                self._value = value
-                self._crossings(data, i, i + window, 0, count, out)
-            i += window
-        if i < size:
-            self._value = data[i]
-            self._count = count_in(self._value, i, size)
-            self._filled = size - i
-            if self._count >= cutoff:
-                self._crossings(data, i, size, 0, self._count, out)
-        self.samples += size
-        return out
-
-    def _crossings(
-        self,
-        data: bytes,
-        start: int,
-        end: int,
-        before: int,
-        after: int,
-        out: list[CutoffReached],
-    ) -> None:
-        value = self._value
-        for threshold, permanent in self._thresholds:
-            if before < threshold <= after:
-                at = start - 1
-                for _ in range(threshold - before):
-                    at = data.find(value, at + 1, end)
-                out.append(
-                    CutoffReached(
-                        "apt",
-                        at + 1,
-                        threshold,
-                        permanent,
-                        f"APT: value 0x{value:02x} seen {threshold} times in a "
-                        f"{self.window}-sample window",
-                    )
-                )
-
-
-# FIPS 140-2 (2001-10-10) thresholds; runs are (min, max) for lengths 1..5
-# and for 6 or more, the same for runs of zeros and of ones.
-_MONOBIT_OPEN = (9725, 10275)
-_POKER_SUMSQ = (1563176, 1576928)
-_RUNS = ((2315, 2685), (1114, 1386), (527, 723), (240, 384), (103, 209), (103, 209))
-_LONG_RUN = 26
-_BLOCK_BITS = FIPS_BLOCK_BYTES * 8
-_ALL_ONES = (1 << _BLOCK_BITS) - 1
-_HIGH_NIBBLE = bytes(b >> 4 for b in range(256))
-_LOW_NIBBLE = bytes(b & 15 for b in range(256))
-
-
-def _runs_at_least(bits: int) -> tuple[list[int], bool]:
-    """
-    Count runs of ones of length ≥ k for k = 1..6, and whether one is ≥ 26.
-    """
-    # z_k has bit i set when bits i .. i+k-1 are all ones: a run of length L
-    # becomes a run of length L-k+1, and runs never merge, so counting the
-    # runs of z_k (their top ends) counts the runs of length ≥ k.
-    counts = []
-    z = bits
-    for k in range(1, 7):
-        counts.append((z & ~(z >> 1)).bit_count())
-        z &= bits >> k
-    z2 = bits & (bits >> 1)
-    z4 = z2 & (z2 >> 2)
-    z8 = z4 & (z4 >> 4)
-    z16 = z8 & (z8 >> 8)
-    z24 = z16 & (z8 >> 16)
-    z26 = z24 & (z2 >> 24)
-    return counts, z26 != 0
-
-
-def fips_block_failures(block: bytes) -> tuple[str, ...]:
-    """
-    Run the FIPS 140-2 monobit, poker, runs and long-run tests on one block.
-
-    Bits are taken most significant first, as rngd does. The continuous test
-    needs the previous block and lives in `Fips140Tester`.
-
-    Args:
-        block: exactly `FIPS_BLOCK_BYTES` bytes.
-
-    Returns:
-        The names of the failed tests (``monobit``, ``poker``, ``runs``,
-        ``long_run``); empty when the block passes.
-
-    Raises:
-        ValueError: the block has the wrong size.
-    """
-    if len(block) != FIPS_BLOCK_BYTES:
-        raise ValueError(f"a FIPS block is {FIPS_BLOCK_BYTES} bytes")
-    failed: list[str] = []
-    bits = int.from_bytes(block, "big")
-    ones = bits.bit_count()
-    if not _MONOBIT_OPEN[0] < ones < _MONOBIT_OPEN[1]:
-        failed.append("monobit")
-    nibbles = block.translate(_HIGH_NIBBLE) + block.translate(_LOW_NIBBLE)
-    sumsq = sum(nibbles.count(n) ** 2 for n in range(16))
-    if not _POKER_SUMSQ[0] <= sumsq <= _POKER_SUMSQ[1]:
-        failed.append("poker")
-    one_runs, long_ones = _runs_at_least(bits)
-    zero_runs, long_zeros = _runs_at_least(bits ^ _ALL_ONES)
-    for at_least in (one_runs, zero_runs):
-        exact = [at_least[k] - at_least[k + 1] for k in range(5)] + [at_least[5]]
-        if any(not lo <= n <= hi for n, (lo, hi) in zip(exact, _RUNS, strict=True)):
-            failed.append("runs")
-            break
-    if long_ones or long_zeros:
-        failed.append("long_run")
-    return tuple(failed)
-
-
-@dataclass(frozen=True, slots=True)
-class FipsBlockResult:
-    """
-    The outcome of one 2,500-byte FIPS block.
-    """
-
-    end: int
-    """Bytes of the fed data up to and including the block's last byte."""
-    failed: tuple[str, ...]
-    """Failed tests; empty when the block passed."""
-    tripped: bool
-    """This block's failure brought the leaky count to ``max_failures``."""
-
-
-class Fips140Tester:
-    """
-    FIPS 140-2 block tests on a byte stream with rngd-like leaky counting.
-
-    Each failed block adds one to `failures`; every `FIPS_FORGIVE_EVERY` good
-    blocks take one away. Reaching ``max_failures`` *trips* the tester (the
-    caller quarantines the source) and starts the count again from zero.
-    The continuous test compares each 32-bit word with the one before it,
-    across block boundaries; the first word of the stream only bootstraps it.
-    """
-
-    def __init__(
-        self, max_failures: int = 40, forgive_every: int = FIPS_FORGIVE_EVERY
-    ) -> None:
-        if max_failures < 1 or forgive_every < 1:
-            raise ValueError("max_failures and forgive_every are at least 1")
-        self.max_failures = max_failures
-        self.forgive_every = forgive_every
-        self.blocks = 0
-        self.failed_blocks = 0
-        self.reset()
-
-    def reset(self) -> None:
-        """
-        Forget the stream and the leaky count (block totals are kept).
-        """
-        self.failures = 0
-        self._good = 0
-        self._buffer = b""
-        self._last_word: int | None = None
-
-    def feed(self, data: bytes) -> list[FipsBlockResult]:
-        """
-        Test every block completed by ``data``.
-
-        Returns:
-            One result per completed block, in stream order.
-        """
-        out: list[FipsBlockResult] = []
-        if self._buffer:
-            need = FIPS_BLOCK_BYTES - len(self._buffer)
-            self._buffer += data[:need]
-            if len(self._buffer) < FIPS_BLOCK_BYTES:
-                return out
-            out.append(self._block(self._buffer, need))
-            self._buffer = b""
-            i = need
-        else:
-            i = 0
-        while len(data) - i >= FIPS_BLOCK_BYTES:
-            i += FIPS_BLOCK_BYTES
-            out.append(self._block(data[i - FIPS_BLOCK_BYTES : i], i))
-        self._buffer = data[i:]
-        return out
-
-    def _block(self, block: bytes, end: int) -> FipsBlockResult:
-        failed = fips_block_failures(block)
-        if self._continuous_fails(block):
-            failed += ("continuous",)
-        self.blocks += 1
-        tripped = False
-        if failed:
-            self.failed_blocks += 1
-            self.failures += 1
-            if self.failures >= self.max_failures:
-                tripped = True
-                self.failures = 0
-        else:
-            self._good += 1
-            if self._good >= self.forgive_every:
-                self._good = 0
-                self.failures = max(self.failures - 1, 0)
-        return FipsBlockResult(end, failed, tripped)
-
-    def _continuous_fails(self, block: bytes) -> bool:
-        words = memoryview(block).cast("I")
-        repeated = self._last_word == words[0] or True in map(
-            operator.eq, words[1:], words[:-1]
-        )
-        self._last_word = words[-1]
-        return repeated
 
 
 class HealthState(Enum):
@@ -935,7 +485,13 @@ class SourceHealth:
             )
             return
         self._startup_left = STARTUP_SAMPLES
+        # A failure while quarantined restarts the start-up test and is
+        # reported as an event, but `reason` keeps saying why the source was
+        # quarantined: a stuck source trips the APT in every window, and the
+        # status would otherwise trade the first cause for the latest echo.
+        keep = self.reason if self.state is HealthState.QUARANTINED else reason
         self._move(HealthState.QUARANTINED, reason, now, at)
+        self.reason = keep
 
     def _move(
         self, to: HealthState, reason: str, now: float, position: int

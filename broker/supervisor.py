@@ -11,7 +11,12 @@ bounded) and tries again. One bad device never disturbs its siblings.
 Every byte a source delivers goes through that source's continuous health
 tests (`broker.health.SourceHealth`) before anything is credited. A source in
 its start-up test or in quarantine keeps being read, but its bytes are mixed in
-with no credit; it is re-admitted once a fresh start-up test passes. A source
+with no credit; it is re-admitted once a fresh start-up test passes. Such a
+source is read even while the pool is full (its bytes need no room there), so
+a better tier can pass its start-up test and take over while a fallback has
+filled the pool and no client draws. A healthy source waits for room, but at
+most ``standby_probe`` seconds: then it is read once anyway (mixed in without
+credit), so a device that dies while the pool is full is noticed. A source
 whose tests fail too often is ``failed`` for good (restart the broker to clear
 it). A watchdog bounds each read: a source that delivers nothing for longer
 than its ``watchdog`` (derived from its nominal rate unless configured) is
@@ -219,17 +224,21 @@ class SourceRunner:
                 self.set_state(SourceState.STOPPED, "stopped")
 
     async def _run_once(self, record: BinaryIO | None) -> None:
-        pool = self._supervisor.pool
         async with self.source as source:
             if self._opened_once:
                 self._log_health_event(self.health.reset(time.time()))
             self._opened_once = True
             self._apply_health_state()
             while True:
-                await pool.wait_for_space()
-                if not self._supervisor.is_active(self) and self.healthy:
-                    await self._supervisor.wait_until_needed(self)
-                    await pool.wait_for_space()
+                probe = False
+                if self.healthy:
+                    if not self._supervisor.is_active(self):
+                        await self._supervisor.wait_until_needed(self)
+                    probe = not await self._room_or_probe()
+                # A source in its start-up test or in quarantine is read even
+                # while the pool is full: its bytes are only mixed in, so they
+                # need no room, and it must get through its start-up test to
+                # take over from a fallback tier that filled the pool.
                 try:
                     async with asyncio.timeout(self.watchdog):
                         data = await source.read()
@@ -239,9 +248,31 @@ class SourceRunner:
                     ) from None
                 if not data:
                     raise SourceError("driver returned no data")
-                self._absorb(data, record)
+                self._absorb(data, record, probe=probe)
 
-    def _absorb(self, data: bytes, record: BinaryIO | None) -> None:
+    async def _room_or_probe(self) -> bool:
+        """
+        Wait for room in the pool, at most ``standby_probe`` seconds.
+
+        A healthy source paused by a full pool is still read that often, as a
+        standby one is, so that a device that died while no client drew (an
+        unplugged key, a stuck generator) is reported and failed over from
+        before the pool runs dry, not when it does.
+
+        Returns:
+            True when there is room; False when a probe read is due.
+        """
+        pool = self._supervisor.pool
+        try:
+            async with asyncio.timeout(self._supervisor.standby_probe):
+                await pool.wait_for_space()
+        except TimeoutError:
+            return pool.has_space
+        return True
+
+    def _absorb(
+        self, data: bytes, record: BinaryIO | None, *, probe: bool = False
+    ) -> None:
         pool = self._supervisor.pool
         self.bytes_in += len(data)
         self._meter.add(time.monotonic(), len(data))
@@ -251,7 +282,9 @@ class SourceRunner:
         for event in verdict.events:
             self._log_health_event(event)
         self._apply_health_state()
-        creditable = verdict.creditable if self._supervisor.is_active(self) else 0
+        # A probe of a full pool is mixed in: crediting it would overfill it.
+        active = self._supervisor.is_active(self) and not probe
+        creditable = verdict.creditable if active else 0
         if creditable < len(data):
             pool.mix(data[: len(data) - creditable])
         if creditable:
@@ -277,6 +310,18 @@ class SourceRunner:
 
     def _log_health_event(self, event: Any) -> None:
         if event is None:
+            return
+        if event.from_state == event.to_state:
+            # A quarantined source failing again (a stuck one does so in every
+            # APT window, thousands of times a second on a fast device): not a
+            # transition, and counted in the health counters; a warning each
+            # time would flood the log.
+            self._log.debug(
+                "health_still_failing",
+                state=event.to_state.value,
+                reason=event.reason,
+                position=event.position,
+            )
             return
         self._log.warning(
             "health_transition",

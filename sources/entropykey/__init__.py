@@ -50,6 +50,18 @@ Modules and what a driver or simulator needs from them:
 """
 
 from .device_model import DeviceModel, PlaintextFault
+from .events import (
+    NEED_DATA,
+    Anomaly,
+    EntropyBlock,
+    Event,
+    Health,
+    SerialNumber,
+    SessionState,
+    StateChanged,
+    Status,
+    StatusReport,
+)
 from .keyring import (
     KeyringError,
     KeyringPermissionError,
@@ -59,19 +71,7 @@ from .keyring import (
     parse_keyring,
     parse_master_key,
 )
-from .session import (
-    NEED_DATA,
-    Anomaly,
-    EntropyBlock,
-    Event,
-    Health,
-    SerialNumber,
-    Session,
-    SessionState,
-    StateChanged,
-    Status,
-    StatusReport,
-)
+from .session import Session
 from .wire import FailureMode, Info
 
 __all__ = [

@@ -21,16 +21,16 @@ import structlog
 from broker.errors import SourceError, SourceQuarantined, SourceStalled
 
 from .encoding import pem_encode
-from .keyring import KeyringError, load_keyring
-from .session import (
+from .events import (
     Anomaly,
     EntropyBlock,
     Health,
     SerialNumber,
-    Session,
     StateChanged,
     StatusReport,
 )
+from .keyring import KeyringError, load_keyring
+from .session import Session
 from .transport import KeyTransport
 from .wire import Info
 

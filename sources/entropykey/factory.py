@@ -55,6 +55,60 @@ class SimulatedFleet:
         return key
 
 
+class FleetTransport:
+    """
+    A simulated key's transport that takes its key from the fleet when it is
+    first opened, not when the broker is built.
+
+    The key's long-term key comes from the keyring, so a keyring that is
+    missing, malformed or too widely readable makes this one source fail with
+    the reason (and be retried) instead of stopping the whole broker at start.
+    """
+
+    def __init__(
+        self, config: EntropyKeySourceConfig, serial: str, fleet: SimulatedFleet
+    ) -> None:
+        self.serial = serial
+        self.description = f"simulated {serial}"
+        self._config = config
+        self._fleet = fleet
+        self._inner: SimulatedTransport | None = None
+
+    async def open(self) -> None:
+        if self._inner is None:
+            from .encoding import pem_decode_exact
+
+            try:
+                keyring = await asyncio.to_thread(load_keyring, self._config.keyring)
+            except (KeyringError, OSError) as exc:
+                raise SourceError(f"keyring: {exc}") from exc
+            long_term_key = keyring.get(pem_decode_exact(self.serial.encode(), 12))
+            if long_term_key is None:
+                raise SourceError(
+                    f"keyring {self._config.keyring} has no key for {self.serial}"
+                )
+            key = self._fleet.get(
+                self.serial, long_term_key, float(self._config.simulated_rate)
+            )
+            self._inner = SimulatedTransport(self.serial, key)
+        await self._inner.open()
+
+    def _transport(self) -> SimulatedTransport:
+        if self._inner is None:
+            raise SourceError(f"simulated key {self.serial} is not open")
+        return self._inner
+
+    async def read(self) -> bytes:
+        return await self._transport().read()
+
+    async def write(self, data: bytes) -> None:
+        await self._transport().write(data)
+
+    async def close(self) -> None:
+        if self._inner is not None:
+            await self._inner.close()
+
+
 def source_name(config: EntropyKeySourceConfig, serial: str) -> str:
     """
     The name of one key's source: the entry's name, suffixed with the serial when
@@ -72,19 +126,11 @@ def _transport(
     *,
     usb_backend: Any,
     fleet: SimulatedFleet,
-    keyring: dict[bytes, bytes],
 ) -> KeyTransport:
     if config.transport == "usb":
         return UsbTransport(serial, backend=usb_backend)
     if config.transport == "simulated":
-        from .encoding import pem_decode_exact
-
-        long_term_key = keyring.get(pem_decode_exact(serial.encode(), 12))
-        if long_term_key is None:
-            raise SourceError(f"keyring {config.keyring} has no key for {serial}")
-        return SimulatedTransport(
-            serial, fleet.get(serial, long_term_key, float(config.simulated_rate))
-        )
+        return FleetTransport(config, serial, fleet)
     if config.path is None:  # validated at load; kept for the type checker
         raise SourceError(f"transport {config.transport} needs a path")
     if config.transport == "tty":
@@ -98,7 +144,6 @@ def _make(
     *,
     usb_backend: Any,
     fleet: SimulatedFleet,
-    keyring: dict[bytes, bytes],
 ) -> EntropyKeySource:
     nominal = (
         float(config.simulated_rate)
@@ -109,9 +154,7 @@ def _make(
         name=source_name(config, serial),
         serial=serial,
         keyring=config.keyring,
-        transport=_transport(
-            config, serial, usb_backend=usb_backend, fleet=fleet, keyring=keyring
-        ),
+        transport=_transport(config, serial, usb_backend=usb_backend, fleet=fleet),
         priority=config.priority,
         credit=config.credit,
         response_timeout=config.response_timeout,
@@ -185,24 +228,15 @@ def build_sources(
             )
     except (KeyringError, OSError) as exc:
         log.error("simulated_key_not_provisioned", serial=config.serial, error=str(exc))
-    keyring = _read_keyring(config.keyring)
     if config.serial != ANY_SERIAL:
-        return [
-            _make(
-                config,
-                config.serial,
-                usb_backend=usb_backend,
-                fleet=fleet,
-                keyring=keyring,
-            )
-        ]
+        return [_make(config, config.serial, usb_backend=usb_backend, fleet=fleet)]
     skip = set(exclude)
     try:
         serials = _present_serials(config, usb_backend)
     except SourceError:
         serials = []
     return [
-        _make(config, serial, usb_backend=usb_backend, fleet=fleet, keyring=keyring)
+        _make(config, serial, usb_backend=usb_backend, fleet=fleet)
         for serial in serials
         if serial not in skip
     ]

@@ -1,12 +1,13 @@
 """
-A simulated Entropy Key running in real time, and its ekey-ulusbd-style socket.
+A simulated Entropy Key running in real time.
 
 `SimulatedKey` wraps one sans-I/O `DeviceModel` with a lock and a clock so that
-threads (a pyusb backend, see `sim_usb`) and asyncio (`aread` / `awrite`,
-`UnixKeyServer`) can talk to it as if it were the hardware. Output accumulates
-as FIPS blocks fall due; a reader takes it. Like a real key whose host stops
-reading, it buffers only about two blocks and drops the rest, so a reader that
-comes back after an hour gets fresh frames, not an hour's backlog.
+threads (a pyusb backend, see `sim_usb`) and asyncio (`aread` / `awrite`, and
+through them `sim_socket.UnixKeyServer`) can talk to it as if it were the
+hardware. Output accumulates as FIPS blocks fall due; a reader takes it. Like
+a real key whose host stops reading, it buffers only about two blocks and
+drops the rest, so a reader that comes back after an hour gets fresh frames,
+not an hour's backlog.
 
 Controls mimic what can happen to a key: `unplug` / `replug` (power cycle:
 clears a latched failure, keeps the serial and the possibly re-keyed LTK),
@@ -18,31 +19,44 @@ import asyncio
 import contextlib
 import errno
 import os
-import socket
-import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Final, Self, TypedDict, Unpack
-
-import structlog
 
 from .device_model import BLOCKS_PER_FIPS, DeviceModel, PlaintextFault
 from .encoding import pem_decode_exact, pem_encode
-from .keyring import KeyringError, format_keyring, load_keyring
+from .keyring import KeyringError, load_keyring
+from .sim_keys import KeyPair, new_key_pair, random_serial, write_keyring
+from .sim_socket import UnixKeyServer, serve_unix
 from .wire import FailureMode
 
-log = structlog.get_logger("ebroker.simulator")
+# The socket server and the keyring helpers live in `sim_socket` and
+# `sim_keys`; they are re-exported because tests and the CLI take everything
+# simulator-related from here.
+__all__ = [
+    "BLOCK_BYTES",
+    "FRAME_SIZE",
+    "MAX_BACKLOG",
+    "KeyOptions",
+    "KeyPair",
+    "SimulatedKey",
+    "SimulatedUnplugged",
+    "UnixKeyServer",
+    "aread",
+    "awrite",
+    "new_key_pair",
+    "random_serial",
+    "serve_unix",
+    "write_keyring",
+]
 
 FRAME_SIZE: Final = 64
 BLOCK_BYTES: Final = BLOCKS_PER_FIPS * 32
 """Entropy bytes per FIPS block (78 ``E!`` frames of 32 bytes)."""
 MAX_BACKLOG: Final = 2 * BLOCKS_PER_FIPS * FRAME_SIZE
 """Unread device output above which further blocks and status are dropped."""
-_RELAY_CHUNK: Final = 4096
 
 
 class SimulatedUnplugged(OSError):
@@ -478,225 +492,3 @@ async def awrite(key: SimulatedKey, data: bytes) -> int:
         SimulatedUnplugged: the key is unplugged.
     """
     return key.write(data)
-
-
-# -- ekey-ulusbd-style Unix socket ----------------------------------------------
-
-
-class UnixKeyServer:
-    """
-    Relay one client at a time between a Unix stream socket and ``key``, as
-    ekey-ulusbd does: extra connections are closed at once; unread output is
-    dropped when a client connects; the socket is mode 0600 and removed on
-    close. An unplugged key closes the current client; later clients are
-    closed as soon as they connect, until the key is replugged.
-    """
-
-    def __init__(self, key: SimulatedKey, path: str | Path) -> None:
-        self.key = key
-        self.path = Path(path)
-        self._server: asyncio.Server | None = None
-        self._inode: int | None = None
-        self._client: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._log = log.bind(serial=key.serial_text, socket=str(self.path))
-
-    @property
-    def busy(self) -> bool:
-        """
-        Whether a client is connected.
-        """
-        return self._client is not None
-
-    @property
-    def inode(self) -> int | None:
-        """
-        The inode of the bound socket file (None before `start`).
-        """
-        return self._inode
-
-    async def start(self) -> None:
-        """
-        Bind and listen.
-
-        Raises:
-            FileExistsError: ``path`` exists and is not a socket.
-            OSError: the socket cannot be bound.
-        """
-        sock = _bind_private_unix(self.path)
-        self._inode = os.stat(self.path).st_ino
-        try:
-            self._server = await asyncio.start_unix_server(self._accept, sock=sock)
-        except BaseException:
-            sock.close()
-            self.path.unlink(missing_ok=True)
-            raise
-        self._log.info("simulator_listening")
-
-    async def close(self) -> None:
-        """
-        Stop listening, drop the client and remove the socket file.
-        """
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        for task in list(self._tasks):
-            task.cancel(msg="simulator closing")
-        # Cancelled handlers end with CancelledError; nothing else to report.
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if server is not None:
-            await server.wait_closed()
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(self.path).st_ino == self._inode:
-                self.path.unlink()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def _accept(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        assert task is not None  # noqa: S101 -- asyncio runs handlers as tasks
-        self._tasks.add(task)
-        try:
-            if self._client is not None:
-                self._log.info("client_refused", reason="another client is connected")
-                return
-            self._client = task
-            try:
-                await self._relay(reader, writer)
-            except Exception:  # noqa: BLE001 -- one client's failure never ends the server
-                self._log.error("client_failed", exc_info=True)
-            finally:
-                self._client = None
-        finally:
-            writer.close()
-            self._tasks.discard(task)
-
-    async def _relay(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        key = self.key
-        dropped = key.discard_pending()
-        if not key.plugged:
-            self._log.info("client_refused", reason="key unplugged")
-            return
-        self._log.info("client_connected", dropped_bytes=dropped)
-
-        async def to_client() -> None:
-            while True:
-                writer.write(await aread(key, _RELAY_CHUNK))
-                await writer.drain()
-
-        try:
-            async with asyncio.TaskGroup() as tasks:
-                down = tasks.create_task(to_client())
-                while data := await reader.read(_RELAY_CHUNK):
-                    await awrite(key, data)
-                down.cancel(msg="client closed its end")
-        except* SimulatedUnplugged:
-            self._log.info("client_closed", reason="key unplugged")
-        except* ConnectionError:
-            self._log.info("client_closed", reason="connection lost")
-        else:
-            self._log.info("client_closed", reason="client disconnected")
-
-
-async def serve_unix(
-    key: SimulatedKey, path: str | Path, *, stop: asyncio.Event | None = None
-) -> None:
-    """
-    Serve ``key`` on a Unix socket at ``path`` until ``stop`` is set (or, without
-    one, until cancelled); the socket file is removed on the way out.
-
-    Raises:
-        FileExistsError: ``path`` exists and is not a socket.
-        OSError: the socket cannot be bound.
-    """
-    async with UnixKeyServer(key, path):
-        await (stop if stop is not None else asyncio.Event()).wait()
-
-
-def _bind_private_unix(path: Path) -> socket.socket:
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(mode):
-            raise FileExistsError(errno.EEXIST, "exists and is not a socket", str(path))
-        # A socket file left by an earlier run, as asyncio itself assumes.
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        # Connections are refused until listen(), so the key is never
-        # reachable through a socket with the umask's looser mode.
-        os.chmod(path, 0o600)
-    except BaseException:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
-# -- keys for tests and demos ---------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class KeyPair:
-    """
-    A serial number and its long-term key.
-    """
-
-    serial: bytes
-    long_term_key: bytes
-
-    @property
-    def serial_text(self) -> str:
-        """
-        The 16-character PEM serial.
-        """
-        return pem_encode(self.serial).decode()
-
-    def keyring_text(self) -> str:
-        """
-        A keyring file (header and one line) holding this key.
-        """
-        return format_keyring({self.serial: self.long_term_key})
-
-
-def random_serial() -> bytes:
-    """
-    Return a random 12-byte serial number.
-    """
-    return os.urandom(12)
-
-
-def new_key_pair() -> KeyPair:
-    """
-    Return a random serial with a random long-term key.
-    """
-    return KeyPair(random_serial(), os.urandom(32))
-
-
-def write_keyring(path: str | Path, pairs: Iterable[KeyPair]) -> None:
-    """
-    Write a keyring file with mode 0600 (replacing any file at ``path``).
-    """
-    text = format_keyring({pair.serial: pair.long_term_key for pair in pairs})
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as file:
-        # O_CREAT's mode does not apply to a file that already existed.
-        os.fchmod(file.fileno(), 0o600)
-        file.write(text)
