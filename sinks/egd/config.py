@@ -33,7 +33,7 @@ class EgdSinkConfig(SinkConfigBase):
         "the broker stops serving it",
     )
     chunk_size: int = Field(
-        default=255,
+        default=64,
         ge=1,
         le=255,
         description="bytes handed to one blocked reader before the next gets a turn",
