@@ -621,3 +621,15 @@ def test_one_stuck_incident_counts_once() -> None:
     verdict = health.feed(bytes(16384), 62.0)
     assert HealthState.FAILED == verdict.state
     assert "quarantine" in health.reason
+
+
+def test_quarantine_keeps_its_first_reason() -> None:
+    """
+    A stuck source fails again in every APT window while quarantined; the
+    reported reason stays the cause that quarantined it.
+    """
+    health = SourceHealth(HealthConfig(), 8.0)
+    health.feed(random_bytes(2048, 3), 0.0)
+    health.feed(bytes(8192), 1.0)
+    assert HealthState.QUARANTINED == health.state
+    assert health.reason.startswith("RCT")

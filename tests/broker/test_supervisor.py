@@ -308,3 +308,41 @@ async def test_repeated_failures_fail_the_source_for_good() -> None:
     finally:
         await supervisor.stop()
     assert SourceState.FAILED == runner.state
+
+
+async def test_better_tier_takes_over_while_the_pool_is_full() -> None:
+    """
+    A preferred source that starts late still passes its start-up test and
+    takes over from a fallback that filled the pool while nobody drew.
+    """
+    pool = EntropyPool(4096)
+    supervisor = Supervisor(pool, standby_probe=0.05)
+    primary_source = PatternSource("primary", 0)
+    primary_source.gate.clear()
+    primary = supervisor.add(primary_source)
+    supervisor.add(PatternSource("fallback", 1))
+    supervisor.start()
+    try:
+        await eventually(lambda: supervisor.active_tier == 1 and not pool.has_space)
+        primary_source.gate.set()
+        await eventually(lambda: primary.healthy and supervisor.active_tier == 0)
+    finally:
+        await supervisor.stop()
+
+
+async def test_paused_source_is_still_probed() -> None:
+    """
+    A healthy source paused by a full pool is read now and then, so a device
+    that dies while nobody draws is noticed.
+    """
+    pool = EntropyPool(4096)
+    supervisor = Supervisor(pool, standby_probe=0.05)
+    source = PatternSource("s", 0)
+    runner = supervisor.add(source)
+    supervisor.start()
+    try:
+        await eventually(lambda: runner.healthy and not pool.has_space)
+        source.stuck = True
+        await eventually(lambda: runner.state == SourceState.QUARANTINED)
+    finally:
+        await supervisor.stop()
