@@ -119,7 +119,6 @@ class EgdServerConnection:
     def __init__(self) -> None:
         self._buffer = bytearray()
         self._state = ConnectionState.OPEN
-        self._error: RemoteProtocolError | None = None
 
     @property
     def state(self) -> ConnectionState:
@@ -144,8 +143,7 @@ class EgdServerConnection:
             raise LocalProtocolError("connection is in ERROR state")
         self._buffer += data
         if len(self._buffer) > MAX_BUFFER:
-            self._fail(RemoteProtocolError("too much unparsed input"))
-            raise self._error_now()
+            raise self._fail(RemoteProtocolError("too much unparsed input"))
 
     def next_event(self) -> Event | NeedData:
         """
@@ -183,18 +181,12 @@ class EgdServerConnection:
             data = bytes(buffer[4 : 4 + length])
             del buffer[: 4 + length]
             return WriteEntropy(bits, data)
-        self._fail(RemoteProtocolError(f"unknown EGD command 0x{command:02x}"))
-        raise self._error_now()
+        raise self._fail(RemoteProtocolError(f"unknown EGD command 0x{command:02x}"))
 
-    def _fail(self, error: RemoteProtocolError) -> None:
+    def _fail(self, error: RemoteProtocolError) -> RemoteProtocolError:
         self._state = ConnectionState.ERROR
-        self._error = error
         self._buffer.clear()
-
-    def _error_now(self) -> RemoteProtocolError:
-        if self._error is None:  # _fail always sets it; kept for the type checker
-            return RemoteProtocolError("protocol error")
-        return self._error
+        return error
 
 
 def encode_level(bits: int) -> bytes:
