@@ -234,6 +234,9 @@ class Broker:
         except BaseException:
             for sink in reversed(started):
                 await sink.shutdown(0)
+            for task in list(self._tasks):
+                task.cancel(msg="start-up failed")
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.supervisor.stop()
             self._pool.close()
             await self.accounts.close()

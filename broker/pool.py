@@ -349,6 +349,12 @@ class EntropyPool:
             self._give_back(bytes(waiter.collected))
 
     def _dispatch(self) -> None:
+        if len(self._waiters) and self.level:
+            self._serve_waiters()
+            # Waiters may just have drained a full buffer: let sources resume.
+            self._update_space()
+
+    def _serve_waiters(self) -> None:
         while len(self._waiters) and self.level:
             waiter = self._waiters.peek()
             if waiter.future.done():

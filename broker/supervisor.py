@@ -191,7 +191,13 @@ class SourceRunner:
         record: BinaryIO | None = None
         try:
             if self._record_path is not None:
-                record = self._record_path.open("ab")
+                try:
+                    record = self._record_path.open("ab")
+                except OSError as exc:
+                    # The source's data is still good: serve it, unrecorded.
+                    self._log.error(
+                        "record_raw_failed", path=str(self._record_path), error=str(exc)
+                    )
             while True:
                 try:
                     await self._run_once(record)
@@ -455,6 +461,7 @@ class Supervisor:
         task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
+        self._started = False
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel(msg="broker shutting down")

@@ -19,6 +19,7 @@ it as an argument; `wait_grant` reads ``time.time()`` since it really waits.
 import asyncio
 import math
 import time
+import weakref
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,7 @@ class Accounts:
         self._customers: dict[str, CustomerState] = {}
         self._identity = IdentityMap()
         self._clients: dict[str, Client] = {}
+        self._live: weakref.WeakSet[Client] = weakref.WeakSet()
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._housekeeper: asyncio.Task[None] | None = None
@@ -148,7 +150,9 @@ class Accounts:
             ConfigError: the new list has problems; the old one stays in force.
         """
         self._apply(customers)
-        for client in self._clients.values():
+        # Every live client, including ones housekeeping dropped from the index
+        # while a long-lived connection still holds them.
+        for client in list(self._live):
             customer = self._customers[self._match(client._ident)]
             client._customer = customer
             client._sync_bucket()
@@ -215,6 +219,7 @@ class Accounts:
         client = self._clients.get(key)
         if client is None:
             client = self._clients[key] = Client(key, peer.transport, ident, customer)
+            self._live.add(client)
         return client
 
     def weight_of(self, key: Hashable) -> float:
@@ -502,7 +507,7 @@ class Accounts:
         for key in [
             key
             for key, client in self._clients.items()
-            if now - client.last_seen > _CLIENT_IDLE_FORGET
+            if now - client.last_seen > _CLIENT_IDLE_FORGET and not client.connections
         ]:
             del self._clients[key]
         await self.save()

@@ -123,10 +123,12 @@ class Client:
     """
 
     __slots__ = (
+        "__weakref__",
         "_customer",
         "_ident",
         "bucket",
         "bytes_served",
+        "connections",
         "key",
         "last_seen",
         "throttled_seconds",
@@ -147,6 +149,8 @@ class Client:
         self._ident = ident
         self._customer = customer
         self.bucket: TokenBucket | None = None
+        self.connections = 0
+        """Open connections of this client (kept while any is open)."""
         self.bytes_served = 0
         self.throttled_seconds = 0.0
         self.last_seen = 0.0

@@ -48,6 +48,7 @@ from sinks.egd.wire import (
 log = structlog.get_logger("ebroker.egd")
 
 EOF_GRACE = 1.0
+CLOSE_GRACE = 5.0
 
 
 class _Close:
@@ -117,6 +118,7 @@ class EgdConnection(asyncio.Protocol):
             transport.close()
             return
         self._client = identity
+        identity.connections += 1
         self._log = self._log.bind(customer=identity.customer_id)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -130,6 +132,9 @@ class EgdConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        if self._client is not None:
+            self._client.connections -= 1
+            self._client = None
         if self._worker is not None:
             self._worker.cancel(msg="client went away")
         self._writable.set()
@@ -296,8 +301,13 @@ class EgdConnection(asyncio.Protocol):
 
     def _close_transport(self) -> None:
         self._closing = True
-        if self._transport is not None:
-            self._transport.close()
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        # close() waits for the write buffer to drain; a client that stopped
+        # reading would hold its connection slot forever.
+        asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
 
     # ---- shutdown ----
 

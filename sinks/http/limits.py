@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from broker.accounts import Accounts, Client, Denied, Grant, Peer
+from broker.accounts import AccessDenied, Accounts, Client, Denied, Grant, Peer
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -137,6 +137,10 @@ async def grant_within(
         async with asyncio.timeout(wait):
             while collected < wanted:
                 collected += await accounts.wait_grant(client, wanted - collected)
+    except AccessDenied:
+        # A reload denied the customer while this request waited.
+        accounts.refund(client, collected)
+        return Grant(0, 0.0, "denied", None, None, 0, 0)
     except TimeoutError:
         now = time.time()
         accounts.refund(client, collected, now)

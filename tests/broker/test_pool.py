@@ -233,3 +233,20 @@ def test_credit_must_be_in_range() -> None:
     """
     with pytest.raises(ValueError, match="credit"):
         EntropyPool(4096).add(b"x", 9)
+
+
+async def test_waiter_draining_a_full_pool_wakes_sources() -> None:
+    """
+    A large blocked read that empties a full buffer lets paused sources resume.
+    """
+    pool = EntropyPool(64)
+    pool.add(os.urandom(80), 8)
+    assert not pool.has_space
+    paused = asyncio.create_task(pool.wait_for_space())
+    reader = asyncio.create_task(pool.read(4096))
+    async with asyncio.timeout(1):
+        await paused
+    assert 0 == pool.level
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader

@@ -369,3 +369,30 @@ async def test_clients_carry_customer_weight_into_fair_queue() -> None:
     assert 3.0 == served["acme"] / served["small"]
     acc.reload([acme(weight=1), customer(id="small", networks=["192.0.2.0/24"])])
     assert 1.0 == big.weight
+
+
+async def test_reload_reaches_clients_forgotten_while_connected() -> None:
+    """
+    A long-lived connection's client outlives housekeeping's idle sweep, and a
+    reload still moves it to the customer its identity now maps to.
+    """
+    acc = accounts(acme(), customer(id="default", deny=True))
+    vm = client_of(acc, Peer("tcp", ip="10.1.0.5"))
+    vm.last_seen = NOW
+    await acc.tick(NOW + 7200)  # idle for two hours, no connection marked open
+    acc.reload([customer(id="default", deny=True)])
+    grant = await acc.grant(vm, 100, NOW + 7201)
+    assert (0, "denied") == (grant.granted, grant.limit)
+
+
+async def test_open_connections_keep_a_client_indexed() -> None:
+    """
+    A client with an open connection is not forgotten however quiet it is, so
+    the same host never gets a second, full bucket.
+    """
+    acc = accounts(acme(client_rate="1 KiB/s", client_burst="1 KiB"))
+    vm = client_of(acc, Peer("tcp", ip="10.1.0.5"))
+    vm.connections = 1
+    vm.last_seen = NOW
+    await acc.tick(NOW + 7200)
+    assert vm is client_of(acc, Peer("tcp", ip="10.1.0.5"))
