@@ -117,6 +117,11 @@ class EgdConnection(asyncio.Protocol):
             self._closing = True
             transport.close()
             return
+        if identity.connections >= self._sink.config.max_connections_per_client:
+            self._log.warning("connection_refused", reason="too many from this client")
+            self._closing = True
+            transport.close()
+            return
         self._client = identity
         identity.connections += 1
         self._log = self._log.bind(customer=identity.customer_id)

@@ -260,3 +260,32 @@ async def test_flood_of_small_commands_is_bounded(served: Any) -> None:
             await asyncio.sleep(0)
     assert connection.write_buffer_size() <= sink.config.max_buffered_output + 4
     writer.transport.abort()
+
+
+async def test_one_client_cannot_take_every_slot(tmp_path: Path) -> None:
+    """
+    Connections from one client beyond max_connections_per_client are closed
+    at accept; the client's first connections keep working.
+    """
+    pool = EntropyPool(1 << 20)
+    config = EgdSinkConfig(
+        kind="egd", listen=["tcp://127.0.0.1:0"], max_connections_per_client=2
+    )
+    sink = EgdSink(config, pool, tmp_path)
+    await sink.start()
+    try:
+        own = [await connect(sink) for _ in range(2)]
+        await eventually(lambda: sink.status().connections == 2)
+        reader, writer = await connect(sink)
+        async with asyncio.timeout(5):
+            assert b"" == await reader.read(1)
+        writer.close()
+        fill(pool, 64)
+        first_reader, first_writer = own[0]
+        first_writer.write(b"\x02\x10")
+        async with asyncio.timeout(5):
+            assert 16 == len(await first_reader.readexactly(16))
+        for _, w in own:
+            w.close()
+    finally:
+        await sink.shutdown(0)
