@@ -17,6 +17,7 @@ it as an argument; `wait_grant` reads ``time.time()`` since it really waits.
 """
 
 import asyncio
+import functools
 import math
 import time
 import weakref
@@ -31,6 +32,7 @@ from broker.accounts.backend import (
     Charge,
     MemoryBackend,
     QuotaBackend,
+    QuotaLimit,
 )
 from broker.accounts.clients import (
     AccessDenied,
@@ -256,6 +258,9 @@ class Accounts:
         if wanted <= 0:
             return 0
         while True:
+            # Taken before the limits are checked, so a reload that lands while
+            # the check is in flight still wakes the wait that follows.
+            changed = self._changed
             piece = self._piece(client, wanted)
             now = time.time()
             client._sync_bucket()  # a reload may have changed the client's rate
@@ -264,25 +269,26 @@ class Accounts:
             if early > 0 and not client._customer.config.deny:
                 # Wait for a whole piece locally rather than trickle out single
                 # bytes (and backend round trips) as they accrue.
-                await self._throttle(client, early)
+                await self._throttle(client, early, changed)
                 continue
             grant, _ = await self._attempt(client, wanted, now, piece)
             if grant.granted:
                 return grant.granted
             if grant.limit == "denied":
                 raise AccessDenied(f"customer {client.customer_id!r} is denied")
-            await self._throttle(client, grant.retry_after)
+            await self._throttle(client, grant.retry_after, changed)
 
-    async def _throttle(self, client: Client, delay: float) -> None:
+    async def _throttle(
+        self, client: Client, delay: float, changed: asyncio.Event
+    ) -> None:
         started = time.monotonic()
-        await self._sleep(max(delay, _MIN_WAIT))
+        await self._sleep(max(delay, _MIN_WAIT), changed)
         waited = time.monotonic() - started
         client.throttled_seconds += waited
         client._customer.throttled_seconds += waited
 
-    async def _sleep(self, delay: float) -> None:
+    async def _sleep(self, delay: float, changed: asyncio.Event) -> None:
         # A reload may lift the limit we are waiting for: wake up and re-check.
-        changed = self._changed
         try:
             async with asyncio.timeout(None if math.isinf(delay) else delay):
                 await changed.wait()
@@ -316,9 +322,22 @@ class Accounts:
         amount = own.take(wanted, now) if own is not None else wanted
         charge: Charge | None = None
         if amount:
-            charge = await self.backend.take(
-                customer.id, amount, now, customer.bucket, quota
+            take = asyncio.ensure_future(
+                self.backend.take(customer.id, amount, now, customer.bucket, quota)
             )
+            try:
+                # Shielded: a caller cancelled mid-call (a timed-out wait, a
+                # client gone) must not leave a charge nobody refunds.
+                charge = await asyncio.shield(take)
+            except asyncio.CancelledError:
+                if own is not None:
+                    own.refund(amount)
+                take.add_done_callback(
+                    functools.partial(
+                        self._undo_charge, customer.id, customer.bucket, quota
+                    )
+                )
+                raise
             if own is not None and charge.granted < amount:
                 own.refund(amount - charge.granted)
             if not charge.available:
@@ -391,6 +410,25 @@ class Accounts:
             ),
             charge,
         )
+
+    def _undo_charge(
+        self,
+        customer_id: str,
+        bucket: BucketLimit | None,
+        quota: QuotaLimit | None,
+        take: "asyncio.Future[Charge]",
+    ) -> None:
+        if (
+            take.cancelled()
+            or take.exception() is not None
+            or not take.result().granted
+        ):
+            return
+        task = asyncio.get_running_loop().create_task(
+            self.backend.give_back(customer_id, take.result().granted, bucket, quota)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def refund(self, client: Client, unused: int, now: float | None = None) -> None:
         """

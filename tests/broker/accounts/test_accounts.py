@@ -19,6 +19,7 @@ from broker.accounts import (
     Client,
     CustomerConfig,
     Denied,
+    MemoryBackend,
     Peer,
     WeightedWaitQueue,
     hash_token,
@@ -396,3 +397,43 @@ async def test_open_connections_keep_a_client_indexed() -> None:
     vm.last_seen = NOW
     await acc.tick(NOW + 7200)
     assert vm is client_of(acc, Peer("tcp", ip="10.1.0.5"))
+
+
+class SlowBackend(MemoryBackend):
+    """
+    A memory backend whose charges complete only when the test says so.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def take(self, *args: Any, **kwargs: Any) -> Any:
+        # Like a Redis script that already ran when the caller gave up.
+        charge = await super().take(*args, **kwargs)
+        await self.release.wait()
+        return charge
+
+
+async def test_charge_of_a_cancelled_grant_is_undone() -> None:
+    """
+    A grant cancelled while its charge is in flight (a client went away) does
+    not leave the customer charged once the charge lands.
+    """
+    backend = SlowBackend()
+    metered = customer(id="metered", networks=["10.9.0.0/16"], quota="1 MiB/day")
+    acc = Accounts(AccountsConfig(), [metered], backend=backend)
+    vm = client_of(acc, Peer("tcp", ip="10.9.0.1"))
+    now = time.time()
+    pending = asyncio.create_task(acc.grant(vm, 4096, now))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    pending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+    backend.release.set()
+    period = vm._customer.quota_limit(now)
+    assert period is not None
+    await eventually(lambda: backend.usage_now("metered", period.period_key) == 0)
+    await acc.flush()
+    assert 0 == backend.usage_now("metered", period.period_key)
