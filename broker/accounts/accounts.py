@@ -435,6 +435,12 @@ class Accounts:
         Give back ``unused`` granted bytes the caller did not serve (a read that
         timed out, a connection that closed). The client bucket is credited at
         once; the backend in a task (see `flush`).
+
+        Args:
+            client: who was granted the bytes.
+            unused: how many of them were not served.
+            now: when they were granted; decides which quota period gets them
+                back (a refund just after midnight belongs to yesterday).
         """
         if unused <= 0:
             return

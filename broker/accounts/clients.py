@@ -58,6 +58,8 @@ class Grant:
     customer has no rate); 0 means unlimited: send no RateLimit headers."""
     rate_remaining: int
     """``RateLimit-Remaining`` for the same window."""
+    charged_at: float | None = None
+    """When the bytes were charged (for refunds to the right quota period)."""
 
 
 class CustomerState:

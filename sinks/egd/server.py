@@ -268,20 +268,23 @@ class EgdConnection(asyncio.Protocol):
     async def _read_now(self, count: int) -> bytes:
         # Limits shorten a non-blocking read; EGD has no way to say why.
         accounts, client = self._sink.accounts, self._require_client()
-        grant = await accounts.grant(client, count, time.time())
+        now = time.time()
+        grant = await accounts.grant(client, count, now)
         data = self._sink.pool.read_nowait(grant.granted)
-        accounts.refund(client, grant.granted - len(data))
+        accounts.refund(client, grant.granted - len(data), now)
         return data
 
     async def _read_blocking(self, count: int) -> bytes:
         # Limits delay a blocking read: the client simply sees the allowed rate.
         accounts, client = self._sink.accounts, self._require_client()
         allowed = await accounts.wait_grant(client, count)
+        # The grant's own time: a refund after midnight belongs to yesterday's quota.
+        granted_at = client.last_seen
         data = b""
         try:
             data = await self._sink.pool.read(allowed, partial=True, key=client)
         finally:
-            accounts.refund(client, allowed - len(data))
+            accounts.refund(client, allowed - len(data), granted_at)
         return data
 
     def _require_client(self) -> Client:

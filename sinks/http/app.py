@@ -375,7 +375,7 @@ async def entropy(request: web.Request) -> web.StreamResponse:
         return _shutting_down()
     finally:
         # Whatever was granted but not served goes back to the client's budget.
-        accounts.refund(client, query.count - len(data))
+        accounts.refund(client, query.count - len(data), grant.charged_at)
     if len(data) != query.count:
         # The pool only has bytes ready when nobody waits, so this is a bug;
         # the short read is dropped rather than served twice.

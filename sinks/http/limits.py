@@ -9,6 +9,7 @@ budget store is unreachable and the operator chose ``fail_closed``.
 """
 
 import asyncio
+import dataclasses
 import math
 import time
 from datetime import UTC, datetime
@@ -119,7 +120,7 @@ async def grant_now(accounts: Accounts, client: Client, wanted: int) -> Grant:
     grant = await accounts.grant(client, wanted, now)
     if 0 < grant.granted < wanted:
         accounts.refund(client, grant.granted, now)
-    return grant
+    return dataclasses.replace(grant, charged_at=now)
 
 
 async def grant_within(
@@ -133,24 +134,25 @@ async def grant_within(
         explains why not.
     """
     collected = 0
+    first_at: float | None = None
     try:
         async with asyncio.timeout(wait):
             while collected < wanted:
                 collected += await accounts.wait_grant(client, wanted - collected)
+                first_at = client.last_seen if first_at is None else first_at
     except AccessDenied:
         # A reload denied the customer while this request waited.
-        accounts.refund(client, collected)
+        accounts.refund(client, collected, first_at)
         return Grant(0, 0.0, "denied", None, None, 0, 0)
     except TimeoutError:
-        now = time.time()
-        accounts.refund(client, collected, now)
+        accounts.refund(client, collected, first_at)
         return await grant_now(accounts, client, wanted)
     except BaseException:
-        accounts.refund(client, collected)
+        accounts.refund(client, collected, first_at)
         raise
     # A zero-byte grant charges nothing and reports where the limits stand.
     state = await accounts.grant(client, 0, time.time())
     return Grant(
         wanted, 0.0, None, state.reset_at, state.remaining_quota, state.rate_limit,
-        state.rate_remaining,
+        state.rate_remaining, first_at,
     )  # fmt: skip

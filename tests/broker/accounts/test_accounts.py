@@ -437,3 +437,25 @@ async def test_charge_of_a_cancelled_grant_is_undone() -> None:
     await eventually(lambda: backend.usage_now("metered", period.period_key) == 0)
     await acc.flush()
     assert 0 == backend.usage_now("metered", period.period_key)
+
+
+async def test_refund_goes_to_the_period_that_was_charged() -> None:
+    """
+    Bytes granted a second before midnight and handed back after it return to
+    yesterday's quota, not today's.
+    """
+    backend = MemoryBackend()
+    metered = customer(id="metered", networks=["10.9.0.0/16"], quota="1 KiB/day")
+    acc = Accounts(AccountsConfig(), [metered], backend=backend)
+    vm = client_of(acc, Peer("tcp", ip="10.9.0.1"))
+    _, midnight = period_bounds("day", NOW)
+    before = midnight - 1
+    assert 512 == (await acc.grant(vm, 512, before)).granted
+    acc.refund(vm, 512, before)
+    await acc.flush()
+    yesterday = vm._customer.quota_limit(before)
+    today = vm._customer.quota_limit(midnight + 1)
+    assert yesterday is not None
+    assert today is not None
+    assert 0 == backend.usage_now("metered", yesterday.period_key)
+    assert 0 == backend.usage_now("metered", today.period_key)
