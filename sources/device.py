@@ -22,6 +22,7 @@ from pydantic import Field
 
 from broker.configbase import Duration, Size, SourceConfigBase
 from broker.errors import SourceError
+from sources.fdio import read_when_ready
 
 
 class DeviceSourceConfig(SourceConfigBase):
@@ -84,11 +85,6 @@ class _ThreadRead:
             self.future.set_exception(result)
         else:
             self.future.set_result(result)
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 class DeviceSource:
@@ -165,7 +161,7 @@ class DeviceSource:
         try:
             async with asyncio.timeout(self._stall_timeout):
                 if self._pollable:
-                    data = await self._read_pollable(self._fd)
+                    data = await read_when_ready(self._fd, self._read_size)
                 else:
                     data = await self._read_in_thread(self._fd)
         except TimeoutError:
@@ -177,20 +173,6 @@ class DeviceSource:
         if not data:
             raise SourceError(f"{self.path} reached end of file")
         return data
-
-    async def _read_pollable(self, fd: int) -> bytes:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                return os.read(fd, self._read_size)
-            except BlockingIOError:
-                pass  # nothing yet: wait for the kernel to say the fd is readable
-            readable: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(fd, _resolve, readable)
-            try:
-                await readable
-            finally:
-                loop.remove_reader(fd)
 
     async def _read_in_thread(self, fd: int) -> bytes:
         if self._pending is None or self._pending.future.done():

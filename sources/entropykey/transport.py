@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from broker.errors import SourceError
+from sources.fdio import read_when_ready
 
 VENDOR_ID = 0x20DF
 PRODUCT_ID = 0x0001
@@ -114,26 +115,13 @@ class TtyTransport:
 
     async def read(self) -> bytes:
         fd = self._require_fd()
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                data = os.read(fd, _STREAM_READ_SIZE)
-            except BlockingIOError:
-                data = None
-            except OSError as exc:
-                raise SourceError(
-                    f"read from {self.path} failed: {exc.strerror}"
-                ) from exc
-            if data == b"":
-                raise SourceError(f"{self.path} was closed (key unplugged?)")
-            if data:
-                return data
-            readable: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(fd, _resolve, readable)
-            try:
-                await readable
-            finally:
-                loop.remove_reader(fd)
+        try:
+            data = await read_when_ready(fd, _STREAM_READ_SIZE)
+        except OSError as exc:
+            raise SourceError(f"read from {self.path} failed: {exc.strerror}") from exc
+        if not data:
+            raise SourceError(f"{self.path} was closed (key unplugged?)")
+        return data
 
     async def write(self, data: bytes) -> None:
         fd = self._require_fd()
@@ -161,11 +149,6 @@ class TtyTransport:
         if self._fd is None:
             raise SourceError(f"{self.path} is not open")
         return self._fd
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 # ---- unix socket ----
@@ -269,26 +252,50 @@ def usb_bus_path(device: Any) -> str:
     return f"{device.bus}-{suffix}"
 
 
-class UsbTransport:
+class _OwnThread:
+    """
+    One worker thread per key for its blocking calls: sharing the loop's
+    default executor with other sources could starve it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._thread_name = name
+        self._executor: ThreadPoolExecutor | None = None
+
+    def _start_thread(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=self._thread_name)
+
+    def _stop_thread(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _call(self, function: Any, *args: Any) -> Any:
+        if self._executor is None:
+            raise SourceError(f"{self._thread_name} is not open")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, function, *args
+        )
+
+
+class UsbTransport(_OwnThread):
     """
     A key driven directly over USB with pyusb: finds it by serial, detaches
     cdc_acm, claims the data interface and uses its bulk endpoints.
     """
 
     def __init__(self, serial: str, backend: Any = None) -> None:
+        super().__init__(f"ekey-{serial}")
         self.serial = serial
         self.description = f"usb serial {serial}"
         self._backend = backend
         self._device: Any = None
-        # One thread of our own: pyusb calls block, and sharing the loop's
-        # default executor with other sources could starve it.
-        self._executor: ThreadPoolExecutor | None = None
 
     async def open(self) -> None:
         import usb.core
         import usb.util
 
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"ekey-{self.serial}")
+        self._start_thread()
         device = None
         for candidate in await self._call(find_usb_keys, self._backend):
             if await self._call(usb_serial, candidate) == self.serial:
@@ -353,8 +360,7 @@ class UsbTransport:
         import usb.util
 
         device, self._device = self._device, None
-        executor, self._executor = self._executor, None
-        if device is not None and executor is not None:
+        if device is not None and self._executor is not None:
 
             def release() -> None:
                 with contextlib.suppress(usb.core.USBError):
@@ -362,16 +368,8 @@ class UsbTransport:
                 with contextlib.suppress(usb.core.USBError):
                     usb.util.dispose_resources(device)
 
-            await asyncio.get_running_loop().run_in_executor(executor, release)
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
-
-    async def _call(self, function: Any, *args: Any) -> Any:
-        if self._executor is None:
-            raise SourceError(f"Entropy Key {self.serial} is not open")
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, function, *args
-        )
+            await self._call(release)
+        self._stop_thread()
 
 
 # ---- in-process simulator -----------------------------------------------------
@@ -387,20 +385,20 @@ class SimulatedDevice(Protocol):
     def write(self, data: bytes) -> int: ...
 
 
-class SimulatedTransport:
+class SimulatedTransport(_OwnThread):
     """
     A key simulated in this process, reached through the same blocking calls a
     USB device takes, in a thread of its own.
     """
 
     def __init__(self, serial: str, device: SimulatedDevice) -> None:
+        super().__init__(f"sim-{serial}")
         self.serial = serial
         self.description = f"simulated {serial}"
         self._device = device
-        self._executor: ThreadPoolExecutor | None = None
 
     async def open(self) -> None:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"sim-{self.serial}")
+        self._start_thread()
 
     async def read(self) -> bytes:
         while True:
@@ -420,13 +418,4 @@ class SimulatedTransport:
             raise SourceError(_usb_error_text(exc)) from exc
 
     async def close(self) -> None:
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
-
-    async def _call(self, function: Any, *args: Any) -> Any:
-        if self._executor is None:
-            raise SourceError(f"simulated key {self.serial} is not open")
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, function, *args
-        )
+        self._stop_thread()
