@@ -177,15 +177,40 @@ def cmd_check_config(config_path: Path) -> int:
     return EXIT_OK
 
 
-def cmd_status(url: str, raw: bool) -> int:
+class StatusUnavailable(Exception):
+    """
+    A running broker's status could not be read; the message says why.
+    """
+
+
+def _read_status(url: str) -> dict[str, Any]:
+    """
+    ``GET URL/v1/status`` of a running broker.
+
+    Raises:
+        ValueError: ``url`` is not an http(s) URL.
+        StatusUnavailable: no broker answered with a status document.
+    """
     target = url.rstrip("/") + "/v1/status"
     if not target.startswith(("http://", "https://")):
-        return _fail(f"{url!r} is not an http:// or https:// URL", EXIT_USAGE)
+        raise ValueError(f"{url!r} is not an http:// or https:// URL")
     try:
         with urllib.request.urlopen(target, timeout=5) as response:  # noqa: S310 - scheme checked above
-            body = json.load(response)
+            document = json.load(response)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        return _fail(f"cannot read {target}: {exc}")
+        raise StatusUnavailable(f"cannot read {target}: {exc}") from exc
+    if not isinstance(document, dict):
+        raise StatusUnavailable(f"{target} did not answer with a status document")
+    return document
+
+
+def cmd_status(url: str, raw: bool) -> int:
+    try:
+        body = _read_status(url)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except StatusUnavailable as exc:
+        return _fail(str(exc))
     if raw:
         print(json.dumps(body, indent=2))
         return EXIT_OK
@@ -207,17 +232,16 @@ def cmd_status(url: str, raw: bool) -> int:
 
 
 def _fetch_status(url: str) -> dict[str, Any] | None:
+    """
+    `_read_status`, or None when there is no URL or no answer (the caller
+    carries on without the broker's view).
+    """
     if not url:
         return None
-    target = url.rstrip("/") + "/v1/status"
-    if not target.startswith(("http://", "https://")):
-        return None
     try:
-        with urllib.request.urlopen(target, timeout=5) as response:  # noqa: S310 - scheme checked above
-            document = json.load(response)
-    except (urllib.error.URLError, OSError, ValueError):
+        return _read_status(url)
+    except (ValueError, StatusUnavailable):
         return None
-    return document if isinstance(document, dict) else None
 
 
 def cmd_keys(keyring: Path, url: str) -> int:
