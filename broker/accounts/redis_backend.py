@@ -332,13 +332,9 @@ class RedisBackend:
             return Charge(amount, None, None)  # nothing shared to check
         if not await self._usable(now):
             return self._fallback_take(customer_id, amount, now, bucket, quota)
-        period_key = quota.period_key if quota is not None else "-"
         try:
             reply = await self._take_script(
-                keys=[
-                    self._bucket_key(customer_id),
-                    self._quota_key(customer_id, period_key),
-                ],
+                keys=self._script_keys(customer_id, quota),
                 args=[
                     amount,
                     repr(now),
@@ -361,6 +357,12 @@ class RedisBackend:
             used if quota is not None else None,
         )
 
+    def _script_keys(self, customer_id: str, quota: QuotaLimit | None) -> list[str]:
+        # The take and give-back scripts touch the same two keys; "-" stands
+        # for "no quota" (the scripts then leave that key alone).
+        period_key = quota.period_key if quota is not None else "-"
+        return [self._bucket_key(customer_id), self._quota_key(customer_id, period_key)]
+
     async def give_back(
         self,
         customer_id: str,
@@ -377,13 +379,9 @@ class RedisBackend:
                 if quota is not None:
                     self._note_local(customer_id, quota.period_key, -amount, quota)
             return
-        period_key = quota.period_key if quota is not None else "-"
         try:
             used = await self._give_script(
-                keys=[
-                    self._bucket_key(customer_id),
-                    self._quota_key(customer_id, period_key),
-                ],
+                keys=self._script_keys(customer_id, quota),
                 args=[
                     amount,
                     bucket.burst if bucket is not None else -1,
