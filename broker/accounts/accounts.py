@@ -21,7 +21,7 @@ import functools
 import math
 import time
 import weakref
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -223,13 +223,6 @@ class Accounts:
             client = self._clients[key] = Client(key, peer.transport, ident, customer)
             self._live.add(client)
         return client
-
-    def weight_of(self, key: Hashable) -> float:
-        """
-        Fair-share weight of a waiter key (a `Client`; anything else weighs 1).
-        """
-        weight = getattr(key, "weight", 1.0)
-        return float(weight) if isinstance(weight, int | float) else 1.0
 
     # ---- granting ------------------------------------------------------------
 

@@ -89,8 +89,7 @@ def test_identify_by_network_uid_and_token() -> None:
     by_token = client_of(acc, Peer("http", ip="192.0.2.9", token=ACME_TOKEN))
     assert "acme" == by_token.customer_id
     assert ACME_TOKEN not in by_token.key
-    assert 3.0 == acc.weight_of(by_token)
-    assert 1.0 == acc.weight_of(None)
+    assert 3.0 == by_token.weight
 
 
 def test_unknown_token_is_denied() -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.accounts.fairqueue import WeightedWaitQueue
+from broker.accounts.fairqueue import DEFAULT_FLOW, WeightedWaitQueue, _identity
 from broker.pool import EntropyPool, Waiter
 
 CHUNK = 256
@@ -222,3 +222,11 @@ async def test_works_inside_the_real_pool() -> None:
     results = await asyncio.gather(*reads)
     assert [64] * 6 == [len(data) for data in results]
     assert 0 == pool.waiters
+
+
+def test_keys_that_are_not_clients_weigh_one() -> None:
+    """
+    A waiter whose key is not a client (None, a connection) joins the default
+    flow with weight 1.
+    """
+    assert (DEFAULT_FLOW, 1.0) == _identity(None)
