@@ -18,7 +18,7 @@ from broker.configtypes import (
     Size,
     StrictModel,
 )
-from broker.health import HealthConfig
+from broker.health_config import HealthConfig
 
 __all__ = [
     "ByteRate",

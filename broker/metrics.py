@@ -22,8 +22,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from broker import __version__
-from broker.status import BrokerView
-from sources.base import SourceState
+from broker.status import BrokerView, SourceState
 
 NAMESPACE = "ebroker"
 SOURCE_STATES: tuple[str, ...] = tuple(state.value for state in SourceState)

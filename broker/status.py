@@ -4,11 +4,25 @@ Read-only views of the running broker, shared by the HTTP sink, metrics and CLI.
 Sinks receive a `BrokerView` and never reach into sources or the supervisor.
 """
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from broker.pool import EntropyPool
+
+
+class SourceState(enum.StrEnum):
+    """
+    Lifecycle of a source as reported in status and metrics.
+    """
+
+    STARTING = "starting"
+    HEALTHY = "healthy"
+    QUARANTINED = "quarantined"
+    STALLED = "stalled"
+    FAILED = "failed"
+    STOPPED = "stopped"
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,8 +49,8 @@ import structlog
 from broker.errors import SourceError, SourceQuarantined, SourceStalled
 from broker.health import STARTUP_SAMPLES, HealthConfig, HealthState, SourceHealth
 from broker.pool import EntropyPool
-from broker.status import SourceStatus
-from sources.base import Source, SourceState
+from broker.status import SourceState, SourceStatus
+from sources.base import Source
 
 log = structlog.get_logger("ebroker.supervisor")
 

@@ -7,22 +7,8 @@ any ``OSError``) on device trouble; they never retry on their own, because the
 supervisor decides what happens next (backoff, reconnect, failover).
 """
 
-import enum
 from types import TracebackType
 from typing import Protocol, Self
-
-
-class SourceState(enum.StrEnum):
-    """
-    Lifecycle of a source as reported in status and metrics.
-    """
-
-    STARTING = "starting"
-    HEALTHY = "healthy"
-    QUARANTINED = "quarantined"
-    STALLED = "stalled"
-    FAILED = "failed"
-    STOPPED = "stopped"
 
 
 class Source(Protocol):

@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from broker.accounts import AccountsConfig, CustomerConfig
 from broker.config import BrokerSection, LoggingSection
-from broker.health import HealthConfig
+from broker.health_config import HealthConfig
 from sinks.egd.config import EgdSinkConfig
 from sinks.http.config import HttpSinkConfig
 from sources.device import DeviceSourceConfig

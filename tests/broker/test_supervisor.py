@@ -12,8 +12,8 @@ from typing import Self
 
 from broker.errors import SourceError
 from broker.pool import EntropyPool
+from broker.status import SourceState
 from broker.supervisor import Backoff, SourceRunner, Supervisor
-from sources.base import SourceState
 from sources.device import DeviceSource, DeviceSourceConfig
 from tests.helpers import eventually
 

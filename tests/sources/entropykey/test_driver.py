@@ -15,8 +15,8 @@ import pytest
 
 from broker.errors import SourceError, SourceQuarantined
 from broker.pool import EntropyPool
+from broker.status import SourceState
 from broker.supervisor import Supervisor
-from sources.base import SourceState
 from sources.entropykey.driver import EntropyKeySource
 from sources.entropykey.keyring import KeyringPermissionError
 from sources.entropykey.sim_usb import SimulatedBus
