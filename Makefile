@@ -1,14 +1,28 @@
-# ebroker — every target installs what it needs into .venv first.
+# ebroker — every target installs what it needs first: the venv in .venv, and for
+# `make test` the system programs the suite runs (installed with apt-get when
+# make runs as root; otherwise the tests that need them are skipped, and the run
+# says what to install).
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= config/ebroker.toml
+APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -qq -o=Dpkg::Use-Pty=0
+CAN_APT = [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null
 
-.PHONY: install run test lint fmt bench cov check clean
+.PHONY: install system-packages run test stress lint fmt bench cov check clean
 
+# Debian's Python keeps venv (ensurepip) in its own package, python3-venv.
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
+	  if $(CAN_APT); then \
+	    echo "==> installing python3-venv (Debian's Python needs it for the venv)"; \
+	    $(APT_GET) update && $(APT_GET) install -y --no-install-recommends python3-venv; \
+	  else \
+	    echo "==> $(PYTHON) has no venv module: run 'apt-get install -y python3-venv' as root" >&2; \
+	    exit 1; \
+	  fi; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
@@ -16,11 +30,29 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+system-packages:
+	@missing="$$($(PYTHON) tests/system_tools.py missing)"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if $(CAN_APT); then \
+	  echo "==> installing system packages the tests run: $$missing"; \
+	  { $(APT_GET) update && $(APT_GET) install -y --no-install-recommends $$missing; } \
+	    || echo "==> apt-get failed; the tests that need $$missing will be skipped"; \
+	else \
+	  echo "==> not root or no apt-get: the tests that need $$missing will be skipped;"; \
+	  echo "    install them with: sudo apt-get install -y $$missing"; \
+	fi
+
 run: $(STAMP)
 	$(BIN)/ebroker serve --config $(CONFIG)
 
-test: $(STAMP)
+test: $(STAMP) system-packages
 	$(BIN)/python -m pytest
+
+# The whole suite RUNS times in a row while a busy loop keeps every core busy:
+# a test that depends on timing shows up here, not later in someone's CI.
+RUNS ?= 5
+stress: $(STAMP) system-packages
+	$(BIN)/python -m tests.stress --runs $(RUNS)
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
@@ -34,7 +66,7 @@ fmt: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench
 
-cov: $(STAMP)
+cov: $(STAMP) system-packages
 	$(BIN)/python -m pytest --cov=broker --cov=sources --cov=sinks --cov-branch
 
 check: lint test

@@ -5,9 +5,12 @@ Configs we ship for other programs are accepted by those programs.
 import subprocess
 from pathlib import Path
 
+import pytest
+
 CONFIG_DIR = Path(__file__).parents[1] / "config"
 
 
+@pytest.mark.needs_tool("haproxy")
 def test_haproxy_example_is_valid() -> None:
     """
     haproxy itself accepts the example load-balancer configuration.

@@ -13,6 +13,7 @@ import asyncio
 import subprocess
 
 import aiohttp
+import pytest
 
 from tests.integration.daemon import Daemon
 
@@ -26,6 +27,7 @@ async def egd_connections(daemon: Daemon) -> int:
     return sum(sink["connections"] for sink in status["sinks"] if sink["kind"] == "egd")
 
 
+@pytest.mark.needs_tool("ekeyd-egd-linux")
 def test_ekeyd_egd_linux_connects_and_is_kept(daemon: Daemon) -> None:
     """
     ekeyd-egd-linux connects to the broker's EGD port and stays connected
