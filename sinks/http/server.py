@@ -22,8 +22,9 @@ from aiohttp import web
 from broker.configbase import ListenAddress
 from broker.errors import BrokerError, ConfigError
 from broker.status import BrokerView, SinkStatus
-from sinks.http.app import HttpSinkState, create_app
+from sinks.http.app import create_app
 from sinks.http.config import HttpSinkConfig
+from sinks.http.state import HttpSinkState
 
 log = structlog.get_logger("ebroker.sinks.http")
 

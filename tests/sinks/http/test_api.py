@@ -24,15 +24,11 @@ from broker import __version__
 from broker.errors import BrokerError
 from broker.pool import BLOCK_BYTES, EntropyPool
 from broker.status import Health, SinkStatus, SourceStatus
-from sinks.http.app import (
-    STATE_KEY,
-    HttpSinkState,
-    create_app,
-    parse_entropy_query,
-    retry_after,
-)
+from sinks.http.app import create_app
 from sinks.http.config import HttpSinkConfig
+from sinks.http.entropy import parse_entropy_query, retry_after
 from sinks.http.server import HttpSink
+from sinks.http.state import STATE_KEY, HttpSinkState
 
 OK = Health(True, "ok", ())
 DEGRADED = Health(True, "degraded", ("only fallback tier 1 feeds the pool",))
