@@ -6,9 +6,17 @@ import asyncio
 import time
 from collections.abc import Callable
 
+DEADLINE = 30.0
+"""
+Seconds a test waits for a condition before it fails. Long on purpose: a
+condition that holds ends the wait at once, so the deadline costs nothing on a
+passing run, and a loaded 2-core machine can take many seconds for what takes
+milliseconds on a quiet one.
+"""
+
 
 async def eventually(
-    predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.005
+    predicate: Callable[[], bool], timeout: float = DEADLINE, interval: float = 0.005
 ) -> None:
     """
     Wait until ``predicate()`` is true, failing the test after ``timeout`` s.
@@ -21,7 +29,7 @@ async def eventually(
             await asyncio.sleep(interval)
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+def wait_until(predicate: Callable[[], bool], timeout: float = DEADLINE) -> None:
     """
     Blocking twin of `eventually` for tests that drive subprocesses.
     """

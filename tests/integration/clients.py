@@ -20,6 +20,7 @@ from typing import Any, Self, TypeVar
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers import DEADLINE
 from tests.integration.daemon import Daemon, start_daemon
 
 T = TypeVar("T")
@@ -54,7 +55,7 @@ def log_time(entry: dict[str, object]) -> float:
 async def poll_until(
     fetch: Callable[[], Awaitable[T]],
     predicate: Callable[[T], bool],
-    timeout: float = 15.0,
+    timeout: float = DEADLINE,
     interval: float = 0.01,
 ) -> T:
     """
@@ -92,7 +93,7 @@ class BrokerHttp:
 
     async def __aenter__(self) -> Self:
         self._session = aiohttp.ClientSession(
-            self._url, timeout=aiohttp.ClientTimeout(total=10)
+            self._url, timeout=aiohttp.ClientTimeout(total=DEADLINE)
         )
         return self
 
@@ -232,7 +233,7 @@ class EgdReader:
         if self._task is not None and self._task.done() and not self._task.cancelled():
             raise AssertionError("EGD reader stopped")
 
-    async def answered(self, more: int, timeout: float = 10.0) -> None:
+    async def answered(self, more: int, timeout: float = DEADLINE) -> None:
         """
         Wait until ``more`` further requests have been answered in full.
         """

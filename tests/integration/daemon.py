@@ -11,7 +11,7 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.helpers import wait_until
+from tests.helpers import DEADLINE, wait_until
 
 REPO = Path(__file__).parents[2]
 
@@ -104,7 +104,7 @@ class Daemon:
                 entries.append({"event": "unparsed", "line": line})
         return entries
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = DEADLINE) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)
         return self.process.wait(timeout)
@@ -129,7 +129,7 @@ def start_daemon(tmp_path: Path, config_text: str) -> Daemon:
     daemon = Daemon(process, state_dir, stderr_path)
     listeners = state_dir / "listeners.json"
     try:
-        wait_until(lambda: listeners.exists() or process.poll() is not None, timeout=30)
+        wait_until(lambda: listeners.exists() or process.poll() is not None)
     except TimeoutError:
         process.kill()
         raise

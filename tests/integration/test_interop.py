@@ -15,6 +15,7 @@ import subprocess
 import aiohttp
 import pytest
 
+from tests.helpers import DEADLINE
 from tests.integration.daemon import Daemon
 
 
@@ -43,7 +44,7 @@ def test_ekeyd_egd_linux_connects_and_is_kept(daemon: Daemon) -> None:
     )  # fmt: skip
 
     async def connections_become(count: int) -> None:
-        async with asyncio.timeout(15):
+        async with asyncio.timeout(DEADLINE):
             # The count lives in the daemon; polling its status is the wait.
             while await egd_connections(daemon) != count:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
@@ -52,7 +53,7 @@ def test_ekeyd_egd_linux_connects_and_is_kept(daemon: Daemon) -> None:
         await connections_become(1)
         assert client.poll() is None, "ekeyd-egd-linux gave up on the broker"
         client.terminate()
-        await asyncio.to_thread(client.wait, 10)
+        await asyncio.to_thread(client.wait, DEADLINE)
         await connections_become(0)
 
     try:
