@@ -72,6 +72,9 @@ class QuotaBackend(Protocol):
     """
 
     kind: str
+    retry_interval: float
+    """Seconds a caller waits before asking again after a charge came back
+    unavailable (``Charge.available`` false)."""
 
     @property
     def healthy(self) -> bool: ...
@@ -143,6 +146,8 @@ class MemoryBackend:
     """
 
     kind = "memory"
+    # Never used: this backend always decides. Present to satisfy the protocol.
+    retry_interval = 1.0
 
     def __init__(self) -> None:
         self._used: dict[tuple[str, str], int] = {}

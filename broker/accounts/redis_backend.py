@@ -158,7 +158,7 @@ class RedisBackend:
         # (customer, period) -> [local delta since the outage began, expires_at]
         self._pending: dict[tuple[str, str], list[float]] = {}
         self._recover_lock = asyncio.Lock()
-        self._clock = 0.0
+        self._latest_now = 0.0
         """Latest ``now`` a caller passed in; paces retries of calls that have none."""
         self.outages = 0
         self.resyncs = 0
@@ -193,7 +193,7 @@ class RedisBackend:
         True if the next command should go to Redis; tries to recover when the
         retry interval has passed.
         """
-        self._clock = max(self._clock, now)
+        self._latest_now = max(self._latest_now, now)
         if self._healthy:
             return True
         if now < self._next_retry or self._recover_lock.locked():
@@ -236,7 +236,7 @@ class RedisBackend:
             base = self._known.get(slot, 0)
             used = await self._resync_script(
                 keys=[self._quota_key(customer_id, period_key)],
-                args=[base, int(delta), _quota_ttl(end, self._clock)],
+                args=[base, int(delta), _quota_ttl(end, self._latest_now)],
             )
             self._known[slot] = int(used)
             del pending[slot]
@@ -259,7 +259,7 @@ class RedisBackend:
         await self._redis.aclose()
 
     async def probe(self, now: float) -> bool:
-        self._clock = max(self._clock, now)
+        self._latest_now = max(self._latest_now, now)
         if not self._healthy:
             if now >= self._next_retry:
                 await self._recover(now)
@@ -390,7 +390,7 @@ class RedisBackend:
             )
         except _UNAVAILABLE as exc:
             # A lost refund only ever under-serves the customer; not worth a retry.
-            self._mark_down(self._clock, exc)
+            self._mark_down(self._latest_now, exc)
             return
         if quota is not None:
             self._known[(customer_id, quota.period_key)] = int(used)
@@ -405,7 +405,7 @@ class RedisBackend:
     ) -> tuple[int, int]:
         end = expires_at if expires_at is not None else math.inf
         quota = QuotaLimit(period_key, limit, end)
-        result = await self.take(customer_id, amount, self._clock, None, quota)
+        result = await self.take(customer_id, amount, self._latest_now, None, quota)
         return result.granted, result.quota_used or 0
 
     async def refund(self, customer_id: str, period_key: str, amount: int) -> int:
@@ -419,7 +419,7 @@ class RedisBackend:
             try:
                 value = await self._redis.get(self._quota_key(customer_id, period_key))
             except _UNAVAILABLE as exc:
-                self._mark_down(self._clock, exc)
+                self._mark_down(self._latest_now, exc)
             else:
                 self._known[slot] = int(value or 0)
                 return self._known[slot]
