@@ -5,7 +5,9 @@ that decides which bytes may be credited.
 The tests are NIST SP 800-90B's Repetition Count Test (RCT, §4.4.1) and
 Adaptive Proportion Test (APT, §4.4.2), plus the optional FIPS 140-2 (2001)
 block tests the way rngd runs them. Everything here is pure: no I/O, no clock;
-the caller passes ``now``. See ``docs/health-tests.md`` for the reference.
+the caller passes ``now``. The cut-off formulas are in `broker.health_cutoffs`
+and the FIPS tests in `broker.fips`; the arithmetic behind every default is
+below.
 
 Theory of operation
 -------------------
@@ -70,7 +72,8 @@ Ideal random input, H = 8 (the default credit), exact binomial arithmetic:
     Too many, hence a separate APT default:
   - alpha = 2^-40 → C = 19: 4.7e-12 per window → 1.2e-3 per year at 4 KiB/s
     (one in ~840 years), 0.30 per year at 1 MiB/s. This is the default
-    ``apt_alpha_log2 = -40``, as the reference recommends for bytes.
+    ``apt_alpha_log2 = -40``: at 2^-30 a fleet of byte-sampled sources
+    would raise false alarms weekly.
   - permanent alpha = 2^-60 → C = 25: 2.4e-18 per window, never in practice.
 
 * FIPS 140-2 (optional): a healthy source's failed blocks are forgiven by a

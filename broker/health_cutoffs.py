@@ -3,9 +3,21 @@ SP 800-90B cut-offs: the run length (RCT, §4.4.1) or window count (APT,
 §4.4.2) at which a health test fails, given the entropy per sample and the
 false-alarm probability alpha.
 
-Both are computed from the formulas, not looked up, so any credit and any
-alpha work; the results match the reference table of ``docs/health-tests.md``
-in every cell (the tests in ``tests/broker/test_health.py`` check it).
+Both are computed from the standard's formulas, not looked up, so any credit
+and any alpha work:
+
+* RCT (§4.4.1): ``C = 1 + ceil(-log2(alpha) / H)``. A run of C equal samples
+  has probability at most ``2^(-H·(C-1)) ≤ alpha`` on a source with H bits
+  of min-entropy per sample.
+* APT (§4.4.2): ``C = 1 + CRITBINOM(W, 2^-H, 1 - alpha)``, capped at W, where
+  CRITBINOM(n, p, q) is the smallest k with ``P(Binomial(n, p) ≤ k) ≥ q``:
+  the window's first value occurring C times or more among its W samples is
+  then (by the standard's binomial bound) no likelier than alpha. W is 512 for
+  non-binary samples and 1024 for binary ones.
+
+For example, H = 8 and alpha = 2^-30 give an RCT cut-off of 1 + ceil(30/8) = 5
+and an APT cut-off of 16 (W = 512). ``tests/broker/test_health.py`` checks
+both functions against a table of cut-offs over H and alpha.
 """
 
 import math
@@ -50,8 +62,8 @@ def apt_cutoff(h: float, alpha_log2: float, window: int = APT_WINDOW) -> int:
     SP 800-90B APT cut-off: ``1 + CRITBINOM(W, 2^-H, 1 - alpha)``, capped at W.
 
     CRITBINOM(n, p, q) is the smallest k with Binomial(n, p).cdf(k) ≥ q; it is
-    computed exactly enough (60 significant digits) to match the reference
-    table in every cell.
+    computed with 60 significant digits, so that a tail probability landing
+    next to alpha is never misjudged by rounding.
 
     Args:
         h: min-entropy per sample, in bits (> 0).

@@ -27,8 +27,9 @@ from broker.health import (
     rct_cutoff,
 )
 
-# The cut-off table of docs/health-tests.md §3: H -> (RCT at 2^-20, 2^-30,
-# 2^-40), (APT W=512 at 2^-20, 2^-30, 2^-40).
+# Cut-offs from NIST SP 800-90B's formulas (RCT §4.4.1, APT §4.4.2; see
+# broker.health_cutoffs): H -> (RCT at 2^-20, 2^-30, 2^-40), (APT W=512 at
+# 2^-20, 2^-30, 2^-40).
 TABLE = {
     0.5: ((41, 61, 81), (410, 422, 432)),
     1: ((21, 31, 41), (311, 325, 336)),
@@ -140,7 +141,7 @@ def feed_in_pieces(
 @pytest.mark.parametrize("column", range(3))
 def test_rct_cutoffs_match_the_table(h: float, column: int) -> None:
     """
-    The RCT cut-off matches every cell of the reference table.
+    The RCT cut-off matches every cell of TABLE.
     """
     assert TABLE[h][0][column] == rct_cutoff(h, ALPHAS[column])
 
@@ -149,7 +150,7 @@ def test_rct_cutoffs_match_the_table(h: float, column: int) -> None:
 @pytest.mark.parametrize("column", range(3))
 def test_apt_cutoffs_match_the_table(h: float, column: int) -> None:
     """
-    The APT cut-off for W = 512 matches every cell of the reference table.
+    The APT cut-off for W = 512 matches every cell of TABLE.
     """
     assert TABLE[h][1][column] == apt_cutoff(h, ALPHAS[column], 512)
 
@@ -158,7 +159,7 @@ def test_apt_cutoffs_match_the_table(h: float, column: int) -> None:
 @pytest.mark.parametrize("column", range(2))
 def test_binary_apt_cutoffs_match_the_table(h: float, column: int) -> None:
     """
-    The APT cut-off for binary samples (W = 1024) matches the reference table.
+    The APT cut-off for binary samples (W = 1024) matches BINARY_TABLE.
     """
     expected = BINARY_TABLE[h][column]
     assert expected == apt_cutoff(h, ALPHAS[column], APT_WINDOW_BINARY)
