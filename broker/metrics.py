@@ -207,10 +207,7 @@ class BrokerCollector(Collector):
         yield from self._collect_device_details()
 
     def _collect_tiers(self) -> Iterator[Metric]:
-        tiers_of = getattr(self._broker, "tiers", None)
-        if tiers_of is None:
-            return
-        tiers = tiers_of()
+        tiers = self._broker.tiers()
         active = GaugeMetricFamily(
             f"{NAMESPACE}_active_tier", "Tier feeding the pool (-1: none healthy)"
         )
@@ -243,9 +240,9 @@ class BrokerCollector(Collector):
         for source in self._broker.sources_status():
             health = source.health
             for test in ("rct", "apt", "fips"):
-                value = health.get(f"{test}_failures")
-                if isinstance(value, int):
-                    failures.add_metric([source.name, source.kind, test], value)
+                count = health.get(f"{test}_failures")
+                if isinstance(count, int):
+                    failures.add_metric([source.name, source.kind, test], count)
             if isinstance(health.get("quarantines"), int):
                 quarantines.add_metric(
                     [source.name, source.kind], health["quarantines"]
@@ -254,10 +251,7 @@ class BrokerCollector(Collector):
 
     def _collect_customers(self) -> Iterator[Metric]:
         # Labelled by customer only: clients are unbounded, customers are config.
-        accounts = getattr(self._broker, "accounts", None)
-        if accounts is None:
-            return
-        snapshot = accounts.snapshot()
+        snapshot = self._broker.accounts.snapshot()
         prefix = f"{NAMESPACE}_customer"
         labels = ["customer"]
         served = CounterMetricFamily(

@@ -2,14 +2,21 @@
 Read-only views of the running broker, shared by the HTTP sink, metrics and CLI.
 
 Sinks receive a `BrokerView` and never reach into sources or the supervisor.
+The view lists everything a sink may use; a sink that needs more extends the
+view rather than probing the broker for attributes.
 """
 
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from broker.pool import EntropyPool
+
+if TYPE_CHECKING:
+    # Only for annotations: a runtime import would make this leaf module depend
+    # on the accounts package, and any use of these views there an import cycle.
+    from broker.accounts import Accounts
 
 
 class SourceState(enum.StrEnum):
@@ -118,6 +125,45 @@ class BrokerView(Protocol):
         """
         ...
 
+    def tiers(self) -> TierStatus:
+        """
+        Which tier feeds the pool, and how often that changed.
+        """
+        ...
+
+    @property
+    def accounts(self) -> "Accounts":
+        """
+        Who the clients are and what each may draw; sinks ask it before every
+        withdrawal.
+        """
+        ...
+
+    async def reload(self) -> bool:
+        """
+        Re-read customers and limits, as SIGHUP does.
+
+        Returns:
+            True when the new customers and limits are in force; False when the
+            new configuration was refused and the running one kept.
+        """
+        ...
+
+    def simulator_control(self, serial: str, action: str) -> str:
+        """
+        Act on a simulated Entropy Key: ``unplug``, ``replug``, ``fail`` or
+        ``heal``.
+
+        Returns:
+            The action taken.
+
+        Raises:
+            KeyError: no simulated key has that serial (a broker without
+                simulated keys raises it for every serial).
+            ValueError: unknown action.
+        """
+        ...
+
 
 class Sink(Protocol):
     """
@@ -147,3 +193,10 @@ class Sink(Protocol):
         ...
 
     def status(self) -> SinkStatus: ...
+
+    def bound_addresses(self) -> list[str]:
+        """
+        The addresses actually bound, with real ports (``tcp://127.0.0.1:43211``,
+        ``unix:/run/ebroker/egd.sock``); empty before `start`.
+        """
+        ...

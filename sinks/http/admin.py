@@ -52,15 +52,14 @@ def simulator_handler(
                 {"error": f"action must be one of {', '.join(SIMULATOR_ACTIONS)}"},
                 status=400,
             )
-        control = getattr(broker, "simulator_control", None)
-        if control is None:
-            return web.json_response({"error": "no simulated keys here"}, status=404)
         try:
-            control(serial, action)
+            broker.simulator_control(serial, action)
         except KeyError:
             return web.json_response(
                 {"error": f"no simulated key with serial {serial!r}"}, status=404
             )
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
         return web.json_response({"serial": serial, "action": action})
 
     return handle
@@ -83,10 +82,7 @@ def reload_handler(
                 status=401,
                 headers={"WWW-Authenticate": 'Bearer realm="ebroker-admin"'},
             )
-        reload = getattr(broker, "reload", None)
-        if reload is None:
-            return web.json_response({"error": "reload not supported"}, status=404)
-        if await reload():
+        if await broker.reload():
             return web.json_response({"reloaded": True})
         return web.json_response(
             {"reloaded": False, "error": "new configuration refused; see the log"},

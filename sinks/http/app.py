@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from broker.accounts import Accounts
 from broker.metrics import create_registry
 from broker.status import BrokerView
 from sinks.http.admin import reload_handler, simulator_handler
@@ -28,7 +27,6 @@ from sinks.http.entropy import entropy
 from sinks.http.page import index
 from sinks.http.probes import healthz, metrics, readyz, status
 from sinks.http.state import (
-    ACCOUNTS_KEY,
     BROKER_KEY,
     CONFIG_KEY,
     REGISTRY_KEY,
@@ -129,9 +127,6 @@ def create_app(
     app[CONFIG_KEY] = config
     app[STATE_KEY] = state if state is not None else HttpSinkState()
     app[REGISTRY_KEY] = create_registry(broker)
-    # Without the broker's accounts (tests, embedding) nobody is limited.
-    accounts = getattr(broker, "accounts", None)
-    app[ACCOUNTS_KEY] = accounts if accounts is not None else Accounts.unlimited()
     router = app.router
     router.add_get("/", index)
     router.add_route("OPTIONS", "/", healthz)

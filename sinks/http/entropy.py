@@ -26,7 +26,6 @@ from broker.status import BrokerView
 from sinks.http.config import HttpSinkConfig
 from sinks.http.limits import grant_now, grant_within, identify, rate_headers, refusal
 from sinks.http.state import (
-    ACCOUNTS_KEY,
     BROKER_KEY,
     CONFIG_KEY,
     STATE_KEY,
@@ -192,7 +191,7 @@ async def entropy(request: web.Request) -> web.StreamResponse:
         query = parse_entropy_query(request.query, request.app[CONFIG_KEY])
     except QueryError as exc:
         return error_response(400, str(exc))
-    accounts = request.app[ACCOUNTS_KEY]
+    accounts = broker.accounts
     client = identify(accounts, request)
     if isinstance(client, web.Response):
         return client

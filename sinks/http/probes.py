@@ -53,19 +53,6 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
-def _tiers(broker: BrokerView) -> dict[str, Any] | None:
-    # Optional in the view: test doubles and future brokers may have no tiers.
-    tiers = getattr(broker, "tiers", None)
-    if tiers is None:
-        return None
-    return dataclasses.asdict(tiers())
-
-
-def _accounts(broker: BrokerView) -> dict[str, Any] | None:
-    accounts = getattr(broker, "accounts", None)
-    return None if accounts is None else dict(accounts.snapshot())
-
-
 def status_document(broker: BrokerView) -> dict[str, Any]:
     """
     The JSON body of ``GET /v1/status``.
@@ -85,8 +72,8 @@ def status_document(broker: BrokerView) -> dict[str, Any]:
             "reasons": list(health.reasons),
         },
         "pool": dataclasses.asdict(broker.pool.stats()),
-        "tiers": _tiers(broker),
-        "accounts": _accounts(broker),
+        "tiers": dataclasses.asdict(broker.tiers()),
+        "accounts": dict(broker.accounts.snapshot()),
         "sources": [dataclasses.asdict(source) for source in broker.sources_status()],
         "sinks": [
             {**dataclasses.asdict(sink), "addresses": list(sink.addresses)}

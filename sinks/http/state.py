@@ -15,7 +15,6 @@ from typing import Any, Final
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from broker.accounts import Accounts
 from broker.status import BrokerView
 from sinks.http.config import HttpSinkConfig
 
@@ -69,7 +68,6 @@ BROKER_KEY: web.AppKey[BrokerView] = web.AppKey("ebroker_broker")
 CONFIG_KEY: Final = web.AppKey("ebroker_http_config", HttpSinkConfig)
 STATE_KEY: Final = web.AppKey("ebroker_http_state", HttpSinkState)
 REGISTRY_KEY: Final = web.AppKey("ebroker_metrics_registry", CollectorRegistry)
-ACCOUNTS_KEY: Final = web.AppKey("ebroker_accounts", Accounts)
 
 
 def error_response(

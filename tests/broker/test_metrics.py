@@ -2,12 +2,14 @@
 Prometheus metrics are read from the broker view at scrape time.
 """
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker import __version__
+from broker.accounts import Accounts
 from broker.metrics import (
     HEALTH_STATES,
     SOURCE_STATES,
@@ -15,7 +17,7 @@ from broker.metrics import (
     render_metrics,
 )
 from broker.pool import EntropyPool
-from broker.status import Health, SinkStatus, SourceStatus
+from broker.status import Health, SinkStatus, SourceStatus, TierStatus
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -49,7 +51,8 @@ OK = Health(True, "ok", ())
 @dataclass
 class FakeBroker:
     """
-    A `BrokerView` with fixed sources and sinks around a real pool.
+    A `BrokerView` with fixed sources, sinks and tiers around a real pool and
+    unlimited accounts; it has no simulated keys and refuses every reload.
     """
 
     pool: EntropyPool = field(default_factory=lambda: EntropyPool(capacity=4096))
@@ -59,6 +62,16 @@ class FakeBroker:
     sinks: list[SinkStatus] = field(default_factory=list)
     current_health: Health = OK
     is_ready: bool = True
+    current_tiers: TierStatus = field(
+        default_factory=lambda: TierStatus(
+            active_tier=None,
+            best_tier=None,
+            degraded=False,
+            failovers=0,
+            tier_seconds={},
+        )
+    )
+    accounts: Accounts = field(default_factory=Accounts.unlimited)
 
     def sources_status(self) -> list[SourceStatus]:
         return list(self.sources)
@@ -71,6 +84,15 @@ class FakeBroker:
 
     def ready(self) -> bool:
         return self.is_ready
+
+    def tiers(self) -> TierStatus:
+        return self.current_tiers
+
+    async def reload(self) -> bool:
+        return False
+
+    def simulator_control(self, serial: str, action: str) -> str:
+        raise KeyError(serial)
 
 
 def samples(body: bytes) -> Samples:
@@ -215,3 +237,48 @@ def test_openmetrics_when_the_scraper_asks() -> None:
     assert body.endswith(b"# EOF\n")
     body, content_type = render_metrics(FakeBroker(), accept="text/plain")
     assert content_type.startswith("text/plain")
+
+
+def test_tier_series_and_health_test_counters() -> None:
+    """
+    The active tier (-1 when none is healthy), degradation, failovers, seconds
+    per tier and each source's health-test failures and quarantines are
+    exported.
+    """
+    tested = dataclasses.replace(
+        source("key1", "quarantined"),
+        health={"rct_failures": 2, "apt_failures": 1, "quarantines": 3},
+    )
+    broker = FakeBroker(
+        sources=[tested],
+        current_tiers=TierStatus(
+            active_tier=1,
+            best_tier=0,
+            degraded=True,
+            failovers=4,
+            tier_seconds={"0": 10.0, "1": 2.5},
+        ),
+    )
+    found = samples(render_metrics(broker)[0])
+    assert 1 == found[("ebroker_active_tier", ())]
+    assert 1 == found[("ebroker_degraded", ())]
+    assert 4 == found[("ebroker_failovers_total", ())]
+    assert 2.5 == found[("ebroker_tier_active_seconds_total", (("tier", "1"),))]
+    labels = (("kind", "device"), ("source", "key1"))
+    assert (
+        2 == found[("ebroker_source_test_failures_total", (*labels, ("test", "rct")))]
+    )
+    assert 3 == found[("ebroker_source_quarantines_total", labels)]
+    assert -1 == samples(render_metrics(FakeBroker())[0])[("ebroker_active_tier", ())]
+
+
+def test_customer_series_come_from_the_accounts() -> None:
+    """
+    Per-customer series are labelled by customer, and the budget store's
+    health is exported.
+    """
+    found = samples(render_metrics(FakeBroker())[0])
+    customer = (("customer", "default"),)
+    assert 0 == found[("ebroker_customer_bytes_served_total", customer)]
+    assert 0 == found[("ebroker_customer_clients", customer)]
+    assert 1 == found[("ebroker_accounts_backend_healthy", ())]

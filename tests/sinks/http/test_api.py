@@ -21,9 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
 from broker import __version__
+from broker.accounts import Accounts, hash_token
 from broker.errors import BrokerError
 from broker.pool import BLOCK_BYTES, EntropyPool
-from broker.status import Health, SinkStatus, SourceStatus
+from broker.status import Health, SinkStatus, SourceStatus, TierStatus
 from sinks.http.app import create_app
 from sinks.http.config import HttpSinkConfig
 from sinks.http.entropy import parse_entropy_query, retry_after
@@ -56,7 +57,8 @@ def source(
 @dataclass
 class FakeBroker:
     """
-    A `BrokerView` whose health and readiness the test sets directly.
+    A `BrokerView` whose health, readiness, reload outcome and simulated keys
+    the test sets directly.
     """
 
     pool: EntropyPool = field(default_factory=lambda: EntropyPool(capacity=64 * 1024))
@@ -67,6 +69,11 @@ class FakeBroker:
     current_health: Health = OK
     is_ready: bool = True
     health_error: Exception | None = None
+    accounts: Accounts = field(default_factory=Accounts.unlimited)
+    reload_accepted: bool = True
+    reloads: int = 0
+    simulated_keys: dict[str, list[str]] = field(default_factory=dict)
+    """Actions taken on each simulated key, by serial."""
 
     def sources_status(self) -> list[SourceStatus]:
         return list(self.sources)
@@ -81,6 +88,26 @@ class FakeBroker:
 
     def ready(self) -> bool:
         return self.is_ready
+
+    def tiers(self) -> TierStatus:
+        return TierStatus(
+            active_tier=0,
+            best_tier=0,
+            degraded=False,
+            failovers=1,
+            tier_seconds={"0": 12.5},
+        )
+
+    async def reload(self) -> bool:
+        self.reloads += 1
+        return self.reload_accepted
+
+    def simulator_control(self, serial: str, action: str) -> str:
+        actions = self.simulated_keys[serial]
+        if action not in ("unplug", "replug", "fail", "heal"):
+            raise ValueError(f"unknown action {action!r}")
+        actions.append(action)
+        return action
 
 
 def make_config(**overrides: Any) -> HttpSinkConfig:
@@ -444,7 +471,8 @@ async def test_status_json_shape(
     client: TestClient[web.Request, web.Application], broker: FakeBroker
 ) -> None:
     """
-    /v1/status reports instance, version, uptime, health, pool, sources, sinks.
+    /v1/status reports instance, version, uptime, health, pool, tiers,
+    accounts, sources and sinks.
     """
     broker.sinks = [SinkStatus("egd", "egd", ("tcp://127.0.0.1:8888",), 3, 10, 500, 20)]
     broker.current_health = DEGRADED
@@ -464,6 +492,15 @@ async def test_status_json_shape(
     pool = body["pool"]
     assert (64, 64 * 1024, 0) == (pool["level"], pool["capacity"], pool["waiters"])
     assert {"bytes_in", "credited_bits_in", "bytes_out"} <= pool.keys()
+    assert {
+        "active_tier": 0,
+        "best_tier": 0,
+        "degraded": False,
+        "failovers": 1,
+        "tier_seconds": {"0": 12.5},
+    } == body["tiers"]
+    assert {"kind": "memory", "healthy": True} == body["accounts"]["backend"]
+    assert {"default"} == body["accounts"]["customers"].keys()
     assert [
         {
             "name": "rng",
@@ -514,6 +551,11 @@ async def test_metrics_exposes_pool_and_source_series(
     labels = (("kind", "getrandom"), ("source", "rng"))
     assert 4000 == samples[("ebroker_source_input_bytes_total", labels)]
     assert 1 == samples[("ebroker_source_state", (*labels, ("state", "healthy")))]
+    assert 0 == samples[("ebroker_active_tier", ())]
+    assert (
+        0
+        == samples[("ebroker_customer_bytes_served_total", (("customer", "default"),))]
+    )
 
 
 async def test_status_page_is_self_contained_html(
@@ -616,6 +658,103 @@ async def test_state_counts_requests_and_bytes(aiohttp_client: AiohttpClient) ->
     assert (2, 40) == (state.requests, state.bytes_out)
     assert 1 <= state.connections_total <= 2
     assert state.idle.is_set()
+
+
+# ---- operator endpoints ----------------------------------------------------------
+
+ADMIN_BEARER = "let-me-in"
+
+
+@pytest.fixture
+async def admin(
+    aiohttp_client: AiohttpClient, broker: FakeBroker
+) -> TestClient[web.Request, web.Application]:
+    config = make_config(admin_token=hash_token(ADMIN_BEARER), simulator_control=True)
+    return await aiohttp_client(create_app(config, broker))
+
+
+@pytest.mark.parametrize(("accepted", "status"), [(True, 200), (False, 409)])
+async def test_reload_reports_whether_the_broker_took_the_new_config(
+    admin: TestClient[web.Request, web.Application],
+    broker: FakeBroker,
+    accepted: bool,
+    status: int,
+) -> None:
+    """
+    POST /v1/admin/reload with the admin token reloads the broker once: 200
+    when the new configuration is in force, 409 when it was refused.
+    """
+    broker.reload_accepted = accepted
+    response = await admin.post(
+        "/v1/admin/reload", headers={"Authorization": f"Bearer {ADMIN_BEARER}"}
+    )
+    assert status == response.status
+    assert accepted == (await response.json())["reloaded"]
+    assert 1 == broker.reloads
+
+
+@pytest.mark.parametrize("authorization", ["", "Bearer wrong", f"Basic {ADMIN_BEARER}"])
+async def test_reload_needs_the_admin_token(
+    admin: TestClient[web.Request, web.Application],
+    broker: FakeBroker,
+    authorization: str,
+) -> None:
+    """
+    Without the admin bearer token, reload answers 401 and reloads nothing.
+    """
+    response = await admin.post(
+        "/v1/admin/reload", headers={"Authorization": authorization}
+    )
+    assert 401 == response.status
+    assert 0 == broker.reloads
+
+
+async def test_admin_routes_exist_only_when_configured(
+    client: TestClient[web.Request, web.Application], broker: FakeBroker
+) -> None:
+    """
+    Without admin_token and simulator_control the operator endpoints are 404.
+    """
+    broker.simulated_keys["key-1"] = []
+    response = await client.post(
+        "/v1/admin/reload", headers={"Authorization": f"Bearer {ADMIN_BEARER}"}
+    )
+    assert 404 == response.status
+    assert 404 == (await client.post("/v1/simulator/key-1/unplug")).status
+    assert (0, []) == (broker.reloads, broker.simulated_keys["key-1"])
+
+
+async def test_simulator_control_acts_on_a_known_key(
+    admin: TestClient[web.Request, web.Application], broker: FakeBroker
+) -> None:
+    """
+    A loopback client drives a simulated key by serial, even a serial with '/'.
+    """
+    broker.simulated_keys["ab/cd"] = []
+    response = await admin.post("/v1/simulator/ab/cd/unplug")
+    assert 200 == response.status
+    assert {"serial": "ab/cd", "action": "unplug"} == await response.json()
+    assert ["unplug"] == broker.simulated_keys["ab/cd"]
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [("/v1/simulator/nokey/unplug", 404), ("/v1/simulator/key-1/explode", 400)],
+)
+async def test_simulator_control_refuses_unknown_keys_and_actions(
+    admin: TestClient[web.Request, web.Application],
+    broker: FakeBroker,
+    path: str,
+    status: int,
+) -> None:
+    """
+    An unknown serial is 404 and an unknown action 400; nothing is done.
+    """
+    broker.simulated_keys["key-1"] = []
+    response = await admin.post(path)
+    assert status == response.status
+    assert "error" in await response.json()
+    assert [] == broker.simulated_keys["key-1"]
 
 
 # ---- the real sink on loopback -------------------------------------------------------
