@@ -1,12 +1,13 @@
 """
 The Accounts facade: identification, grants under client/customer rates and
 quotas, refunds, live reload, persistence and the status snapshot.
+
+Waits run on a `FakeClock`, so each test states exactly how long a wait lasts.
 """
 
 import asyncio
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from broker.accounts import (
 )
 from broker.errors import ConfigError
 from broker.pool import Waiter
+from tests.fakeclock import START_WALL, FakeClock
 from tests.helpers import eventually
 
 NOW = 1_714_564_800.0  # 2024-05-01 12:00:00 UTC
@@ -61,11 +63,14 @@ def acme(**overrides: Any) -> CustomerConfig:
     return customer(**fields)
 
 
-def accounts(*customers: CustomerConfig, **settings: Any) -> Accounts:
+def accounts(
+    *customers: CustomerConfig, clock: FakeClock | None = None, **settings: Any
+) -> Accounts:
     """
-    Accounts on the memory backend.
+    Accounts on the memory backend, on a fake clock.
     """
-    return Accounts(AccountsConfig.model_validate(settings), customers)
+    config = AccountsConfig.model_validate(settings)
+    return Accounts(config, customers, clock=clock or FakeClock())
 
 
 def client_of(acc: Accounts, peer: Peer) -> Client:
@@ -235,30 +240,75 @@ def test_reload_refuses_ambiguous_config() -> None:
 
 async def test_wait_grant_streams_at_the_client_rate() -> None:
     """
-    A blocking reader past its burst waits for the bucket and gets >= 1 byte.
+    A blocking reader past its burst waits exactly the refill time of one
+    piece (a quarter second of its rate), then gets the piece.
     """
-    acc = accounts(customer(id="default", client_rate="256 B/s", client_burst=64))
+    clock = FakeClock()
+    acc = accounts(
+        customer(id="default", client_rate="256 B/s", client_burst=64), clock=clock
+    )
     vm = client_of(acc, Peer("tcp", ip="192.0.2.1"))
-    async with asyncio.timeout(10):
-        assert 64 == await acc.wait_grant(vm, 100)
-        # The bucket is empty: the next piece (64 B) takes about 0.25 s.
-        assert 64 == await acc.wait_grant(vm, 100)
-    assert 0 < acc.snapshot()["customers"]["default"]["throttled_seconds"]
+    assert 64 == await acc.wait_grant(vm, 100)
+    # The bucket is empty: the next piece (64 B at 256 B/s) takes 0.25 s.
+    waiting = asyncio.create_task(acc.wait_grant(vm, 100))
+    await clock.advance(0.2421875)
+    assert not waiting.done()
+    await clock.advance(0.0078125)
+    assert 64 == await waiting
+    assert 0.25 == acc.snapshot()["customers"]["default"]["throttled_seconds"]
+    assert 0.25 == vm.throttled_seconds
+
+
+async def test_wait_grant_waits_for_the_customer_rate() -> None:
+    """
+    A reader held back by its customer's shared bucket waits exactly until
+    that bucket holds a piece (a quarter second of its rate) again.
+    """
+    clock = FakeClock()
+    shared = customer(id="default", rate="1 KiB/s", burst="1 KiB")
+    acc = accounts(shared, clock=clock)
+    vm = client_of(acc, Peer("tcp", ip="192.0.2.1"))
+    assert 1024 == await acc.wait_grant(vm, 4096)  # the whole burst at once
+    waiting = asyncio.create_task(acc.wait_grant(vm, 4096))
+    await clock.advance(0.2421875)
+    assert not waiting.done()
+    await clock.advance(0.0078125)
+    assert 256 == await waiting
+    assert 0.25 == vm.throttled_seconds
+
+
+async def test_wait_grant_waits_for_the_next_quota_period() -> None:
+    """
+    A reader whose daily quota is spent waits until midnight UTC, not longer.
+    """
+    clock = FakeClock()  # starts at midnight
+    acc = accounts(customer(id="default", quota="10 B/day"), clock=clock)
+    vm = client_of(acc, Peer("tcp", ip="192.0.2.1"))
+    assert 10 == await acc.wait_grant(vm, 10)
+    waiting = asyncio.create_task(acc.wait_grant(vm, 10))
+    await clock.advance(86_399.5)
+    assert not waiting.done()
+    await clock.advance(0.5)
+    assert 10 == await waiting
+    assert 86_400 == acc.snapshot()["customers"]["default"]["throttled_seconds"]
 
 
 async def test_wait_grant_wakes_on_reload() -> None:
     """
-    A reader waiting for tomorrow's quota is served as soon as a reload raises it.
+    A reader waiting for tomorrow's quota is served as soon as a reload raises
+    it, without any time passing.
     """
-    acc = accounts(customer(id="default", quota="10 B/day"))
+    clock = FakeClock()
+    acc = accounts(customer(id="default", quota="10 B/day"), clock=clock)
     vm = client_of(acc, Peer("tcp", ip="192.0.2.1"))
     assert 10 == await acc.wait_grant(vm, 10)
-    waiting = asyncio.ensure_future(acc.wait_grant(vm, 10))
-    await asyncio.sleep(0)
+    waiting = asyncio.create_task(acc.wait_grant(vm, 10))
+    await clock.advance(0)
     assert not waiting.done()
     acc.reload([customer(id="default", quota="1 KiB/day")])
-    async with asyncio.timeout(10):
-        assert 10 == await waiting
+    await clock.advance(0)
+    assert 10 == await waiting
+    assert 0.0 == clock.monotonic()
 
 
 async def test_usage_survives_restart(tmp_path: Path) -> None:
@@ -267,17 +317,18 @@ async def test_usage_survives_restart(tmp_path: Path) -> None:
     """
     path = tmp_path / "accounts.json"
     config = AccountsConfig()
-    now = time.time()
-    first = Accounts(config, [acme(quota="1 MiB/day")], state_path=path)
+    clock = FakeClock()
+    first = Accounts(config, [acme(quota="1 MiB/day")], state_path=path, clock=clock)
     await first.start()
     vm = client_of(first, Peer("tcp", ip="10.1.0.5"))
-    assert 4096 == (await first.grant(vm, 4096, now)).granted
+    assert 4096 == (await first.grant(vm, 4096, clock.time())).granted
     await first.close()
     assert json.loads(path.read_text())["quotas"]
-    second = Accounts(config, [acme(quota="1 MiB/day")], state_path=path)
+    await clock.advance(1)
+    second = Accounts(config, [acme(quota="1 MiB/day")], state_path=path, clock=clock)
     await second.start()
     vm = client_of(second, Peer("tcp", ip="10.1.0.5"))
-    grant = await second.grant(vm, 100, now + 1)
+    grant = await second.grant(vm, 100, clock.time())
     assert 1024 * 1024 - 4096 - 100 == grant.remaining_quota
     await second.close()
 
@@ -288,7 +339,7 @@ async def test_unreadable_state_file_is_logged_not_fatal(tmp_path: Path) -> None
     """
     path = tmp_path / "accounts.json"
     path.write_text("garbage")
-    acc = Accounts(AccountsConfig(), [acme()], state_path=path)
+    acc = Accounts(AccountsConfig(), [acme()], state_path=path, clock=FakeClock())
     await acc.start()
     await acc.close()
     assert 1 == json.loads(path.read_text())["version"]
@@ -299,7 +350,7 @@ async def test_tick_forgets_idle_clients_and_saves(tmp_path: Path) -> None:
     Housekeeping drops clients idle for an hour and writes the counters.
     """
     path = tmp_path / "accounts.json"
-    acc = Accounts(AccountsConfig(), [acme()], state_path=path)
+    acc = Accounts(AccountsConfig(), [acme()], state_path=path, clock=FakeClock())
     vm = client_of(acc, Peer("tcp", ip="10.1.0.5"))
     await acc.grant(vm, 10, NOW)
     await acc.tick(NOW + 7200)
@@ -331,19 +382,24 @@ async def test_snapshot_shows_usage_never_tokens() -> None:
 
 async def test_background_housekeeping_saves(tmp_path: Path) -> None:
     """
-    Once started, counters reach the state file every persist_interval without
-    a shutdown.
+    Once started, counters reach the state file after persist_interval on the
+    accounts' clock, without a shutdown, and not before.
     """
     path = tmp_path / "accounts.json"
-    config = AccountsConfig(persist_interval=0.01)
-    acc = Accounts(config, [acme(quota="1 MiB/day")], state_path=path)
+    clock = FakeClock()
+    config = AccountsConfig(persist_interval=30)
+    acc = Accounts(config, [acme(quota="1 MiB/day")], state_path=path, clock=clock)
     await acc.start()
     vm = client_of(acc, Peer("tcp", ip="10.1.0.5"))
-    await acc.grant(vm, 100, time.time())
+    await acc.grant(vm, 100, clock.time())
 
     def saved() -> bool:
         return path.exists() and bool(json.loads(path.read_text())["quotas"])
 
+    await clock.advance(29.5)
+    assert not path.exists()
+    await clock.advance(0.5)
+    # The file is written in a worker thread: wait for it, not for time.
     await eventually(saved)
     await acc.close()
 
@@ -421,9 +477,9 @@ async def test_charge_of_a_cancelled_grant_is_undone() -> None:
     """
     backend = SlowBackend()
     metered = customer(id="metered", networks=["10.9.0.0/16"], quota="1 MiB/day")
-    acc = Accounts(AccountsConfig(), [metered], backend=backend)
+    acc = Accounts(AccountsConfig(), [metered], backend=backend, clock=FakeClock())
     vm = client_of(acc, Peer("tcp", ip="10.9.0.1"))
-    now = time.time()
+    now = NOW
     pending = asyncio.create_task(acc.grant(vm, 4096, now))
     for _ in range(3):
         await asyncio.sleep(0)
@@ -445,7 +501,7 @@ async def test_refund_goes_to_the_period_that_was_charged() -> None:
     """
     backend = MemoryBackend()
     metered = customer(id="metered", networks=["10.9.0.0/16"], quota="1 KiB/day")
-    acc = Accounts(AccountsConfig(), [metered], backend=backend)
+    acc = Accounts(AccountsConfig(), [metered], backend=backend, clock=FakeClock())
     vm = client_of(acc, Peer("tcp", ip="10.9.0.1"))
     _, midnight = period_bounds("day", NOW)
     before = midnight - 1
@@ -458,3 +514,21 @@ async def test_refund_goes_to_the_period_that_was_charged() -> None:
     assert today is not None
     assert 0 == backend.usage_now("metered", yesterday.period_key)
     assert 0 == backend.usage_now("metered", today.period_key)
+
+
+async def test_snapshot_and_refund_default_to_the_accounts_clock() -> None:
+    """
+    Without a ``now``, snapshot and refund read the injected clock: the quota
+    shown is the clock's day, and a refund lands in it.
+    """
+    clock = FakeClock(START_WALL + 86_400 * 3 + 5)
+    backend = MemoryBackend()
+    metered = customer(id="metered", networks=["10.9.0.0/16"], quota="1 KiB/day")
+    acc = Accounts(AccountsConfig(), [metered], backend=backend, clock=clock)
+    vm = client_of(acc, Peer("tcp", ip="10.9.0.1"))
+    assert 1024 == (await acc.grant(vm, 1024, clock.time())).granted
+    acc.refund(vm, 24)
+    await acc.flush()
+    quota = acc.snapshot()["customers"]["metered"]["quota"]
+    _, midnight = period_bounds("day", clock.time())
+    assert (1000, midnight) == (quota["used"], quota["resets_at"])
