@@ -143,8 +143,10 @@ class Accounts:
         Args:
             client: who was granted the bytes.
             unused: how many of them were not served.
-            now: when they were granted; decides which quota period gets them
-                back (a refund just after midnight belongs to yesterday).
+            now: when they were granted. The bytes go back to the customer
+                and quota period that grant charged, even if a reload has
+                since moved the client (a refund just after midnight belongs
+                to yesterday). None: the current customer, at the clock's now.
         """
         self._grants.refund(client, unused, now)
 

@@ -6,6 +6,7 @@ It points at its customer's `CustomerState`; a config reload re-points it, which
 is how existing connections pick up new limits without new objects.
 """
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,6 +17,11 @@ from broker.accounts.periods import period_bounds, period_key
 from broker.errors import BrokerError
 
 LimitName = Literal["client_rate", "customer_rate", "quota", "denied", "unavailable"]
+
+# Charges a client remembers for refunds. Sinks hand each grant back once, so
+# this only needs to cover the grants of one client in flight at a time; an
+# older charge that falls off is refunded to the client's current customer.
+_CHARGES_KEPT = 64
 
 
 class AccessDenied(BrokerError):
@@ -114,6 +120,20 @@ class CustomerState:
         return self.quota_used if self.quota_key == limit.period_key else 0
 
 
+@dataclass(frozen=True, slots=True)
+class Charged:
+    """
+    Who one grant charged, so that a refund goes back there even after a
+    reload has moved the client to another customer or changed its quota.
+    """
+
+    at: float
+    """The grant's ``now``: the time a sink passes back with the refund."""
+    customer: CustomerState
+    quota: QuotaLimit | None
+    """The quota period charged; None if the customer had no quota."""
+
+
 class Client:
     """
     One connection identity (source IP, Unix uid or bearer token) of a customer.
@@ -126,6 +146,7 @@ class Client:
 
     __slots__ = (
         "__weakref__",
+        "_charges",
         "_customer",
         "_ident",
         "bucket",
@@ -156,6 +177,7 @@ class Client:
         self.bytes_served = 0
         self.throttled_seconds = 0.0
         self.last_seen = 0.0
+        self._charges: deque[Charged] = deque(maxlen=_CHARGES_KEPT)
         self._sync_bucket()
 
     def _sync_bucket(self) -> None:
@@ -166,6 +188,20 @@ class Client:
             self.bucket = TokenBucket(*limits)
         elif (self.bucket.rate, self.bucket.burst) != limits:
             self.bucket.reconfigure(*limits)
+
+    def _remember(self, charged: Charged) -> None:
+        self._charges.append(charged)
+
+    def _recall(self, at: float) -> Charged | None:
+        """
+        Take back the latest charge made at ``at``, if it is still remembered.
+        """
+        for index in range(len(self._charges) - 1, -1, -1):
+            charged = self._charges[index]
+            if charged.at == at:
+                del self._charges[index]
+                return charged
+        return None
 
     @property
     def customer_id(self) -> str:

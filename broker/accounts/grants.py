@@ -11,6 +11,11 @@ Time: ``now`` is wall-clock Unix seconds, because quota periods are calendar
 periods and Redis-shared buckets compare clocks across brokers. `Grants.grant`
 takes it as an argument; `Grants.wait_grant` reads the injected `Clock`, on
 which it also waits, so a test drives every wait with a fake clock.
+
+Refunds: every grant is remembered on the client with the customer and quota
+period it charged, keyed by its ``now``, which is the time sinks pass back with
+the refund. The bytes go back there even if a reload has since moved the client
+to another customer.
 """
 
 import asyncio
@@ -24,6 +29,7 @@ from broker.accounts.backend import BucketLimit, Charge, QuotaBackend, QuotaLimi
 from broker.accounts.bucket import TokenBucket
 from broker.accounts.clients import (
     AccessDenied,
+    Charged,
     Client,
     CustomerState,
     Grant,
@@ -48,7 +54,8 @@ class Grants:
     Grants, waits and refunds against the customers in force.
 
     Args:
-        customers: who is who.
+        customers: who is who (refunds look the charged customer up by id, so
+            they reach its state as it is after a reload).
         backend: where customer buckets and quotas live.
         clock: what `wait_grant` reads and waits on.
     """
@@ -211,18 +218,26 @@ class Grants:
 
     def refund(self, client: Client, unused: int, now: float | None = None) -> None:
         """
-        Give back ``unused`` granted bytes the caller did not serve; see
-        `Accounts.refund`.
+        Give back ``unused`` granted bytes the caller did not serve, to the
+        customer and quota period that grant charged; see `Accounts.refund`.
         """
+        charged = client._recall(now) if now is not None else None
         if unused <= 0:
             return
-        customer = client._customer
         unused = min(unused, client.bytes_served)
         if client.bucket is not None:
             client.bucket.refund(unused)
         client.bytes_served -= unused
+        if charged is None:
+            # Not remembered: the grant was made under the current customer
+            # unless a reload came in between, which is the best guess left.
+            customer = client._customer
+            quota = customer.quota_limit(self._clock.time() if now is None else now)
+        else:
+            # By id, so a customer whose state a reload replaced is still found.
+            customer = self._customers.get(charged.customer.id) or charged.customer
+            quota = charged.quota
         customer.bytes_served -= unused
-        quota = customer.quota_limit(self._clock.time() if now is None else now)
         if quota is not None and customer.quota_key == quota.period_key:
             customer.quota_used = max(0, customer.quota_used - unused)
         if quota is None and customer.bucket is None:
@@ -350,6 +365,11 @@ def _served(
 ) -> None:
     client.bytes_served += granted
     customer.bytes_served += granted
+    if granted:
+        client._remember(Charged(now, customer, quota))
+    # Again after the backend call, which lets other connections of this client
+    # run: a sink reads the grant's time from here once `wait_grant` returns.
+    client.last_seen = now
 
 
 def _piece(client: Client, wanted: int) -> int:

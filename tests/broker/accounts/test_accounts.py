@@ -17,6 +17,7 @@ from broker.accounts import (
     AccessDenied,
     Accounts,
     AccountsConfig,
+    BucketLimit,
     Client,
     CustomerConfig,
     Denied,
@@ -25,6 +26,7 @@ from broker.accounts import (
     WeightedWaitQueue,
     hash_token,
     period_bounds,
+    period_key,
 )
 from broker.errors import ConfigError
 from broker.pool import Waiter
@@ -514,6 +516,108 @@ async def test_refund_goes_to_the_period_that_was_charged() -> None:
     assert today is not None
     assert 0 == backend.usage_now("metered", yesterday.period_key)
     assert 0 == backend.usage_now("metered", today.period_key)
+
+
+def quotas_of(acc: Accounts, backend: MemoryBackend, now: float) -> dict[str, int]:
+    """
+    Quota used per customer at ``now``, as the backend counts it and as the
+    status shows it (which must agree).
+    """
+    view = acc.snapshot(now)["customers"]
+    used = {}
+    for name, entry in view.items():
+        if entry["quota"] is None:
+            continue
+        key = period_key("day", now)
+        used[name] = backend.usage_now(name, key)
+        assert used[name] == entry["quota"]["used"], name
+    return used
+
+
+def moving_customers(a_ips: list[str]) -> list[CustomerConfig]:
+    """
+    Customers A and B with daily quotas; A owns ``a_ips``, B owns 10.7.0.0/16.
+    """
+    return [
+        customer(
+            id="a", networks=a_ips, quota="10 KiB/day", rate="1 KiB/s", burst=4096
+        ),
+        customer(id="b", networks=["10.7.0.0/16"], quota="10 KiB/day"),
+    ]
+
+
+async def test_refund_after_reload_credits_the_customer_charged() -> None:
+    """
+    Bytes granted under customer A and handed back after a reload moved the
+    client to customer B go back to A's quota and bucket; B is untouched.
+    """
+    backend = MemoryBackend()
+    clock = FakeClock()
+    acc = Accounts(
+        AccountsConfig(),
+        moving_customers(["10.7.1.0/24"]),
+        backend=backend,
+        clock=clock,
+    )
+    vm = client_of(acc, Peer("tcp", ip="10.7.1.5"))
+    now = clock.time()
+    assert 4096 == (await acc.grant(vm, 4096, now)).granted
+    assert {"a": 4096, "b": 0} == quotas_of(acc, backend, now)
+    acc.reload(moving_customers(["10.9.0.0/16"]))
+    assert "b" == vm.customer_id
+    acc.refund(vm, 1000, now)
+    await acc.flush()
+    assert {"a": 3096, "b": 0} == quotas_of(acc, backend, now)
+    customers = acc.snapshot(now)["customers"]
+    assert (3096, 0) == (
+        customers["a"]["bytes_served"],
+        customers["b"]["bytes_served"],
+    )
+    # A's shared bucket got the 1000 bytes back as well.
+    again = await backend.take("a", 4096, now, BucketLimit(1024.0, 4096), None)
+    assert 1000 == again.granted
+
+
+async def test_refund_after_wait_grant_and_reload_credits_the_customer_charged() -> (
+    None
+):
+    """
+    A blocking reader refunds with the grant's time (``client.last_seen``, as
+    the EGD sink does); after a reload in between, the bytes still reach the
+    customer charged.
+    """
+    backend = MemoryBackend()
+    clock = FakeClock()
+    acc = Accounts(
+        AccountsConfig(),
+        moving_customers(["10.7.1.0/24"]),
+        backend=backend,
+        clock=clock,
+    )
+    vm = client_of(acc, Peer("tcp", ip="10.7.1.5"))
+    granted = await acc.wait_grant(vm, 200)
+    granted_at = vm.last_seen
+    await clock.advance(5)
+    acc.reload(moving_customers(["10.9.0.0/16"]))
+    acc.refund(vm, granted, granted_at)
+    await acc.flush()
+    assert {"a": 0, "b": 0} == quotas_of(acc, backend, clock.time())
+
+
+async def test_refund_follows_a_customer_whose_state_a_reload_replaced() -> None:
+    """
+    An implicit default that a reload makes explicit gets a new state carrying
+    its counters; a refund of a grant made before goes to that new state.
+    """
+    clock = FakeClock()
+    acc = accounts(acme(), clock=clock)
+    stranger = client_of(acc, Peer("tcp", ip="192.0.2.1"))
+    now = clock.time()
+    assert 500 == (await acc.grant(stranger, 500, now)).granted
+    acc.reload([acme(), customer(id="default", quota="1 MiB/day")])
+    acc.refund(stranger, 200, now)
+    await acc.flush()
+    assert 300 == acc.snapshot(now)["customers"]["default"]["bytes_served"]
 
 
 async def test_snapshot_and_refund_default_to_the_accounts_clock() -> None:
