@@ -4,23 +4,9 @@ credited into the pool.
 
 Theory of operation
 -------------------
-Each source gets a `SourceRunner`: a task that opens the driver, reads from it,
-and on any error closes it, waits a backoff delay (exponential, with jitter,
-bounded) and tries again. One bad device never disturbs its siblings.
-
-Every byte a source delivers goes through that source's continuous health
-tests (`broker.health.SourceHealth`) before anything is credited. A source in
-its start-up test or in quarantine keeps being read, but its bytes are mixed in
-with no credit; it is re-admitted once a fresh start-up test passes. Such a
-source is read even while the pool is full (its bytes need no room there), so
-a better tier can pass its start-up test and take over while a fallback has
-filled the pool and no client draws. A healthy source waits for room, but at
-most ``standby_probe`` seconds: then it is read once anyway (mixed in without
-credit), so a device that dies while the pool is full is noticed. A source
-whose tests fail too often is ``failed`` for good (restart the broker to clear
-it). A watchdog bounds each read: a source that delivers nothing for longer
-than its ``watchdog`` (derived from its nominal rate unless configured) is
-``stalled``, closed and restarted.
+Each source is kept running by a `broker.runner.SourceRunner` (open, read,
+health-test, restart with backoff, watchdog); the supervisor starts and stops
+those tasks and owns the one decision they share: which tier is credited.
 
 Sources are grouped in tiers by ``priority`` (lower is better). The *active*
 tier is the best one with a healthy source; only sources in the active tier
@@ -29,379 +15,69 @@ read now and then (every ``standby_probe`` seconds) so that a broken fallback is
 noticed before it is needed; their bytes are mixed into the pool without credit.
 When the active tier loses its last healthy source, the next tier becomes active
 at once and its sources read at full speed; the output buffer covers the
-hand-over. When a better tier recovers it takes over again.
+hand-over. When a better tier recovers it takes over again. With no healthy
+source at all the active tier is ``None`` and every source may claim it.
+
+Who moves the active tier: every runner state change calls `source_changed`,
+which recomputes it, counts a failover when a tier hands over to another, and
+wakes the standby runners parked in `wait_until_needed`. Time spent with each
+tier active is measured on the injected clock's monotonic reading.
 
 A source configured ``optional`` whose device is absent at start-up is skipped
-(state ``stopped``) with a warning instead of being retried forever.
+(state ``stopped``) with a warning instead of being retried forever; it no
+longer counts towards the best tier.
 """
 
 import asyncio
 import contextlib
 import random
-import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
 
 import structlog
 
-from broker.errors import SourceError, SourceQuarantined, SourceStalled
-from broker.health import STARTUP_SAMPLES, HealthConfig, HealthState, SourceHealth
+from broker.clock import SYSTEM_CLOCK, Clock
+from broker.health import HealthConfig
 from broker.pool import EntropyPool
-from broker.status import SourceState, SourceStatus
+from broker.runner import Backoff, SourceRunner
+from broker.status import SourceStatus
 from sources.base import Source
 
+__all__ = ["Supervisor"]
+
 log = structlog.get_logger("ebroker.supervisor")
-
-_RATE_WINDOW = 10.0
-# Watchdog when a source's rate is unknown, and the floor when it is known.
-_WATCHDOG_DEFAULT = 30.0
-_WATCHDOG_FLOOR = 5.0
-# With a known rate, allow this many bytes' worth of time before calling a stall.
-_WATCHDOG_BYTES = 16384
-
-
-class SourceFailedForGood(SourceError):
-    """
-    The health tests failed the source permanently; it is not restarted.
-    """
-
-
-def derive_watchdog(nominal_rate: float | None) -> float:
-    """
-    How long a read may take before the source counts as stalled.
-    """
-    if not nominal_rate:
-        return _WATCHDOG_DEFAULT
-    return max(_WATCHDOG_FLOOR, _WATCHDOG_BYTES / nominal_rate)
-
-
-class Backoff:
-    """
-    Exponential backoff with full jitter, bounded by ``maximum``.
-    """
-
-    def __init__(
-        self,
-        initial: float = 0.5,
-        maximum: float = 30.0,
-        rng: Callable[[], float] = random.random,
-    ) -> None:
-        self.initial = initial
-        self.maximum = maximum
-        self.failures = 0
-        self._rng = rng
-
-    def next_delay(self) -> float:
-        ceiling = min(self.maximum, self.initial * (2**self.failures))
-        self.failures += 1
-        # Half fixed, half random: restarts of many sources spread out, yet a
-        # delay never collapses to zero.
-        return float(ceiling / 2 + self._rng() * ceiling / 2)
-
-    def reset(self) -> None:
-        self.failures = 0
-
-
-class RateMeter:
-    """
-    Bytes per second over a sliding window.
-    """
-
-    def __init__(self, window: float = _RATE_WINDOW) -> None:
-        self._window = window
-        self._samples: deque[tuple[float, int]] = deque()
-
-    def add(self, now: float, count: int) -> None:
-        self._samples.append((now, count))
-        self._trim(now)
-
-    def _trim(self, now: float) -> None:
-        while self._samples and self._samples[0][0] < now - self._window:
-            self._samples.popleft()
-
-    def rate(self, now: float) -> float:
-        self._trim(now)
-        return sum(count for _, count in self._samples) / self._window
-
-
-class SourceRunner:
-    """
-    Keeps one source running and reports its state.
-    """
-
-    def __init__(
-        self,
-        source: Source,
-        supervisor: "Supervisor",
-        *,
-        optional: bool = False,
-        record_raw: Path | None = None,
-        health: HealthConfig | None = None,
-        watchdog: float | None = None,
-    ) -> None:
-        self.source = source
-        self.name = source.name
-        self.priority = source.priority
-        self._supervisor = supervisor
-        self._optional = optional
-        self._record_path = record_raw
-        self.state = SourceState.STARTING
-        self.reason = "starting"
-        self.since = time.time()
-        self.bytes_in = 0
-        self.credited_bits = 0
-        self.restarts = 0
-        self.skipped = False
-        self.backoff = Backoff(supervisor.backoff_initial, supervisor.backoff_max)
-        self.health = SourceHealth(health or HealthConfig(), source.credit)
-        self.watchdog = watchdog or derive_watchdog(source.nominal_rate)
-        self.transitions = 0
-        self.stalls = 0
-        self._opened_once = False
-        self._meter = RateMeter()
-        self._log = log.bind(source=source.name, kind=source.kind)
-
-    def set_state(self, state: SourceState, reason: str) -> None:
-        if state == self.state and reason == self.reason:
-            return
-        previous = self.state
-        self.state = state
-        self.reason = reason
-        self.since = time.time()
-        self.transitions += 1
-        event = "source_state_changed"
-        if state in (SourceState.FAILED, SourceState.STALLED, SourceState.QUARANTINED):
-            self._log.warning(
-                event, previous=str(previous), state=str(state), reason=reason
-            )
-        else:
-            self._log.info(
-                event, previous=str(previous), state=str(state), reason=reason
-            )
-        self._supervisor.source_changed()
-
-    @property
-    def healthy(self) -> bool:
-        return self.state == SourceState.HEALTHY
-
-    async def run(self) -> None:
-        first_attempt = True
-        record: BinaryIO | None = None
-        try:
-            if self._record_path is not None:
-                try:
-                    record = self._record_path.open("ab")
-                except OSError as exc:
-                    # The source's data is still good: serve it, unrecorded.
-                    self._log.error(
-                        "record_raw_failed", path=str(self._record_path), error=str(exc)
-                    )
-            while True:
-                try:
-                    await self._run_once(record)
-                except SourceFailedForGood:
-                    return
-                except SourceQuarantined as exc:
-                    self.set_state(SourceState.QUARANTINED, str(exc))
-                except SourceStalled as exc:
-                    self.stalls += 1
-                    self.set_state(SourceState.STALLED, str(exc))
-                except (SourceError, OSError) as exc:
-                    if first_attempt and self._optional and self.bytes_in == 0:
-                        self.skipped = True
-                        self._log.warning("source_skipped", reason=str(exc))
-                        self.set_state(SourceState.STOPPED, f"skipped: {exc}")
-                        return
-                    self.set_state(SourceState.FAILED, str(exc))
-                except Exception as exc:  # noqa: BLE001 - a driver bug must not kill siblings
-                    self._log.error("source_crashed", exc_info=True)
-                    self.set_state(SourceState.FAILED, f"driver error: {exc!r}")
-                first_attempt = False
-                delay = self.backoff.next_delay()
-                self._log.info("source_restart_scheduled", delay=round(delay, 3))
-                await asyncio.sleep(delay)
-                self.restarts += 1
-        finally:
-            if record is not None:
-                record.close()
-            if not self.skipped and self.state != SourceState.FAILED:
-                self.set_state(SourceState.STOPPED, "stopped")
-
-    async def _run_once(self, record: BinaryIO | None) -> None:
-        async with self.source as source:
-            if self._opened_once:
-                self._log_health_event(self.health.reset(time.time()))
-            self._opened_once = True
-            self._apply_health_state()
-            while True:
-                probe = False
-                if self.healthy:
-                    if not self._supervisor.is_active(self):
-                        await self._supervisor.wait_until_needed(self)
-                    probe = not await self._room_or_probe()
-                # A source in its start-up test or in quarantine is read even
-                # while the pool is full: its bytes are only mixed in, so they
-                # need no room, and it must get through its start-up test to
-                # take over from a fallback tier that filled the pool.
-                try:
-                    async with asyncio.timeout(self.watchdog):
-                        data = await source.read()
-                except TimeoutError:
-                    raise SourceStalled(
-                        f"delivered nothing for {self.watchdog:g} s (watchdog)"
-                    ) from None
-                if not data:
-                    raise SourceError("driver returned no data")
-                self._absorb(data, record, probe=probe)
-
-    async def _room_or_probe(self) -> bool:
-        """
-        Wait for room in the pool, at most ``standby_probe`` seconds.
-
-        A healthy source paused by a full pool is still read that often, as a
-        standby one is, so that a device that died while no client drew (an
-        unplugged key, a stuck generator) is reported and failed over from
-        before the pool runs dry, not when it does.
-
-        Returns:
-            True when there is room; False when a probe read is due.
-        """
-        pool = self._supervisor.pool
-        try:
-            async with asyncio.timeout(self._supervisor.standby_probe):
-                await pool.wait_for_space()
-        except TimeoutError:
-            return pool.has_space
-        return True
-
-    def _absorb(
-        self, data: bytes, record: BinaryIO | None, *, probe: bool = False
-    ) -> None:
-        pool = self._supervisor.pool
-        self.bytes_in += len(data)
-        self._meter.add(time.monotonic(), len(data))
-        if record is not None:
-            record.write(data)
-        verdict = self.health.feed(data, time.time())
-        for event in verdict.events:
-            self._log_health_event(event)
-        self._apply_health_state()
-        # A probe of a full pool is mixed in: crediting it would overfill it.
-        active = self._supervisor.is_active(self) and not probe
-        creditable = verdict.creditable if active else 0
-        if creditable < len(data):
-            pool.mix(data[: len(data) - creditable])
-        if creditable:
-            pool.add(data[len(data) - creditable :], self.source.credit)
-            self.credited_bits += int(creditable * self.source.credit)
-
-    def _apply_health_state(self) -> None:
-        state = self.health.state
-        if state is HealthState.HEALTHY:
-            if self.state != SourceState.HEALTHY:
-                self.backoff.reset()
-            self.set_state(SourceState.HEALTHY, "delivering")
-        elif state is HealthState.STARTUP:
-            self.set_state(
-                SourceState.STARTING,
-                f"start-up health test over {STARTUP_SAMPLES} bytes",
-            )
-        elif state is HealthState.QUARANTINED:
-            self.set_state(SourceState.QUARANTINED, self.health.reason)
-        else:
-            self.set_state(SourceState.FAILED, f"health tests: {self.health.reason}")
-            raise SourceFailedForGood(self.health.reason)
-
-    def _log_health_event(self, event: Any) -> None:
-        if event is None:
-            return
-        if event.from_state == event.to_state:
-            # A quarantined source failing again (a stuck one does so in every
-            # APT window, thousands of times a second on a fast device): not a
-            # transition, and counted in the health counters; a warning each
-            # time would flood the log.
-            self._log.debug(
-                "health_still_failing",
-                state=event.to_state.value,
-                reason=event.reason,
-                position=event.position,
-            )
-            return
-        self._log.warning(
-            "health_transition",
-            previous=event.from_state.value,
-            state=event.to_state.value,
-            reason=event.reason,
-            position=event.position,
-        )
-
-    def status(self) -> SourceStatus:
-        return SourceStatus(
-            name=self.name,
-            kind=self.source.kind,
-            priority=self.priority,
-            state=str(self.state),
-            reason=self.reason,
-            since=self.since,
-            bytes_in=self.bytes_in,
-            credited_bits=self.credited_bits,
-            rate=self._meter.rate(time.monotonic()),
-            restarts=self.restarts,
-            feeding=self._supervisor.is_active(self) and self.healthy,
-            health=self._health_summary(),
-            details=self._details(),
-        )
-
-    def _health_summary(self) -> dict[str, Any]:
-        counters = self.health.counters
-        return {
-            "state": self.health.state.value,
-            "reason": self.health.reason,
-            "failed_at": self.health.failed_at,
-            "transitions": self.transitions,
-            "stalls": self.stalls,
-            "watchdog": self.watchdog,
-            "rct_cutoff": self.health.rct.cutoff,
-            "apt_cutoff": self.health.apt.cutoff,
-            "samples_tested": counters.samples_tested,
-            "rct_failures": counters.rct_failures,
-            "apt_failures": counters.apt_failures,
-            "fips_blocks": counters.fips_blocks,
-            "fips_failures": counters.fips_failures,
-            "startups_passed": counters.startups_passed,
-            "quarantines": counters.quarantines,
-        }
-
-    def _details(self) -> dict[str, Any]:
-        details = getattr(self.source, "details", None)
-        if details is None:
-            return {}
-        try:
-            return dict(details())
-        except Exception:  # noqa: BLE001 - a status page must not die of a driver bug
-            self._log.error("source_details_failed", exc_info=True)
-            return {}
 
 
 class Supervisor:
     """
     Runs the source tasks and tracks which tier feeds the pool.
+
+    Args:
+        pool: where the sources' bytes go.
+        clock: time for every runner's waits and stamps, and for tier time.
+        standby_probe: seconds a healthy source on standby, or paused by a
+            full pool, goes unread before it is read once anyway.
+        backoff_initial: first restart delay of a failing source.
+        backoff_max: longest restart delay.
+        rng: jitter for restart delays, a float in [0, 1).
     """
 
     def __init__(
         self,
         pool: EntropyPool,
         *,
+        clock: Clock = SYSTEM_CLOCK,
         standby_probe: float = 10.0,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
+        rng: Callable[[], float] = random.random,
     ) -> None:
         self.pool = pool
+        self.clock = clock
         self.standby_probe = standby_probe
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        self._rng = rng
         self.runners: list[SourceRunner] = []
         self.active_tier: int | None = None
         self.failovers = 0
@@ -409,7 +85,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self._tier_seconds: dict[str, float] = {}
-        self._tier_since = time.monotonic()
+        self._tier_since = clock.monotonic()
 
     def add(
         self,
@@ -423,6 +99,8 @@ class Supervisor:
         runner = SourceRunner(
             source,
             self,
+            clock=self.clock,
+            backoff=Backoff(self.backoff_initial, self.backoff_max, self._rng),
             optional=optional,
             record_raw=record_raw,
             health=health,
@@ -461,13 +139,23 @@ class Supervisor:
         task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
+        """
+        Cancel every source task and wait until each has closed its driver.
+
+        Raises:
+            asyncio.CancelledError: ``stop`` itself was cancelled; it is raised
+                only once every source task has finished.
+        """
         self._started = False
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel(msg="broker shutting down")
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # gather waits for every task even when stop() is cancelled meanwhile,
+        # and then raises that cancellation: cleanup first, never swallowed.
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for task, result in zip(tasks, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("source_task_failed", task=task.get_name(), exc_info=result)
 
     # ---- tiers ------------------------------------------------------------------
 
@@ -476,8 +164,7 @@ class Supervisor:
         tier = min(healthy_tiers) if healthy_tiers else None
         if tier == self.active_tier:
             return
-        now = time.monotonic()
-        self._account_tier_time(now)
+        self._account_tier_time(self.clock.monotonic())
         previous, self.active_tier = self.active_tier, tier
         if previous is not None:
             self.failovers += 1
@@ -496,7 +183,7 @@ class Supervisor:
         """
         Seconds spent with each tier active ("none": no healthy source at all).
         """
-        self._account_tier_time(time.monotonic())
+        self._account_tier_time(self.clock.monotonic())
         return dict(self._tier_seconds)
 
     def is_active(self, runner: SourceRunner) -> bool:
@@ -508,7 +195,7 @@ class Supervisor:
         Park a standby source until its tier becomes active or a probe is due.
         """
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.standby_probe):
+            async with self.clock.timeout(self.standby_probe):
                 while not self.is_active(runner):
                     await self._tier_changed.wait()
 

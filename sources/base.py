@@ -4,11 +4,14 @@ The Source interface: what every driver provides to the supervisor.
 A driver is an async context manager (open the device on enter, release it on
 exit) with ``async read() -> bytes``. Drivers raise `broker.errors.SourceError` (or
 any ``OSError``) on device trouble; they never retry on their own, because the
-supervisor decides what happens next (backoff, reconnect, failover).
+supervisor decides what happens next (backoff, reconnect, failover), and they
+never time a read out: the supervisor's watchdog cancels a read that takes too
+long, so a read must leave the driver closable when it is cancelled.
 """
 
+from collections.abc import Mapping
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Any, Protocol, Self
 
 
 class Source(Protocol):
@@ -44,5 +47,12 @@ class Source(Protocol):
 
         Raises:
             SourceError: the device failed, reached EOF or cannot be used.
+        """
+        ...
+
+    def details(self) -> Mapping[str, Any]:
+        """
+        Driver-specific facts for status pages and metrics (an Entropy Key's
+        serial, temperature, frame counters); empty when a driver has none.
         """
         ...

@@ -16,7 +16,7 @@ import threading
 import tty
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import Field
 
@@ -181,3 +181,6 @@ class DeviceSource:
         data = await asyncio.shield(self._pending.future)
         self._pending = None
         return data
+
+    def details(self) -> dict[str, Any]:
+        return {}

@@ -9,7 +9,7 @@ boot until the kernel's CRNG is initialised.
 import asyncio
 import os
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import Field
 
@@ -71,3 +71,6 @@ class GetrandomSource:
                 max(self._next_read, loop.time()) + self._read_size / self._rate
             )
         return await asyncio.to_thread(os.getrandom, self._read_size)
+
+    def details(self) -> dict[str, Any]:
+        return {}

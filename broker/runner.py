@@ -1,0 +1,440 @@
+"""
+One source kept running: opened, read, health-tested, restarted with backoff.
+
+Theory of operation
+-------------------
+Each source gets a `SourceRunner`: a task that opens the driver, reads from it,
+and on any error closes it, waits a backoff delay (exponential, with jitter,
+bounded) and tries again. One bad device never disturbs its siblings.
+
+Every byte a source delivers goes through that source's continuous health
+tests (`broker.health.SourceHealth`) before anything is credited. A source in
+its start-up test or in quarantine keeps being read, but its bytes are mixed in
+with no credit; it is re-admitted once a fresh start-up test passes. Such a
+source is read even while the pool is full (its bytes need no room there), so
+a better tier can pass its start-up test and take over while a fallback has
+filled the pool and no client draws. A healthy source waits for room, but at
+most ``standby_probe`` seconds: then it is read once anyway (mixed in without
+credit), so a device that dies while the pool is full is noticed. A source
+whose tests fail too often is ``failed`` for good (restart the broker to clear
+it). A watchdog bounds each read: a source that delivers nothing for longer
+than its ``watchdog`` (derived from its nominal rate unless configured) is
+``stalled``: the read is cancelled, the driver closed and restarted. The
+watchdog is the only bound on a read; drivers keep none of their own.
+
+Which tier is credited, and when a standby source is read, is the
+supervisor's decision (`broker.supervisor`); a runner asks it through `Tiers`.
+Every wait and every time stamp goes through the injected `broker.clock.Clock`.
+
+States (`broker.status.SourceState`) and who moves them: the runner, from the
+health state after each read (``starting``, ``healthy``, ``quarantined``,
+``failed`` for good), and from what ended a run (``stalled`` by the watchdog,
+``failed`` by a driver error, ``stopped`` when the task ends or an optional
+device is absent).
+"""
+
+import random
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import structlog
+
+from broker.clock import Clock
+from broker.errors import SourceError, SourceQuarantined, SourceStalled
+from broker.health import (
+    STARTUP_SAMPLES,
+    HealthConfig,
+    HealthEvent,
+    HealthState,
+    SourceHealth,
+)
+from broker.pool import EntropyPool
+from broker.status import SourceState, SourceStatus
+from sources.base import Source
+
+log = structlog.get_logger("ebroker.supervisor")
+
+_RATE_WINDOW = 10.0
+# Watchdog when a source's rate is unknown, and the floor when it is known.
+_WATCHDOG_DEFAULT = 30.0
+_WATCHDOG_FLOOR = 5.0
+# With a known rate, allow this many bytes' worth of time before calling a stall.
+_WATCHDOG_BYTES = 16384
+
+
+class SourceFailedForGood(SourceError):
+    """
+    The health tests failed the source permanently; it is not restarted.
+    """
+
+
+def derive_watchdog(nominal_rate: float | None) -> float:
+    """
+    How long a read may take before the source counts as stalled.
+    """
+    if not nominal_rate:
+        return _WATCHDOG_DEFAULT
+    return max(_WATCHDOG_FLOOR, _WATCHDOG_BYTES / nominal_rate)
+
+
+class Backoff:
+    """
+    Exponential backoff with full jitter, bounded by ``maximum``.
+    """
+
+    def __init__(
+        self,
+        initial: float = 0.5,
+        maximum: float = 30.0,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.failures = 0
+        self._rng = rng
+
+    def next_delay(self) -> float:
+        ceiling = min(self.maximum, self.initial * (2**self.failures))
+        self.failures += 1
+        # Half fixed, half random: restarts of many sources spread out, yet a
+        # delay never collapses to zero.
+        return float(ceiling / 2 + self._rng() * ceiling / 2)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class RateMeter:
+    """
+    Bytes per second over a sliding window.
+    """
+
+    def __init__(self, window: float = _RATE_WINDOW) -> None:
+        self._window = window
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def add(self, now: float, count: int) -> None:
+        self._samples.append((now, count))
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._samples and self._samples[0][0] < now - self._window:
+            self._samples.popleft()
+
+    def rate(self, now: float) -> float:
+        self._trim(now)
+        return sum(count for _, count in self._samples) / self._window
+
+
+class Tiers(Protocol):
+    """
+    What a runner asks of the supervisor that runs it.
+    """
+
+    @property
+    def pool(self) -> EntropyPool:
+        """
+        The pool the runner's bytes go into.
+        """
+        ...
+
+    @property
+    def standby_probe(self) -> float:
+        """
+        Seconds a healthy source may stay unread while paused or on standby.
+        """
+        ...
+
+    def is_active(self, runner: "SourceRunner") -> bool:
+        """
+        Whether ``runner``'s tier is credited right now.
+        """
+        ...
+
+    async def wait_until_needed(self, runner: "SourceRunner") -> None:
+        """
+        Return when ``runner``'s tier becomes active or a standby probe is due.
+        """
+        ...
+
+    def source_changed(self) -> None:
+        """
+        A runner's state changed: the active tier may have to move.
+        """
+        ...
+
+
+class SourceRunner:
+    """
+    Keeps one source running and reports its state.
+
+    Args:
+        source: the driver.
+        tiers: the supervisor deciding whose bytes are credited.
+        clock: time for backoff, the watchdog, probes, rates and stamps.
+        backoff: restart delays.
+        optional: skip the source (state ``stopped``) when its first open fails.
+        record_raw: append every raw byte to this file.
+        health: health-test settings (defaults when ``None``).
+        watchdog: seconds a read may take (derived from the nominal rate when
+            ``None``).
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        tiers: Tiers,
+        *,
+        clock: Clock,
+        backoff: Backoff,
+        optional: bool = False,
+        record_raw: Path | None = None,
+        health: HealthConfig | None = None,
+        watchdog: float | None = None,
+    ) -> None:
+        self.source = source
+        self.name = source.name
+        self.priority = source.priority
+        self._tiers = tiers
+        self._clock = clock
+        self._optional = optional
+        self._record_path = record_raw
+        self.state = SourceState.STARTING
+        self.reason = "starting"
+        self.since = clock.time()
+        self.bytes_in = 0
+        self.credited_bits = 0
+        self.restarts = 0
+        self.skipped = False
+        self.backoff = backoff
+        self.health = SourceHealth(health or HealthConfig(), source.credit)
+        self.watchdog = watchdog or derive_watchdog(source.nominal_rate)
+        self.transitions = 0
+        self.stalls = 0
+        self._opened_once = False
+        self._meter = RateMeter()
+        self._log = log.bind(source=source.name, kind=source.kind)
+
+    def set_state(self, state: SourceState, reason: str) -> None:
+        if state == self.state and reason == self.reason:
+            return
+        previous = self.state
+        self.state = state
+        self.reason = reason
+        self.since = self._clock.time()
+        self.transitions += 1
+        event = "source_state_changed"
+        if state in (SourceState.FAILED, SourceState.STALLED, SourceState.QUARANTINED):
+            self._log.warning(
+                event, previous=str(previous), state=str(state), reason=reason
+            )
+        else:
+            self._log.info(
+                event, previous=str(previous), state=str(state), reason=reason
+            )
+        self._tiers.source_changed()
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == SourceState.HEALTHY
+
+    async def run(self) -> None:
+        """
+        Run the source until it fails for good, is skipped, or the task is
+        cancelled (the cancellation propagates once the driver is closed).
+        """
+        first_attempt = True
+        record: BinaryIO | None = None
+        try:
+            if self._record_path is not None:
+                try:
+                    record = self._record_path.open("ab")
+                except OSError as exc:
+                    # The source's data is still good: serve it, unrecorded.
+                    self._log.error(
+                        "record_raw_failed", path=str(self._record_path), error=str(exc)
+                    )
+            while True:
+                try:
+                    await self._run_once(record)
+                except SourceFailedForGood:
+                    return
+                except SourceQuarantined as exc:
+                    self.set_state(SourceState.QUARANTINED, str(exc))
+                except SourceStalled as exc:
+                    self.stalls += 1
+                    self.set_state(SourceState.STALLED, str(exc))
+                except (SourceError, OSError) as exc:
+                    if first_attempt and self._optional and self.bytes_in == 0:
+                        self.skipped = True
+                        self._log.warning("source_skipped", reason=str(exc))
+                        self.set_state(SourceState.STOPPED, f"skipped: {exc}")
+                        return
+                    self.set_state(SourceState.FAILED, str(exc))
+                except Exception as exc:  # noqa: BLE001 - a driver bug must not kill siblings
+                    self._log.error("source_crashed", exc_info=True)
+                    self.set_state(SourceState.FAILED, f"driver error: {exc!r}")
+                first_attempt = False
+                delay = self.backoff.next_delay()
+                self._log.info("source_restart_scheduled", delay=round(delay, 3))
+                await self._clock.sleep(delay)
+                self.restarts += 1
+        finally:
+            if record is not None:
+                record.close()
+            if not self.skipped and self.state != SourceState.FAILED:
+                self.set_state(SourceState.STOPPED, "stopped")
+
+    async def _run_once(self, record: BinaryIO | None) -> None:
+        async with self.source as source:
+            if self._opened_once:
+                self._log_health_event(self.health.reset(self._clock.time()))
+            self._opened_once = True
+            self._apply_health_state()
+            while True:
+                probe = False
+                if self.healthy:
+                    if not self._tiers.is_active(self):
+                        await self._tiers.wait_until_needed(self)
+                    probe = not await self._room_or_probe()
+                # A source in its start-up test or in quarantine is read even
+                # while the pool is full: its bytes are only mixed in, so they
+                # need no room, and it must get through its start-up test to
+                # take over from a fallback tier that filled the pool.
+                try:
+                    async with self._clock.timeout(self.watchdog):
+                        data = await source.read()
+                except TimeoutError:
+                    raise SourceStalled(
+                        f"delivered nothing for {self.watchdog:g} s (watchdog)"
+                    ) from None
+                if not data:
+                    raise SourceError("driver returned no data")
+                self._absorb(data, record, probe=probe)
+
+    async def _room_or_probe(self) -> bool:
+        """
+        Wait for room in the pool, at most ``standby_probe`` seconds.
+
+        A healthy source paused by a full pool is still read that often, as a
+        standby one is, so that a device that died while no client drew (an
+        unplugged key, a stuck generator) is reported and failed over from
+        before the pool runs dry, not when it does.
+
+        Returns:
+            True when there is room; False when a probe read is due.
+        """
+        pool = self._tiers.pool
+        try:
+            async with self._clock.timeout(self._tiers.standby_probe):
+                await pool.wait_for_space()
+        except TimeoutError:
+            return pool.has_space
+        return True
+
+    def _absorb(
+        self, data: bytes, record: BinaryIO | None, *, probe: bool = False
+    ) -> None:
+        pool = self._tiers.pool
+        self.bytes_in += len(data)
+        self._meter.add(self._clock.monotonic(), len(data))
+        if record is not None:
+            record.write(data)
+        verdict = self.health.feed(data, self._clock.time())
+        for event in verdict.events:
+            self._log_health_event(event)
+        self._apply_health_state()
+        # A probe of a full pool is mixed in: crediting it would overfill it.
+        active = self._tiers.is_active(self) and not probe
+        creditable = verdict.creditable if active else 0
+        if creditable < len(data):
+            pool.mix(data[: len(data) - creditable])
+        if creditable:
+            pool.add(data[len(data) - creditable :], self.source.credit)
+            self.credited_bits += int(creditable * self.source.credit)
+
+    def _apply_health_state(self) -> None:
+        state = self.health.state
+        if state is HealthState.HEALTHY:
+            if self.state != SourceState.HEALTHY:
+                self.backoff.reset()
+            self.set_state(SourceState.HEALTHY, "delivering")
+        elif state is HealthState.STARTUP:
+            self.set_state(
+                SourceState.STARTING,
+                f"start-up health test over {STARTUP_SAMPLES} bytes",
+            )
+        elif state is HealthState.QUARANTINED:
+            self.set_state(SourceState.QUARANTINED, self.health.reason)
+        else:
+            self.set_state(SourceState.FAILED, f"health tests: {self.health.reason}")
+            raise SourceFailedForGood(self.health.reason)
+
+    def _log_health_event(self, event: HealthEvent | None) -> None:
+        if event is None:
+            return
+        if event.from_state == event.to_state:
+            # A quarantined source failing again (a stuck one does so in every
+            # APT window, thousands of times a second on a fast device): not a
+            # transition, and counted in the health counters; a warning each
+            # time would flood the log.
+            self._log.debug(
+                "health_still_failing",
+                state=event.to_state.value,
+                reason=event.reason,
+                position=event.position,
+            )
+            return
+        self._log.warning(
+            "health_transition",
+            previous=event.from_state.value,
+            state=event.to_state.value,
+            reason=event.reason,
+            position=event.position,
+        )
+
+    def status(self) -> SourceStatus:
+        return SourceStatus(
+            name=self.name,
+            kind=self.source.kind,
+            priority=self.priority,
+            state=str(self.state),
+            reason=self.reason,
+            since=self.since,
+            bytes_in=self.bytes_in,
+            credited_bits=self.credited_bits,
+            rate=self._meter.rate(self._clock.monotonic()),
+            restarts=self.restarts,
+            feeding=self._tiers.is_active(self) and self.healthy,
+            health=self._health_summary(),
+            details=self._details(),
+        )
+
+    def _health_summary(self) -> dict[str, Any]:
+        counters = self.health.counters
+        return {
+            "state": self.health.state.value,
+            "reason": self.health.reason,
+            "failed_at": self.health.failed_at,
+            "transitions": self.transitions,
+            "stalls": self.stalls,
+            "watchdog": self.watchdog,
+            "rct_cutoff": self.health.rct.cutoff,
+            "apt_cutoff": self.health.apt.cutoff,
+            "samples_tested": counters.samples_tested,
+            "rct_failures": counters.rct_failures,
+            "apt_failures": counters.apt_failures,
+            "fips_blocks": counters.fips_blocks,
+            "fips_failures": counters.fips_failures,
+            "startups_passed": counters.startups_passed,
+            "quarantines": counters.quarantines,
+        }
+
+    def _details(self) -> dict[str, Any]:
+        try:
+            return dict(self.source.details())
+        except Exception:  # noqa: BLE001 - a status page must not die of a driver bug
+            self._log.error("source_details_failed", exc_info=True)
+            return {}
