@@ -5,9 +5,12 @@ Source and sink packages define their own models on top of these; `broker.config
 assembles them into the whole file.
 """
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, ClassVar
 
-from pydantic import Field
+from pydantic import Field, ModelWrapValidatorHandler, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from broker.configtypes import (
     ByteRate,
@@ -37,6 +40,9 @@ class SourceConfigBase(StrictModel):
     """
     Keys every ``[[sources]]`` entry has, whatever its kind.
     """
+
+    replaced_keys: ClassVar[Mapping[str, str]] = {}
+    """Old key -> the key that replaced it; an old key is refused, naming the new."""
 
     name: Name = Field(
         description="unique name of this source, used in logs and status"
@@ -71,6 +77,42 @@ class SourceConfigBase(StrictModel):
         description="append this source's raw bytes to this file, for offline "
         "assessment",
     )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _refuse_replaced_keys(
+        cls, data: Any, handler: ModelWrapValidatorHandler["SourceConfigBase"]
+    ) -> "SourceConfigBase":
+        # "unknown key" would leave an operator upgrading an old file guessing:
+        # name the key that replaced it, next to every other problem found.
+        if not isinstance(data, Mapping):
+            return handler(data)
+        old = [key for key in cls.replaced_keys if key in data]
+        if not old:
+            return handler(data)
+        errors: list[InitErrorDetails] = [
+            InitErrorDetails(
+                type=PydanticCustomError(
+                    "replaced_key", f"replaced by {cls.replaced_keys[key]!r}"
+                ),
+                loc=(key,),
+                input=data[key],
+            )
+            for key in old
+        ]
+        try:
+            handler({key: value for key, value in data.items() if key not in old})
+        except ValidationError as exc:
+            # Re-raised as custom errors: the messages are final text already.
+            errors += [
+                InitErrorDetails(
+                    type=PydanticCustomError(error["type"], error["msg"]),
+                    loc=error["loc"],
+                    input=error["input"],
+                )
+                for error in exc.errors(include_url=False)
+            ]
+        raise ValidationError.from_exception_data(cls.__name__, errors)
 
 
 class SinkConfigBase(StrictModel):

@@ -6,6 +6,12 @@ Pollable files (FIFOs, ttys, most character devices) are read with non-blocking
 I/O on the event loop. Files the kernel cannot poll (regular files, /dev/hwrng,
 whose driver has no poll method) are read by a daemon thread, so a device that
 hangs can neither block the loop nor keep the process from exiting.
+
+A read has no time limit of its own: the supervisor's watchdog cancels a read
+that delivers nothing for too long, then closes the source. A cancelled
+pollable read leaves no reader registered. A thread's read cannot be
+interrupted, so the thread keeps the descriptor and closes it itself when its
+read returns; the source can be reopened meanwhile on a new descriptor.
 """
 
 import asyncio
@@ -14,13 +20,14 @@ import os
 import termios
 import threading
 import tty
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import Field
 
-from broker.configbase import Duration, Size, SourceConfigBase
+from broker.configbase import Size, SourceConfigBase
 from broker.errors import SourceError
 from sources.fdio import read_when_ready
 
@@ -29,6 +36,8 @@ class DeviceSourceConfig(SourceConfigBase):
     """
     ``kind = "device"`` (any path) or ``kind = "hwrng"`` (path defaults to /dev/hwrng).
     """
+
+    replaced_keys: ClassVar[Mapping[str, str]] = {"stall_timeout": "watchdog"}
 
     kind: Literal["device", "hwrng"] = Field(description="source driver")
     path: Path = Field(
@@ -42,11 +51,6 @@ class DeviceSourceConfig(SourceConfigBase):
         description="skip this source with a warning at start-up when the path is "
         "absent or unreadable, instead of reporting it failed",
     )
-    stall_timeout: Duration = Field(
-        default=30.0,
-        gt=0,
-        description="a read that delivers nothing for this long is reported as a stall",
-    )
     nominal_rate: Size | None = Field(
         default=None, description="bytes per second the device is expected to deliver"
     )
@@ -55,14 +59,21 @@ class DeviceSourceConfig(SourceConfigBase):
 class _ThreadRead:
     """
     One blocking read in a daemon thread; its result lands in an asyncio future.
+
+    The descriptor is the thread's until its read returns, so closing it is
+    handed over (`abandon`): closed at once if the read is over, else by the
+    thread when it is. The lock makes that decision once, on one side only; it
+    is never held across the read.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, size: int) -> None:
         self.future: asyncio.Future[bytes] = loop.create_future()
-        self.close_when_done = False
         self._loop = loop
         self._fd = fd
         self._size = size
+        self._lock = threading.Lock()
+        self._returned = False
+        self._abandoned = False
         threading.Thread(
             target=self._run, name="ebroker-device-read", daemon=True
         ).start()
@@ -73,18 +84,32 @@ class _ThreadRead:
             result = os.read(self._fd, self._size)
         except OSError as exc:
             result = exc
-        if self.close_when_done:
+        with self._lock:
+            self._returned = True
+            abandoned = self._abandoned
+        if abandoned:
             os.close(self._fd)
+            return
         with contextlib.suppress(RuntimeError):  # loop already closed at exit
             self._loop.call_soon_threadsafe(self._deliver, result)
 
     def _deliver(self, result: bytes | BaseException) -> None:
-        if self.future.done():
+        if self._abandoned or self.future.done():
             return
         if isinstance(result, BaseException):
             self.future.set_exception(result)
         else:
             self.future.set_result(result)
+
+    def abandon(self) -> None:
+        """
+        Drop the read and close the descriptor once the thread is done with it.
+        """
+        with self._lock:
+            self._abandoned = True
+            returned = self._returned
+        if returned:
+            os.close(self._fd)
 
 
 class DeviceSource:
@@ -99,7 +124,6 @@ class DeviceSource:
         self.credit = config.credit
         self.path = config.path
         self._read_size = config.read_size
-        self._stall_timeout = config.stall_timeout
         self._nominal_rate = config.nominal_rate
         self._fd: int | None = None
         self._pollable = False
@@ -112,7 +136,7 @@ class DeviceSource:
     async def __aenter__(self) -> Self:
         # A FIFO is opened read-write so that it never reports EOF while no
         # program has it open for writing: a feeder that restarts is a stall
-        # (caught by stall_timeout), not a stream of instant EOFs.
+        # (caught by the supervisor's watchdog), not a stream of instant EOFs.
         mode = os.O_RDWR if self.path.is_fifo() else os.O_RDONLY
         try:
             fd = os.open(self.path, mode | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
@@ -145,11 +169,12 @@ class DeviceSource:
         tb: TracebackType | None,
     ) -> None:
         fd, self._fd = self._fd, None
+        pending, self._pending = self._pending, None
         if fd is None:
             return
-        if self._pending is not None and not self._pending.future.done():
-            # The thread still uses the fd: it closes it when its read returns.
-            self._pending.close_when_done = True
+        if pending is not None:
+            # A cancelled thread read may still be using the fd.
+            pending.abandon()
             return
         if self._pollable:
             asyncio.get_running_loop().remove_reader(fd)
@@ -159,15 +184,10 @@ class DeviceSource:
         if self._fd is None:
             raise SourceError(f"{self.path} is not open")
         try:
-            async with asyncio.timeout(self._stall_timeout):
-                if self._pollable:
-                    data = await read_when_ready(self._fd, self._read_size)
-                else:
-                    data = await self._read_in_thread(self._fd)
-        except TimeoutError:
-            raise SourceError(
-                f"{self.path} delivered nothing for {self._stall_timeout:g} s"
-            ) from None
+            if self._pollable:
+                data = await read_when_ready(self._fd, self._read_size)
+            else:
+                data = await self._read_in_thread(self._fd)
         except OSError as exc:
             raise SourceError(f"read from {self.path} failed: {exc.strerror}") from exc
         if not data:
@@ -175,9 +195,11 @@ class DeviceSource:
         return data
 
     async def _read_in_thread(self, fd: int) -> bytes:
-        if self._pending is None or self._pending.future.done():
+        if self._pending is None:
             self._pending = _ThreadRead(asyncio.get_running_loop(), fd, self._read_size)
-        # shield: a timed-out wait must not lose the bytes the thread may still return
+        # shield: cancelling this wait cannot stop the thread, and must not lose
+        # the bytes it returns if the source is read again; the next read, or
+        # __aexit__, takes the pending read over.
         data = await asyncio.shield(self._pending.future)
         self._pending = None
         return data

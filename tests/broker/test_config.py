@@ -160,6 +160,39 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
         load_config(broken)
 
 
+def test_a_replaced_key_is_refused_naming_its_successor(tmp_path: Path) -> None:
+    """
+    A device's old stall_timeout is refused with the key that replaced it
+    (watchdog), for either device kind, alongside every other problem in the
+    same entry.
+    """
+    path = tmp_path / "old.toml"
+    path.write_text(
+        '[[sources]]\nname = "fifo"\nkind = "device"\npath = "/tmp/fifo"\n'
+        'stall_timeout = "5 s"\nread_size = "lots"\n'
+        '[[sources]]\nname = "hw"\nkind = "hwrng"\nstall_timeout = 5\n'
+        '[[sinks]]\nkind = "egd"\nlisten = ["tcp://127.0.0.1:1"]\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert [
+        f"{path}: sources[0].stall_timeout: replaced by 'watchdog'",
+        f"{path}: sources[0].read_size: 'lots' is not a size "
+        "(try '4096', '4 KiB' or '1 MiB')",
+        f"{path}: sources[1].stall_timeout: replaced by 'watchdog'",
+    ] == str(caught.value).splitlines()
+
+
+def test_the_watchdog_is_accepted_for_a_device() -> None:
+    """
+    The key that replaced stall_timeout is read, units and all.
+    """
+    config = parse_config(
+        minimal(sources=[{"name": "d", "kind": "device", "watchdog": "2 min"}])
+    )
+    assert 120.0 == config.sources[0].watchdog
+
+
 def test_ipv6_and_ephemeral_ports_are_accepted() -> None:
     """
     IPv6 literals work, and port 0 (pick a free port) never counts as a clash.

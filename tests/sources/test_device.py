@@ -1,10 +1,13 @@
 """
 The device source reads FIFOs, files and character devices without blocking the
-event loop, and reports EOF, errors and stalls as SourceError.
+event loop, reports EOF and errors as SourceError, and can have a read
+cancelled (by the supervisor's watchdog) without leaking a reader, a thread's
+descriptor or bytes into the next read.
 """
 
 import asyncio
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -60,23 +63,25 @@ async def test_fifo_waits_for_a_writer_without_blocking_the_loop(
 
 async def test_fifo_feeder_restart_is_a_stall_not_eof(tmp_path: Path) -> None:
     """
-    When the feeding program exits the source neither spins on EOF nor fails at
-    once: it reports a stall after stall_timeout, and a new feeder resumes it.
+    When the feeding program exits the source neither spins on EOF nor fails:
+    the read waits (for the supervisor's watchdog to judge), and a new feeder
+    resumes it.
     """
     fifo = tmp_path / "feed"
     os.mkfifo(fifo)
-    async with device(fifo, stall_timeout=0.05) as source:
+    async with device(fifo) as source:
         writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
         os.write(writer, b"x")
         os.close(writer)
         assert b"x" == await source.read()
-        with pytest.raises(SourceError, match="delivered nothing"):
-            await source.read()
+        reader = asyncio.create_task(source.read())
+        await asyncio.sleep(0)
+        assert not reader.done()
         writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
         try:
             os.write(writer, b"y")
             async with asyncio.timeout(5):
-                assert b"y" == await source.read()
+                assert b"y" == await reader
         finally:
             os.close(writer)
 
@@ -103,15 +108,115 @@ async def test_missing_device_is_a_clear_error(tmp_path: Path) -> None:
             pass
 
 
-async def test_stall_is_reported(tmp_path: Path) -> None:
+def fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+async def cancel(task: "asyncio.Task[bytes]") -> None:
+    task.cancel()
+    await asyncio.wait([task])
+    assert task.cancelled()
+
+
+async def test_cancelled_poll_read_leaves_nothing_behind(tmp_path: Path) -> None:
     """
-    A device that delivers nothing within stall_timeout is reported as stalled.
+    A pollable read cancelled (as the watchdog does) unregisters its reader,
+    the source then closes its descriptor, and it reopens and reads again.
     """
     fifo = tmp_path / "feed"
     os.mkfifo(fifo)
-    async with device(fifo, stall_timeout=0.05) as source:
-        with pytest.raises(SourceError, match="delivered nothing"):
-            await source.read()
+    source = device(fifo)
+    loop = asyncio.get_running_loop()
+    async with source:
+        fd = source._fd
+        assert fd is not None
+        reader = asyncio.create_task(source.read())
+        await asyncio.sleep(0)
+        await cancel(reader)
+        assert not loop.remove_reader(fd)
+    assert not fd_is_open(fd)
+    async with source:
+        writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            os.write(writer, b"again")
+            async with asyncio.timeout(5):
+                assert b"again" == await source.read()
+        finally:
+            os.close(writer)
+
+
+def read_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "ebroker-device-read"}
+
+
+def unpollable(path: Path) -> DeviceSource:
+    """
+    A device read by a blocking thread (as /dev/hwrng is), here a FIFO so that
+    the test decides when the blocked read returns.
+    """
+    source = device(path)
+    source._probe_pollable = lambda fd: False  # type: ignore[method-assign]
+    return source
+
+
+async def test_cancelled_thread_read_hands_its_fd_to_the_thread(
+    tmp_path: Path,
+) -> None:
+    """
+    A thread's read cannot be interrupted: when its wait is cancelled and the
+    source closed, the descriptor stays open until the read returns, then the
+    thread closes it; its bytes reach no later read.
+    """
+    fifo = tmp_path / "feed"
+    os.mkfifo(fifo)
+    source = unpollable(fifo)
+    before = read_threads()
+    async with source:
+        fd = source._fd
+        assert fd is not None
+        reader = asyncio.create_task(source.read())
+        await asyncio.sleep(0)
+        (thread,) = read_threads() - before
+        await cancel(reader)
+    assert fd_is_open(fd)
+    writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        async with source:
+            os.write(writer, b"dropped")
+            await asyncio.to_thread(thread.join, 5)
+            assert not thread.is_alive()
+            assert not fd_is_open(fd)
+            os.write(writer, b"fresh")
+            async with asyncio.timeout(5):
+                assert b"fresh" == await source.read()
+    finally:
+        os.close(writer)
+
+
+async def test_read_after_a_cancelled_thread_read_gets_its_bytes(
+    tmp_path: Path,
+) -> None:
+    """
+    While the source stays open, a read after a cancelled one takes over the
+    read still pending in the thread, so no byte is lost.
+    """
+    fifo = tmp_path / "feed"
+    os.mkfifo(fifo)
+    async with unpollable(fifo) as source:
+        reader = asyncio.create_task(source.read())
+        await asyncio.sleep(0)
+        await cancel(reader)
+        writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            os.write(writer, b"kept")
+            async with asyncio.timeout(5):
+                assert b"kept" == await source.read()
+        finally:
+            os.close(writer)
 
 
 async def test_char_device_reads(tmp_path: Path) -> None:
