@@ -8,6 +8,12 @@ reports a latched generator failure raises `SourceQuarantined` (its data is
 never credited), a silent key `SourceStalled`, anything else that ends the
 session `SourceError` with the session's reason. It also keeps the key's
 latest status records (temperature, voltage, FIPS counters) for status pages.
+
+The session's response timer judges the key, not the host: the supervisor may
+leave a key unread for many seconds (a full pool, a standby tier), so the time
+between calls to `read` is taken off the timer, and a timer that expires while
+a transport read is in flight leaves that read running for the next turn
+rather than cancelling it and losing the bytes it was returning.
 """
 
 import asyncio
@@ -78,6 +84,10 @@ class EntropyKeySource:
         self._response_timeout = response_timeout
         self._nominal_rate = nominal_rate
         self._session: Session | None = None
+        self._pending: asyncio.Task[bytes] | None = None
+        # Loop time at which the driver last stopped reading (None while open
+        # and inside `read`, or closed).
+        self._idle_since: float | None = None
         self._info = Info()
         self._fips_failed = 0
         self._fips_tested = 0
@@ -120,6 +130,7 @@ class EntropyKeySource:
         except BaseException:
             await self.transport.close()
             raise
+        self._idle_since = loop.time()
         self._log.info("entropykey_opened", attachment=self.transport.description)
         return self
 
@@ -130,10 +141,25 @@ class EntropyKeySource:
         tb: TracebackType | None,
     ) -> None:
         session, self._session = self._session, None
+        self._idle_since = None
         if session is not None:
             self._absorb_counters(session)
             session.close("driver closed")
+        await self._cancel_pending()
         await self.transport.close()
+
+    async def _cancel_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        pending.cancel(msg="Entropy Key source closing")
+        # wait() rather than await: our own cancellation still propagates,
+        # and the read's outcome is retrieved below instead of raised.
+        await asyncio.wait({pending})
+        if not pending.cancelled():
+            # Retrieved so that asyncio does not report it: a read that failed
+            # while the key was closing tells nothing the closing does not.
+            pending.exception()
 
     # ---- reading --------------------------------------------------------------------
 
@@ -142,22 +168,35 @@ class EntropyKeySource:
         if session is None:
             raise SourceError(f"Entropy Key {self.serial} is not open")
         loop = asyncio.get_running_loop()
-        while True:
-            entropy = self._drain_events(session)
-            if entropy:
-                self._bytes_delivered += len(entropy)
-                return entropy
-            self._raise_for_health(session)
-            deadline = session.get_timer()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    data = await self.transport.read()
-            except TimeoutError:
-                session.handle_timer(loop.time())
-            else:
-                self._last_seen = time.time()
-                session.receive_data(data, loop.time())
-            await self._flush()
+        idle_since, self._idle_since = self._idle_since, None
+        if idle_since is not None:
+            session.extend_timer(loop.time() - idle_since)
+        try:
+            while True:
+                entropy = self._drain_events(session)
+                if entropy:
+                    self._bytes_delivered += len(entropy)
+                    return entropy
+                self._raise_for_health(session)
+                pending = self._pending
+                if pending is None:
+                    pending = self._pending = asyncio.create_task(
+                        self.transport.read(), name=f"read:{self.name}"
+                    )
+                deadline = session.get_timer()
+                timeout = None if deadline is None else deadline - loop.time()
+                await asyncio.wait({pending}, timeout=timeout)
+                if pending.done():
+                    # Bytes that arrived count before the timer is judged.
+                    self._pending = None
+                    data = pending.result()
+                    self._last_seen = time.time()
+                    session.receive_data(data, loop.time())
+                else:
+                    session.handle_timer(loop.time())
+                await self._flush()
+        finally:
+            self._idle_since = loop.time()
 
     def _drain_events(self, session: Session) -> bytes:
         entropy = bytearray()

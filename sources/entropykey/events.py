@@ -150,3 +150,6 @@ class Counters:
     total_entropy: int
     sequence_errors: int
     timeouts: int
+    stale_frames: int
+    """Frames the key queued before it saw a reset, skipped unchecked or
+    under the session key they were sent with."""

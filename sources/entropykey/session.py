@@ -30,6 +30,15 @@ Deviations from ekeyd, all towards robustness:
 * In INIT a reset is already outstanding, so further bad frames are ignored
   rather than answered with one reset each (which caused reset storms); a timer
   re-sends the reset if no ``S!`` arrives within ``response_timeout``.
+* In INIT, frames the key queued before it saw the reset are stale, not
+  failures: the key answers a reset with ``S!`` first, so what comes before
+  it was sent earlier. Those that verify under the session key in force before
+  the reset, and, before the first ``S!`` of a fresh session (no MAC key yet),
+  all but ``S!``, are skipped without counting towards ``max_mac_failures``. A
+  key that was not read for a while can have a few FIPS blocks queued (a
+  paused source), and counting them failed a healthy key after every reset.
+* The response timer only runs while the host listens: `extend_timer` pushes
+  it back by the time the driver spent not reading.
 * A valid ``S!`` in SESSION re-runs the serial check instead of resetting.
 * Unknown frame types reset the key instead of closing the connection;
   ``B>`` (generators gone bad) latches a failure instead of closing.
@@ -213,6 +222,9 @@ class Session:
         self._zero_crypto: SessionCrypto | None = None
         # None means "no MAC key yet": only then is an S! frame accepted unchecked.
         self._crypto: SessionCrypto | None = None
+        # The session key in force before the last reset, until the key's S!
+        # shows that everything it sent under that key has been read.
+        self._stale_crypto: SessionCrypto | None = None
         self._rekey_state: Skein256 | None = None
         self._nonce = b""
         self._nonce_counter = 0
@@ -229,6 +241,7 @@ class Session:
         self._consecutive_mac_failures = 0
         self._timeouts = 0
         self._packets_ok = self._packet_errors = self._resets = 0
+        self._stale_frames = 0
         self._nonces = self._rekeys = self._total_entropy = self._sequence_errors = 0
         self._status = self._compute_status()
 
@@ -278,6 +291,7 @@ class Session:
             total_entropy=self._total_entropy,
             sequence_errors=self._sequence_errors,
             timeouts=self._timeouts,
+            stale_frames=self._stale_frames,
         )
 
     def start(self, now: float) -> None:
@@ -344,6 +358,17 @@ class Session:
         """
         return self._deadline
 
+    def extend_timer(self, seconds: float) -> None:
+        """
+        Push the response deadline back by ``seconds`` in which the host did not
+        read from the key.
+
+        Frames the key sent meanwhile are waiting unread, so that time says
+        nothing about whether the key answers.
+        """
+        if self._deadline is not None and seconds > 0:
+            self._deadline += seconds
+
     def handle_timer(self, now: float) -> None:
         """
         Reset the key if it has not sent a valid frame within ``response_timeout``.
@@ -372,6 +397,9 @@ class Session:
             valid = packet.type is FrameType.SERIAL
         else:
             valid = verify_mac(packet, self._crypto)
+        if not valid and self._state is SessionState.INIT and self._stale(packet):
+            self._stale_frames += 1
+            return
         if valid:
             self._packets_ok += 1
             self._consecutive_mac_failures = 0
@@ -390,6 +418,13 @@ class Session:
         default, row = _TABLE[self._state]
         action = row.get(packet.type if valid else None, default)
         self._dispatch(action, packet, valid)
+
+    def _stale(self, packet: Packet) -> bool:
+        # Only called in INIT for a frame that failed its check.
+        if self._crypto is None:
+            return True
+        stale = self._stale_crypto
+        return stale is not None and verify_mac(packet, stale)
 
     def _dispatch(self, action: _A, packet: Packet, valid: bool) -> None:
         match action:
@@ -433,6 +468,8 @@ class Session:
         self._resets += 1
         self._reset_reason = reason
         self._events.append(Anomaly("reset", reason))
+        if self._crypto is not None and self._crypto is not self._zero_crypto:
+            self._stale_crypto = self._crypto
         self._crypto = self._zero_crypto
         self._state = SessionState.INIT
         self._flowing = False
@@ -464,6 +501,7 @@ class Session:
             self._serial = serial
             self._zero_crypto = SessionCrypto(serial)
         self._crypto = self._zero_crypto
+        self._stale_crypto = None
         if not self._serial_reported:
             self._serial_reported = True
             self._events.append(SerialNumber(serial, packet.subcode))

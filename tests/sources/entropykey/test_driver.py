@@ -178,6 +178,32 @@ async def test_session_over_simulated_transport(pair: KeyPair, keyring: Path) ->
     assert 3.0 < details["voltage_v"] < 3.6
 
 
+async def test_key_left_unread_is_not_reset(pair: KeyPair, keyring: Path) -> None:
+    """
+    A key the supervisor leaves unread for longer than the response timeout
+    (a full pool) is not taken for silent: reading resumes under the same
+    session key, without a reset or a MAC failure.
+    """
+    key = SimulatedKey(pair.serial, pair.long_term_key, rate=FAST)
+    source = EntropyKeySource(
+        name="ekey",
+        serial=pair.serial_text,
+        keyring=keyring,
+        transport=SimulatedTransport(pair.serial_text, key),
+        response_timeout=0.5,
+    )
+    async with source:
+        await read_entropy(source, 1024)
+        before = source.details()
+        # The pause is the behaviour under test, not a wait for something:
+        # the supervisor does not call read() while the pool is full.
+        await asyncio.sleep(1.5)
+        await read_entropy(source, 16384)
+        after = source.details()
+    assert (before["resets"], before["rekeys"]) == (after["resets"], after["rekeys"])
+    assert 0 == after["mac_failures"]
+
+
 async def test_unknown_serial_is_refused(tmp_path: Path, pair: KeyPair) -> None:
     """
     A key the keyring does not know is refused with the way to fix it.

@@ -327,6 +327,64 @@ def test_mute_key_stalls() -> None:
     assert pair.session.counters.timeouts >= 3
 
 
+def test_frames_queued_before_a_reset_are_skipped() -> None:
+    """
+    Frames a keyed key queued before it saw a reset (three FIPS blocks a
+    paused host had not read) are skipped as stale, not counted as MAC
+    failures; the key answers the reset, is keyed again and delivers.
+    """
+    pair = Pair()
+    pair.run_until(lambda: len(pair.blocks()) > 0)
+    pair.device.advance(pair.now + 3 * pair.device.block_interval)
+    queued = pair.device.data_to_send()
+    deadline = pair.session.get_timer()
+    assert deadline is not None
+    pair.now = deadline
+    pair.session.handle_timer(pair.now)
+    pair.device.receive_data(pair.session.data_to_send())
+    pair.session.receive_data(queued + pair.device.data_to_send(), pair.now)
+    counters = pair.session.counters
+    assert (len(queued) // 64, 0) == (counters.stale_frames, counters.packet_errors)
+    assert SessionState.SESSION == pair.session.state
+    delivered = len(pair.blocks())
+    pair.run_until(lambda: len(pair.blocks()) > delivered)
+    assert Health.HEALTHY == pair.session.status.health
+    assert 0 == pair.session.counters.packet_errors
+
+
+def test_frames_before_the_first_serial_of_a_new_session_are_skipped() -> None:
+    """
+    A new session (a restarted driver) cannot check what the key queued under
+    an earlier host's session key: those frames are skipped until the key's
+    S! answers the reset, and do not count as MAC failures.
+    """
+    pair = Pair()
+    pair.run_until(lambda: len(pair.blocks()) > 0)
+    pair.device.advance(pair.now + 3 * pair.device.block_interval)
+    queued = pair.device.data_to_send()
+    session = Session({SERIAL: LTK})
+    session.start(pair.now)
+    pair.device.receive_data(session.data_to_send())
+    session.receive_data(queued + pair.device.data_to_send(), pair.now)
+    counters = session.counters
+    assert (len(queued) // 64, 0) == (counters.stale_frames, counters.packet_errors)
+    assert SessionState.SESSION == session.state
+    assert Health.STARTING == session.status.health
+
+
+def test_corrupted_serial_after_a_reset_is_not_stale() -> None:
+    """
+    Only frames that verify under the session key before the reset are
+    stale: a key whose S! fails its MAC still counts towards failure.
+    """
+    pair = Pair(max_mac_failures=3)
+    pair.run_until(lambda: len(pair.blocks()) > 0)
+    pair.device.corrupt_macs = True
+    pair.run_until(lambda: Health.FAILED == pair.session.status.health)
+    assert 0 == pair.session.counters.stale_frames
+    assert "MAC" in pair.session.status.reason
+
+
 def test_garbage_between_frames_is_tolerated() -> None:
     """
     Garbage after every frame is skipped by the synchroniser; entropy flows.
@@ -506,6 +564,24 @@ def test_timer_not_due_does_nothing() -> None:
     assert (session.data_to_send(), session.counters.timeouts) == (b"", 0)
     session.handle_timer(5.0)
     assert (session.data_to_send(), session.counters.timeouts) == (b"\x03", 1)
+
+
+def test_time_not_reading_is_taken_off_the_timer() -> None:
+    """
+    extend_timer pushes the deadline back by the time the host did not read,
+    so a key left unread is not taken for silent; it does nothing without a
+    deadline, nor for a negative time.
+    """
+    session = Session({SERIAL: LTK}, response_timeout=5.0)
+    session.start(0.0)
+    session.extend_timer(10.0)
+    session.extend_timer(-3.0)
+    assert 15.0 == session.get_timer()
+    session.handle_timer(14.9)
+    assert 0 == session.counters.timeouts
+    session.close("driver stopped")
+    session.extend_timer(10.0)
+    assert session.get_timer() is None
 
 
 def test_close_is_idempotent() -> None:
