@@ -175,17 +175,25 @@ class DeviceModel:
         self._out.clear()
         return out
 
-    def advance(self, now: float) -> None:
+    def advance(
+        self, now: float, *, send_blocks: bool = True, send_status: bool = True
+    ) -> None:
         """
         Run the key up to time ``now``: FIPS blocks and status frames that are due.
+
+        Args:
+            now: the time to run to.
+            send_blocks: False drops the FIPS blocks (and ``k>``) that fall due,
+                as a key does whose host has stopped reading.
+            send_status: likewise for ``I>`` status bursts.
         """
         while self._next_block <= now:
             self._next_block += self.block_interval
-            if not self.mute:
+            if send_blocks and not self.mute:
                 self._fips_block()
         while self._next_info <= now:
             self._next_info += self.info_interval
-            if not self.mute:
+            if send_status and not self.mute:
                 self.send_info()
 
     def produce_entropy_frames(self, count: int) -> int:

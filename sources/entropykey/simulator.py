@@ -7,7 +7,10 @@ through them `sim_socket.UnixKeyServer`) can talk to it as if it were the
 hardware. Output accumulates as FIPS blocks fall due; a reader takes it. Like
 a real key whose host stops reading, it buffers only about two blocks and
 drops the rest, so a reader that comes back after an hour gets fresh frames,
-not an hour's backlog.
+not an hour's backlog. Status bursts (three frames every ten seconds) have
+room of their own above that: a host that reads slower than the key, which
+keeps the buffer at its limit, still sees every status record, and with them
+a latched generator failure.
 
 Controls mimic what can happen to a key: `unplug` / `replug` (power cycle:
 clears a latched failure, keeps the serial and the possibly re-keyed LTK),
@@ -39,6 +42,8 @@ __all__ = [
     "BLOCK_BYTES",
     "FRAME_SIZE",
     "MAX_BACKLOG",
+    "MAX_STATUS_BACKLOG",
+    "STATUS_BYTES",
     "KeyOptions",
     "KeyPair",
     "SimulatedKey",
@@ -56,7 +61,14 @@ FRAME_SIZE: Final = 64
 BLOCK_BYTES: Final = BLOCKS_PER_FIPS * 32
 """Entropy bytes per FIPS block (78 ``E!`` frames of 32 bytes)."""
 MAX_BACKLOG: Final = 2 * BLOCKS_PER_FIPS * FRAME_SIZE
-"""Unread device output above which further blocks and status are dropped."""
+"""Unread device output above which further blocks are dropped."""
+STATUS_BYTES: Final = 3 * FRAME_SIZE
+"""One ``I>`` status burst."""
+MAX_STATUS_BACKLOG: Final = (
+    MAX_BACKLOG + BLOCKS_PER_FIPS * FRAME_SIZE + 2 * STATUS_BYTES
+)
+"""Unread output above which status bursts are dropped too: past a full
+entropy backlog and the block that crossed it."""
 
 
 class SimulatedUnplugged(OSError):
@@ -426,12 +438,12 @@ class SimulatedKey:
         # what is produced, and a long gap costs a loop, not a burst of crypto.
         model = self._model
         while (due := self._next_due()) <= now:
-            muted = model.mute
-            model.mute = muted or len(self._out) >= MAX_BACKLOG
-            try:
-                model.advance(due)
-            finally:
-                model.mute = muted
+            unread = len(self._out)
+            model.advance(
+                due,
+                send_blocks=unread < MAX_BACKLOG,
+                send_status=unread < MAX_STATUS_BACKLOG,
+            )
             self._collect()
             while self._next_block <= due:
                 self._next_block += self._block_interval

@@ -32,6 +32,8 @@ from sources.entropykey.sim_usb import EP_IN, EP_OUT, SimulatedBus
 from sources.entropykey.simulator import (
     BLOCK_BYTES,
     MAX_BACKLOG,
+    MAX_STATUS_BACKLOG,
+    STATUS_BYTES,
     KeyOptions,
     SimulatedKey,
     SimulatedUnplugged,
@@ -157,13 +159,33 @@ def test_session_keys_and_gets_entropy_at_the_configured_rate() -> None:
 def test_backlog_is_capped_when_nobody_reads() -> None:
     """
     A reader that returns after an hour gets at most about two blocks of
-    output, not an hour's worth.
+    output and a few status bursts, not an hour's worth.
     """
     host = Host()
     host.run_until(lambda: bool(host.blocks()))
     host.clock.now += 3600.0
     backlog = host.key.read(1 << 24, 0.0)
-    assert MAX_BACKLOG <= len(backlog) <= MAX_BACKLOG + BLOCK_BYTES * 2 + 3 * 64
+    assert MAX_BACKLOG <= len(backlog) < MAX_STATUS_BACKLOG + STATUS_BYTES
+
+
+def test_status_gets_through_a_full_backlog() -> None:
+    """
+    A host that reads half as fast as the key produces keeps the key's buffer
+    at its limit, so blocks are dropped; every status burst that falls due
+    meanwhile is still delivered.
+    """
+    host = Host()
+    host.run_until(lambda: bool(host.blocks()))
+    half_block = BLOCK_BYTES
+    chunks = []
+    while host.clock.now < 35.0:
+        host.clock.now += host.key.block_interval
+        chunks.append(host.key.read(half_block, 0.0))
+    chunks.append(host.key.read(1 << 24, 0.0))
+    data = b"".join(chunks)
+    types = [parse_packet(data[i : i + 64]).type for i in range(0, len(data), 64)]
+    assert all(half_block == len(chunk) for chunk in chunks[20:-1])
+    assert 3 * int(host.clock.now // 10.0) == types.count(FrameType.INFO)
 
 
 def test_next_due_and_pending_follow_the_block_schedule() -> None:
