@@ -11,7 +11,7 @@ import asyncio
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -29,6 +29,11 @@ from .transport import (
     find_usb_keys,
     usb_serial,
 )
+from .wire import FailureMode
+
+if TYPE_CHECKING:
+    # Only the simulated transport needs the simulator; real keys never load it.
+    from .simulator import SimulatedKey
 
 log = structlog.get_logger("ebroker.entropykey")
 
@@ -39,9 +44,13 @@ class SimulatedFleet:
     """
 
     def __init__(self) -> None:
-        self.keys: dict[str, Any] = {}
+        self.keys: dict[str, SimulatedKey] = {}
 
-    def get(self, serial: str, long_term_key: bytes, rate: float) -> Any:
+    def get(self, serial: str, long_term_key: bytes, rate: float) -> "SimulatedKey":
+        """
+        The key with ``serial``, made with ``long_term_key`` and ``rate`` the
+        first time it is asked for.
+        """
         from .simulator import SimulatedKey
 
         key = self.keys.get(serial)
@@ -53,6 +62,36 @@ class SimulatedFleet:
             )
             self.keys[serial] = key
         return key
+
+    def control(self, serial: str, action: str) -> str:
+        """
+        Do to a simulated key what can happen to a real one.
+
+        Args:
+            serial: the key's 16-character serial.
+            action: ``unplug``, ``replug``, ``fail`` (a latched generator
+                failure) or ``heal`` (no faults, power-cycled).
+
+        Returns:
+            The action taken.
+
+        Raises:
+            KeyError: no simulated key has that serial.
+            ValueError: unknown action.
+        """
+        key = self.keys[serial]
+        if action == "unplug":
+            key.unplug()
+        elif action == "replug":
+            key.replug()
+        elif action == "fail":
+            key.fail(FailureMode.RAW_XOR_BAD)
+        elif action == "heal":
+            key.heal()
+        else:
+            raise ValueError(f"unknown action {action!r} (unplug, replug, fail, heal)")
+        log.warning("simulated_key_control", serial=serial, action=action)
+        return action
 
 
 class FleetTransport:
