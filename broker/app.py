@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import socket
-import time
 from collections.abc import Callable, Coroutine
 from functools import partial
 from pathlib import Path
@@ -23,8 +22,10 @@ import structlog
 
 from broker import __version__
 from broker.accounts import STATE_FILE, Accounts, WeightedWaitQueue
+from broker.clock import SYSTEM_CLOCK, Clock
 from broker.config import Config, SinkConfig, SourceConfig, load_config
 from broker.errors import BrokerError, ConfigError
+from broker.health_policy import HealthInputs, assess
 from broker.pool import EntropyPool
 from broker.status import Health, Sink, SinkStatus, SourceStatus, TierStatus
 from broker.supervisor import Supervisor
@@ -103,8 +104,10 @@ class Broker:
         *,
         config_path: Path | None = None,
         usb_backend: Any = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.config = config
+        self.clock = clock
         self.config_path = config_path
         self.state_dir = config.broker.state_dir.absolute()
         self.usb_backend = usb_backend
@@ -117,12 +120,13 @@ class Broker:
             state_path=self.state_dir / STATE_FILE,
         )
         self._pool = EntropyPool(config.broker.pool_size, waiters=WeightedWaitQueue())
-        self.supervisor = Supervisor(self._pool)
+        self.supervisor = Supervisor(self._pool, clock=clock)
         for source_config in config.enabled_sources:
             for source in SOURCE_KINDS[source_config.kind](source_config, self):
                 self.supervisor.add(
                     source,
-                    optional=getattr(source_config, "optional", False),
+                    optional=isinstance(source_config, DeviceSourceConfig)
+                    and source_config.optional,
                     record_raw=source_config.record_raw,
                     health=source_config.health,
                     watchdog=source_config.watchdog,
@@ -132,9 +136,11 @@ class Broker:
             for sink_config in config.sinks
         ]
         self._instance = socket.gethostname()
-        self._started_at = time.time()
+        self._started_at = clock.time()
         self._ready = False
         self._shutting_down = False
+        self._started_sinks: list[Sink] = []
+        self._teardown = contextlib.AsyncExitStack()
 
     # ---- BrokerView ---------------------------------------------------------------
 
@@ -170,78 +176,39 @@ class Broker:
         )
 
     def health(self) -> Health:
-        if self._shutting_down:
-            return Health(False, "shutting_down", ("shutting down",))
-        level = self._pool.level
-        low = self.config.broker.low_watermark
-        has_source = self.supervisor.any_healthy()
-        reasons: list[str] = []
-        if not has_source:
-            reasons.append("no healthy source")
-        if level < low:
-            reasons.append(f"pool level {level} below low watermark {low}")
-        # A healthy source refills the pool, so a pool drained for a moment by
-        # eager clients is no reason for a load balancer to pull the instance.
-        serving = has_source or level >= low
-        if not serving:
-            return Health(False, "unhealthy", tuple(reasons))
-        store = self.accounts.backend.status()
-        if not store.get("healthy", True):
-            return Health(
-                True,
-                "degraded",
-                (
-                    f"budget store {store.get('kind')} unreachable, "
-                    f"serving {store.get('policy')}",
-                ),
+        supervisor = self.supervisor
+        return assess(
+            HealthInputs(
+                shutting_down=self._shutting_down,
+                pool_level=self._pool.level,
+                low_watermark=self.config.broker.low_watermark,
+                any_healthy_source=supervisor.any_healthy(),
+                fallback_tier=supervisor.active_tier if supervisor.degraded else None,
+                store=self.accounts.backend.status(),
             )
-        if self.supervisor.degraded:
-            tier = self.supervisor.active_tier
-            return Health(
-                True, "degraded", (f"only fallback tier {tier} feeds the pool",)
-            )
-        if not has_source:
-            return Health(True, "degraded", tuple(reasons))
-        return Health(True, "ok", ())
+        )
 
     # ---- lifecycle ----------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        await self.accounts.start()
-        self.supervisor.start()
-        for key_config, known in self.key_watches:
-            self._spawn(
-                watch_for_keys(
-                    key_config,
-                    usb_backend=self.usb_backend,
-                    fleet=self.fleet,
-                    known=known,
-                    add=partial(
-                        self.supervisor.add_running,
-                        record_raw=key_config.record_raw,
-                        health=key_config.health,
-                        watchdog=key_config.watchdog,
-                    ),
-                ),
-                name=f"watch:{key_config.name}",
-            )
-        started: list[Sink] = []
-        try:
+        # Each step registers its undo as soon as it succeeds, so a failed
+        # start unwinds exactly what started, and shutdown is the same unwind.
+        async with contextlib.AsyncExitStack() as stack:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            await self.accounts.start()
+            stack.push_async_callback(self.accounts.close)
+            stack.callback(self._pool.close)
+            self.supervisor.start()
+            stack.push_async_callback(self.supervisor.stop)
+            stack.push_async_callback(self._cancel_tasks)
+            self._watch_for_keys()
+            stack.push_async_callback(self._stop_sinks)
             for sink in self.sinks:
                 await sink.start()
-                started.append(sink)
-        except BaseException:
-            for sink in reversed(started):
-                await sink.shutdown(0)
-            for task in list(self._tasks):
-                task.cancel(msg="start-up failed")
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            await self.supervisor.stop()
-            self._pool.close()
-            await self.accounts.close()
-            raise
-        self._write_runtime_files()
+                self._started_sinks.append(sink)
+            self._write_runtime_files()
+            stack.callback(self._remove_runtime_files)
+            self._teardown = stack.pop_all()
         self._ready = True
         log.info(
             "broker_started",
@@ -260,27 +227,53 @@ class Broker:
         await self.shutdown()
 
     async def shutdown(self) -> None:
+        """
+        Report 503, let in-flight requests finish within ``shutdown_grace``,
+        then stop everything in the reverse order of start-up.
+        """
         if self._shutting_down:
             return
         self._shutting_down = True
-        grace = self.config.broker.shutdown_grace
-        log.info("broker_stopping", grace=grace)
-        for sink in self.sinks:
+        log.info("broker_stopping", grace=self.config.broker.shutdown_grace)
+        await self._teardown.aclose()
+        log.info("broker_stopped")
+
+    def _watch_for_keys(self) -> None:
+        for key_config, known in self.key_watches:
+            self._spawn(
+                watch_for_keys(
+                    key_config,
+                    usb_backend=self.usb_backend,
+                    fleet=self.fleet,
+                    known=known,
+                    add=partial(
+                        self.supervisor.add_running,
+                        record_raw=key_config.record_raw,
+                        health=key_config.health,
+                        watchdog=key_config.watchdog,
+                    ),
+                ),
+                name=f"watch:{key_config.name}",
+            )
+
+    async def _stop_sinks(self) -> None:
+        # A start that failed half-way has no clients to wait for.
+        grace = self.config.broker.shutdown_grace if self._ready else 0.0
+        sinks = self._started_sinks
+        for sink in sinks:
             sink.pre_shutdown()
         results = await asyncio.gather(
-            *(sink.shutdown(grace) for sink in self.sinks), return_exceptions=True
+            *(sink.shutdown(grace) for sink in sinks), return_exceptions=True
         )
-        for sink, result in zip(self.sinks, results, strict=True):
+        for sink, result in zip(sinks, results, strict=True):
             if isinstance(result, BaseException):
                 log.error("sink_shutdown_failed", sink=sink.name, error=repr(result))
+
+    async def _cancel_tasks(self) -> None:
+        reason = "broker shutting down" if self._ready else "start-up failed"
         for task in list(self._tasks):
-            task.cancel(msg="broker shutting down")
+            task.cancel(msg=reason)
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.supervisor.stop()
-        self._pool.close()
-        await self.accounts.close()
-        self._remove_runtime_files()
-        log.info("broker_stopped")
 
     def handle_hup(self) -> None:
         """
@@ -330,21 +323,7 @@ class Broker:
             KeyError: no simulated key has that serial.
             ValueError: unknown action.
         """
-        from sources.entropykey.wire import FailureMode
-
-        key = self.fleet.keys[serial]
-        if action == "unplug":
-            key.unplug()
-        elif action == "replug":
-            key.replug()
-        elif action == "fail":
-            key.fail(FailureMode.RAW_XOR_BAD)
-        elif action == "heal":
-            key.heal()
-        else:
-            raise ValueError(f"unknown action {action!r} (unplug, replug, fail, heal)")
-        log.warning("simulated_key_control", serial=serial, action=action)
-        return action
+        return self.fleet.control(serial, action)
 
     def listeners(self) -> dict[str, list[str]]:
         return {

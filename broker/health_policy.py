@@ -1,0 +1,69 @@
+"""
+Whether this broker should receive traffic: the answer behind ``/healthz``.
+
+A load balancer pulls an instance that answers 503, so the policy errs towards
+serving while serving is possible: a pool drained for a moment by eager clients
+is no reason to pull a broker whose sources refill it, and a pool that still
+holds ``low_watermark`` bytes can serve while its sources recover. ``degraded``
+is still serving, but tells the operator something needs a look: only a
+fallback tier feeds the pool, or the shared budget store is unreachable.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from broker.status import Health
+
+
+@dataclass(frozen=True, slots=True)
+class HealthInputs:
+    """
+    The facts the policy weighs, read from the running broker.
+    """
+
+    shutting_down: bool
+    pool_level: int
+    low_watermark: int
+    any_healthy_source: bool
+    fallback_tier: int | None
+    """The active tier when it is not the best configured one, else None."""
+    store: Mapping[str, Any]
+    """The quota backend's status: ``healthy``, ``kind`` and ``policy``."""
+
+
+def assess(facts: HealthInputs) -> Health:
+    """
+    Returns:
+        Whether to serve, the one-word status and the reasons behind it.
+    """
+    if facts.shutting_down:
+        return Health(False, "shutting_down", ("shutting down",))
+    reasons: list[str] = []
+    if not facts.any_healthy_source:
+        reasons.append("no healthy source")
+    if facts.pool_level < facts.low_watermark:
+        reasons.append(
+            f"pool level {facts.pool_level} below low watermark {facts.low_watermark}"
+        )
+    if not facts.any_healthy_source and facts.pool_level < facts.low_watermark:
+        return Health(False, "unhealthy", tuple(reasons))
+    store = facts.store
+    if not store.get("healthy", True):
+        return Health(
+            True,
+            "degraded",
+            (
+                f"budget store {store.get('kind')} unreachable, "
+                f"serving {store.get('policy')}",
+            ),
+        )
+    if facts.fallback_tier is not None:
+        return Health(
+            True,
+            "degraded",
+            (f"only fallback tier {facts.fallback_tier} feeds the pool",),
+        )
+    if not facts.any_healthy_source:
+        return Health(True, "degraded", tuple(reasons))
+    return Health(True, "ok", ())
