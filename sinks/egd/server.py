@@ -329,6 +329,22 @@ class EgdConnection(asyncio.Protocol):
     def close(self) -> None:
         self._close_transport()
 
+    @property
+    def reading_paused(self) -> bool:
+        """
+        True while the client has ``max_pending_bytes`` requested and
+        unanswered, so its further requests are left in the socket.
+        """
+        return self._reading_paused
+
+    @property
+    def writing_paused(self) -> bool:
+        """
+        True while the client does not read its replies: nothing is withdrawn
+        from the pool for it until the transport resumes writing.
+        """
+        return not self._writable.is_set()
+
     def write_buffer_size(self) -> int:
         """
         Reply bytes queued in user space for this client.
@@ -398,6 +414,14 @@ class EgdSink:
         self._connections.add(connection)
         self.connections_total += 1
         return True
+
+    @property
+    def accepting(self) -> bool:
+        """
+        False from `pre_shutdown` on: listeners are closed, new connections
+        refused.
+        """
+        return self._accepting
 
     def connections(self) -> list[EgdConnection]:
         return list(self._connections)
