@@ -12,6 +12,10 @@ from tests.integration.daemon import Daemon
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
+# Every wait below is for a condition; this only bounds how long a broken
+# daemon can hang a test, so it is generous enough for a loaded CI machine.
+DEADLINE = 30.0
+
 
 async def connect(daemon: Daemon, transport: str) -> Streams:
     if transport == "tcp":
@@ -32,7 +36,7 @@ async def test_all_five_commands(daemon: Daemon, transport: str) -> None:
     """
     reader, writer = await connect(daemon, transport)
     try:
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(DEADLINE):
             writer.write(b"\x00")
             (bits,) = struct.unpack(">I", await reader.readexactly(4))
             assert bits % 8 == 0
@@ -64,7 +68,7 @@ async def test_pipelined_requests_are_answered_in_order(
     """
     reader, writer = await connect(daemon, transport)
     try:
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(DEADLINE):
             for _ in range(4):
                 writer.write(b"\x02\x80")
                 await writer.drain()
@@ -93,7 +97,7 @@ async def test_unknown_command_closes_only_that_connection(daemon: Daemon) -> No
     bad_reader, bad_writer = await connect(daemon, "tcp")
     good_reader, good_writer = await connect(daemon, "tcp")
     try:
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(DEADLINE):
             bad_writer.write(b"\x02\x08\xff")
             assert 8 == len(await bad_reader.readexactly(8))
             assert b"" == await bad_reader.read(1)
@@ -117,7 +121,7 @@ async def test_no_byte_is_served_twice_across_clients(daemon: Daemon) -> None:
         finally:
             writer.close()
 
-    async with asyncio.timeout(20):
+    async with asyncio.timeout(DEADLINE):
         results = await asyncio.gather(*(draw() for _ in range(8)))
     words = [r[i : i + 16] for r in results for i in range(0, len(r) - 15, 16)]
     assert len(words) == len(set(words))

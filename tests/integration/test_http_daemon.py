@@ -9,7 +9,14 @@ import binascii
 import aiohttp
 import pytest
 
+from tests.integration.clients import poll_until
 from tests.integration.daemon import Daemon
+
+# Every wait below is for a condition; this only bounds how long a broken
+# daemon can hang a test, so it is generous enough for a loaded CI machine.
+DEADLINE = 30.0
+# Three waits of this must fit in the per-test timeout (60 s) if all expire.
+MAX_WAIT = "15"
 
 
 async def test_entropy_formats(daemon: Daemon) -> None:
@@ -18,18 +25,19 @@ async def test_entropy_formats(daemon: Daemon) -> None:
     """
     async with aiohttp.ClientSession(daemon.http_url) as session:
         async with session.get(
-            "/v1/entropy", params={"bytes": "64", "wait": "5"}
+            "/v1/entropy", params={"bytes": "64", "wait": MAX_WAIT}
         ) as resp:
             assert 200 == resp.status
             assert "application/octet-stream" == resp.content_type
             assert 64 == len(await resp.read())
         async with session.get(
-            "/v1/entropy", params={"bytes": "32", "format": "hex", "wait": "5"}
+            "/v1/entropy", params={"bytes": "32", "format": "hex", "wait": MAX_WAIT}
         ) as resp:
             assert 200 == resp.status
             assert 32 == len(binascii.unhexlify((await resp.text()).strip()))
         async with session.get(
-            "/v1/entropy", params={"bytes": "48", "format": "base64", "wait": "5"}
+            "/v1/entropy",
+            params={"bytes": "48", "format": "base64", "wait": MAX_WAIT},
         ) as resp:
             assert 200 == resp.status
             assert 48 == len(base64.b64decode((await resp.text()).strip()))
@@ -87,16 +95,20 @@ async def test_healthz_answers_haproxy_http10_probe(daemon: Daemon) -> None:
     haproxy's `GET /healthz HTTP/1.0` without a Host header gets a 200.
     """
     host, port = daemon.http_url.removeprefix("http://").rsplit(":", 1)
-    async with asyncio.timeout(10):
-        async with aiohttp.ClientSession(daemon.http_url) as session:
-            # Wait for the pool to have filled, as a load balancer would.
-            while True:
-                async with session.get("/healthz") as resp:
-                    if resp.status == 200:
-                        break
-                await asyncio.sleep(0.05)
+
+    async def healthz(session: aiohttp.ClientSession) -> int:
+        async with session.get("/healthz") as resp:
+            return resp.status
+
+    async with aiohttp.ClientSession(daemon.http_url) as session:
+        # Wait for the pool to have filled, as a load balancer would.
+        await poll_until(
+            lambda: healthz(session), lambda status: status == 200, timeout=DEADLINE
+        )
+    async with asyncio.timeout(DEADLINE):
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(b"GET /healthz HTTP/1.0\r\n\r\n")
         response = await reader.read()
         writer.close()
+        await writer.wait_closed()
     assert response.startswith(b"HTTP/1.0 200") or response.startswith(b"HTTP/1.1 200")

@@ -31,6 +31,10 @@ from sinks.http.entropy import parse_entropy_query, retry_after
 from sinks.http.server import HttpSink
 from sinks.http.state import STATE_KEY, HttpSinkState
 
+# Every wait below is for a condition; this only bounds how long a broken
+# server can hang a test, so it is generous enough for a loaded CI machine.
+DEADLINE = 30.0
+
 OK = Health(True, "ok", ())
 DEGRADED = Health(True, "degraded", ("only fallback tier 1 feeds the pool",))
 UNHEALTHY = Health(False, "unhealthy", ("no healthy source",))
@@ -130,7 +134,7 @@ async def until(predicate: Callable[[], bool]) -> None:
     """
     Yield to the loop until ``predicate()`` holds; a condition, not a sleep.
     """
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(DEADLINE):
         # The pool has no event for "a waiter queued"; sleep(0) only yields.
         while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0)
@@ -766,7 +770,7 @@ async def raw_exchange(address: str, request: bytes) -> bytes:
     closes it, as haproxy's HTTP/1.0 health check does.
     """
     host, port = address.removeprefix("tcp://").rsplit(":", 1)
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(DEADLINE):
         reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
         try:
             writer.write(request)
@@ -837,7 +841,7 @@ async def test_shutdown_answers_blocked_waiters_with_503() -> None:
     )
     await until(lambda: broker.pool.waiters == 1)
     running.pre_shutdown()
-    await running.shutdown(5.0)
+    await running.shutdown(DEADLINE)
     response = await request
     assert response.startswith((b"HTTP/1.0 503", b"HTTP/1.1 503")), response[:40]
     assert b"\r\nRetry-After: 1\r\n" in response

@@ -5,11 +5,17 @@ denies its customer gets a 403, not a server error.
 
 import asyncio
 
+import pytest
+
 from broker.accounts import Accounts, AccountsConfig, Client, CustomerConfig, Peer
 from sinks.http.limits import grant_within, refusal
+from tests.helpers import eventually
+
+# Only bounds how long a broken wait can hang the test.
+DEADLINE = 30.0
 
 
-async def test_denied_while_waiting_is_a_403() -> None:
+async def test_denied_while_waiting_is_a_403(monkeypatch: pytest.MonkeyPatch) -> None:
     """
     A reload that denies the customer mid-wait ends the wait with a denial
     that renders as 403, and the bytes collected so far are handed back.
@@ -20,11 +26,20 @@ async def test_denied_while_waiting_is_a_403() -> None:
     accounts = Accounts(AccountsConfig(), [slow])
     client = accounts.identify(Peer("http", ip="127.0.0.2"))
     assert isinstance(client, Client)
-    waiting = asyncio.create_task(grant_within(accounts, client, 1000, 30))
-    for _ in range(5):
-        await asyncio.sleep(0)
+    calls = 0
+    wait_grant = accounts.wait_grant
+
+    async def counted(client: Client, wanted: int) -> int:
+        nonlocal calls
+        calls += 1
+        return await wait_grant(client, wanted)
+
+    monkeypatch.setattr(accounts, "wait_grant", counted)
+    waiting = asyncio.create_task(grant_within(accounts, client, 1000, DEADLINE))
+    # The first call takes the burst; a second means the request is waiting.
+    await eventually(lambda: calls >= 2, timeout=DEADLINE)
     accounts.reload([slow.model_copy(update={"deny": True})])
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(DEADLINE):
         grant = await waiting
     assert (0, "denied") == (grant.granted, grant.limit)
     assert 403 == refusal(grant, 1000, 0.0).status
