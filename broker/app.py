@@ -326,10 +326,7 @@ class Broker:
         return self.fleet.control(serial, action)
 
     def listeners(self) -> dict[str, list[str]]:
-        return {
-            sink.name: list(getattr(sink, "bound_addresses", list)())
-            for sink in self.sinks
-        }
+        return {sink.name: sink.bound_addresses() for sink in self.sinks}
 
     def _write_runtime_files(self) -> None:
         # Written atomically so a watcher never reads half a file.
