@@ -384,6 +384,8 @@ class SimulatedDevice(Protocol):
 
     def write(self, data: bytes) -> int: ...
 
+    def discard_pending(self) -> int: ...
+
 
 class SimulatedTransport(_OwnThread):
     """
@@ -399,6 +401,10 @@ class SimulatedTransport(_OwnThread):
 
     async def open(self) -> None:
         self._start_thread()
+        # What the key queued while nobody read it (key requests, replies to
+        # an earlier driver) would cross this session's commands; a tty's open
+        # flushes it the same way, and ekey-ulusbd drops it on connect.
+        await self._call(self._device.discard_pending)
 
     async def read(self) -> bytes:
         while True:

@@ -8,6 +8,7 @@ import os
 import pty
 import select
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -202,6 +203,35 @@ async def test_key_left_unread_is_not_reset(pair: KeyPair, keyring: Path) -> Non
         after = source.details()
     assert (before["resets"], before["rekeys"]) == (after["resets"], after["rekeys"])
     assert 0 == after["mac_failures"]
+
+
+async def test_output_queued_before_opening_is_dropped(
+    pair: KeyPair, keyring: Path
+) -> None:
+    """
+    A key nobody read for a while (replugged, its driver waiting to restart)
+    has queued a key request per block; the simulated transport drops them on
+    open, as a tty and ekey-ulusbd do, so the new session is keyed after its
+    one opening reset, with no crossed replies and no MAC failure.
+    """
+    unread = 0.0
+    key = SimulatedKey(
+        pair.serial,
+        pair.long_term_key,
+        rate=FAST,
+        clock=lambda: time.monotonic() + unread,
+    )
+    unread = 5.0
+    source = EntropyKeySource(
+        name="ekey",
+        serial=pair.serial_text,
+        keyring=keyring,
+        transport=SimulatedTransport(pair.serial_text, key),
+    )
+    async with source:
+        await read_entropy(source, 1024)
+        details = source.details()
+    assert (1, 0) == (details["resets"], details["mac_failures"])
 
 
 async def test_unknown_serial_is_refused(tmp_path: Path, pair: KeyPair) -> None:
