@@ -53,16 +53,17 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis(port=self.port, socket_connect_timeout=1.0)
 
         def answers() -> bool:
             try:
                 return bool(client.ping())
-            except redis.exceptions.ConnectionError:
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                # Not listening yet, or too slow to answer on a busy machine.
                 return False
 
         try:
-            wait_until(answers, timeout=10)
+            wait_until(answers, timeout=60)
         finally:
             client.close()
 

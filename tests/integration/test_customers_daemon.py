@@ -6,6 +6,7 @@ Several 127.0.0.x addresses stand for different client hosts.
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -187,12 +188,12 @@ def test_denied_default_customer_is_refused(tmp_path: Path) -> None:
     async def run() -> tuple[bytes, bytes, int]:
         reader, writer = await egd_from(daemon, "127.0.0.9")
         # Closed at accept: EOF before the client says anything.
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(30):
             refused = await reader.read(16)
         writer.close()
         reader, writer = await egd_from(daemon, "127.0.0.5")
         writer.write(b"\x02\x10")
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(30):
             served = await reader.readexactly(16)
         writer.close()
         connector = aiohttp.TCPConnector(local_addr=("127.0.0.9", 0))
@@ -214,29 +215,47 @@ def test_denied_default_customer_is_refused(tmp_path: Path) -> None:
 class FifoFeeder:
     """
     Feeds a FIFO source at a fixed pace from a thread: a slow hardware RNG.
+
+    Like real hardware it banks nothing: the pipe holds one page, and time the
+    broker spent not reading (starting up, say) is not made up later, so
+    output is scarce from the moment that page is drained.
     """
 
     def __init__(self, path: Path, bytes_per_second: int) -> None:
         self.path = path
         self.rate = bytes_per_second
+        self.capacity = 0
+        """Bytes the pipe can hold: output readers may get beyond the rate."""
+        self._fd = -1
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> None:
+        # O_RDWR: opening a FIFO this way never waits for the reader.
+        # O_NONBLOCK: a full pipe (broker paused or gone) must not hold the
+        # thread in write() where stop() cannot reach it.
+        self._fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK)
+        fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, 4096)
+        self.capacity = fcntl.fcntl(self._fd, fcntl.F_GETPIPE_SZ)
         self._thread.start()
 
     def _run(self) -> None:
-        fd = os.open(self.path, os.O_RDWR)
-        chunk = self.rate // 16
+        tick = 1 / 16
+        chunk = os.urandom(self.rate // 16)
         next_write = time.monotonic()
         try:
             while not self._stop.is_set():
-                os.write(fd, os.urandom(chunk))
-                next_write += 1 / 16
+                try:
+                    os.write(self._fd, chunk)  # under PIPE_BUF: all or nothing
+                except BlockingIOError:
+                    pass  # pipe full: the broker is not reading; try next tick
+                else:
+                    chunk = os.urandom(len(chunk))
+                next_write = max(next_write + tick, time.monotonic())
                 # Pacing the feed, not synchronising with anything.
                 self._stop.wait(max(0.0, next_write - time.monotonic()))
         finally:
-            os.close(fd)
+            os.close(self._fd)
 
     def stop(self) -> None:
         self._stop.set()
@@ -248,6 +267,13 @@ def fifo(tmp_path: Path) -> Path:
     path = tmp_path / "slow-rng"
     os.mkfifo(path)
     return path
+
+
+# Warm-up beyond what the pool (4 KiB here) and the FIFO held, so every reader
+# is backlogged on the slow source before shares are counted.
+WARMUP_MARGIN = 8 * 1024
+# Several seconds of the slow source's output: enough turns for shares within 10 %.
+MEASURED_BYTES = 60_000
 
 
 def test_weights_share_scarce_output(tmp_path: Path, fifo: Path) -> None:
@@ -286,16 +312,27 @@ def test_weights_share_scarce_output(tmp_path: Path, fifo: Path) -> None:
             for name, ip in (("light", "127.0.0.6"), ("heavy", "127.0.0.7"))
         }
         counts = {"light": 0, "heavy": 0}
+        warmup = 4096 + feeder.capacity + WARMUP_MARGIN
+        received = 0
         measuring = asyncio.Event()
+        warmed = asyncio.Event()
+        measured = asyncio.Event()
 
         async def drain(
             name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         ) -> None:
+            nonlocal received
             writer.write(b"\x02\xff" * 2)
             while True:
                 data = await reader.read(4096)
+                assert data, "connection closed"
+                received += len(data)
+                if received >= warmup:
+                    warmed.set()
                 if measuring.is_set():
                     counts[name] += len(data)
+                    if sum(counts.values()) >= MEASURED_BYTES:
+                        measured.set()
                 writer.write(b"\x02\xff" * (len(data) // 255 + 1))
 
         tasks = [
@@ -303,12 +340,12 @@ def test_weights_share_scarce_output(tmp_path: Path, fifo: Path) -> None:
             for name, pairs in streams.items()
             for reader, writer in pairs
         ]
-        loop = asyncio.get_running_loop()
-        warm_until = loop.time() + 2.0
-        # Warm-up: the pool's initial contents drain and both are backlogged.
-        await asyncio.sleep(warm_until - loop.time())
-        measuring.set()
-        await asyncio.sleep(6.0)
+        # Shares are counted over a fixed amount of output, however long the
+        # slow source takes to make it; the deadline only catches a hang.
+        async with asyncio.timeout(120):
+            await warmed.wait()
+            measuring.set()
+            await measured.wait()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -354,11 +391,11 @@ def test_sighup_changes_the_rate_of_a_live_connection(tmp_path: Path) -> None:
         before = await measure_rate(streams, 0.5, 2.0)
         config_path.write_text(config_text.replace('"1 KiB/s"', '"4 KiB/s"'))
         daemon.process.send_signal(signal.SIGHUP)
-        await asyncio.to_thread(wait_until, lambda: logged("reloaded") == 1)
+        await asyncio.to_thread(wait_until, lambda: logged("reloaded") == 1, 60)
         after = await measure_rate(streams, 0.5, 2.0)
         config_path.write_text(config_text.replace('"1 KiB/s"', '"fast"'))
         daemon.process.send_signal(signal.SIGHUP)
-        await asyncio.to_thread(wait_until, lambda: logged("reload_refused") == 1)
+        await asyncio.to_thread(wait_until, lambda: logged("reload_refused") == 1, 60)
         still = await measure_rate(streams, 0.2, 1.5)
         return before, after, still
 
