@@ -35,6 +35,15 @@ and ``refund`` for granted bytes they did not serve.
 Under scarcity the pool's blocked readers are ordered by `WeightedWaitQueue`:
 weighted fair across customers by bytes served, round-robin across a
 customer's clients.
+
+Every wait, refill, quota period and persistence interval runs on the `Clock`
+given to `Accounts` (``clock=``; the system clock by default).
+
+Modules: ``accounts`` (the facade and housekeeping), ``customers`` (identity to
+customer, reload), ``grants`` (take, wait, refund), ``reporting`` (status
+snapshot), ``clients`` (client and customer state, `Grant`), ``backend`` and
+``redis_backend`` (shared counters), ``bucket``, ``periods``, ``identity``,
+``config``, ``fairqueue``.
 """
 
 from broker.accounts.accounts import STATE_FILE, Accounts
