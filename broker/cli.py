@@ -285,7 +285,8 @@ def cmd_simulate_key(
     master_key_file: Path | None,
 ) -> int:
     from sources.entropykey.keyring import KeyringError, parse_master_key
-    from sources.entropykey.simulator import SimulatedKey, serve_unix
+    from sources.entropykey.sim.key import SimulatedKey
+    from sources.entropykey.sim.unix_server import serve_unix
 
     try:
         master_key = (

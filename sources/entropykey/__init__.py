@@ -1,8 +1,13 @@
 """
 Simtec Entropy Key (UDEKEY01): the pure, I/O-free core of the driver.
 
-Written from /work/shared/docs/entropy-key-protocol.md ("the spec"). Nothing
-here opens files (except `keyring.load_keyring`), sockets or reads a clock.
+Written from the Entropy Key's published protocol ("the spec"; section numbers
+below are its sections): a host talks to the key over a CDC serial stream; the
+key sends fixed 64-byte frames, each MAC'd with Skein-256 under the current
+session key (a zero key until the host negotiates one from the key's long-term
+key); the host sends short commands (a reset byte, session keying, long-term
+re-keying). Nothing here opens files (except `keyring.load_keyring`), sockets
+or reads a clock.
 
 Modules and what a driver or simulator needs from them:
 
@@ -21,7 +26,7 @@ Modules and what a driver or simulator needs from them:
     ``reason`` and ``creditable``. Also ``state``, ``serial``,
     ``failure_mode``, ``counters``, ``close(reason)``.
 
-``device_model``
+``sim.model``
     `DeviceModel(serial, long_term_key, *, master_key=None, random_bytes,
     now=0.0, block_interval=0.75, info_interval=10.0)`: the key itself.
     ``receive_data(host_bytes)``, ``advance(now)``, ``produce_entropy_frames(n)``,
@@ -46,10 +51,10 @@ Modules and what a driver or simulator needs from them:
     `derive_long_term_key`, `lt_nonce_mac`).
 
 ``encoding``
-    PEM64 (`pem_encode`, `pem_decode`), 12-bit sub-codes, CRC-8.
+    PEM64 (`pem_encode`, `pem_decode`), serial numbers (`serial_to_text`,
+    `serial_from_text`), 12-bit sub-codes, CRC-8.
 """
 
-from .device_model import DeviceModel, PlaintextFault
 from .events import (
     NEED_DATA,
     Anomaly,
@@ -72,6 +77,7 @@ from .keyring import (
     parse_master_key,
 )
 from .session import Session
+from .sim.model import DeviceModel, PlaintextFault
 from .wire import FailureMode, Info
 
 __all__ = [

@@ -11,8 +11,7 @@ from typing import Any
 
 from broker.errors import SourceError
 
-from .driver import serial_text
-from .encoding import pem_decode_exact
+from .encoding import serial_from_text, serial_to_text
 from .keyring import KeyringError, load_keyring, parse_master_key
 from .rekey import RekeyError, run_rekey, store_long_term_key
 from .transport import (
@@ -44,7 +43,7 @@ class KeyRow:
 
 def _keyring_serials(path: Path) -> tuple[set[str], str | None]:
     try:
-        return {serial_text(serial) for serial in load_keyring(path)}, None
+        return {serial_to_text(serial) for serial in load_keyring(path)}, None
     except (KeyringError, OSError) as exc:
         return set(), str(exc)
 
@@ -176,7 +175,7 @@ def rekey(
         KeyringError: the keyring could not be updated.
     """
     try:
-        serial_bytes = pem_decode_exact(serial.encode(), 12)
+        serial_bytes = serial_from_text(serial)
     except ValueError:
         raise RekeyError(f"{serial!r} is not an Entropy Key serial") from None
     result = asyncio.run(run_rekey(transport, serial_bytes, master_key))

@@ -9,10 +9,9 @@ from pydantic import Field, field_validator, model_validator
 
 from broker.configbase import Duration, Size, SourceConfigBase
 
-from .encoding import pem_decode_exact
+from .encoding import serial_from_text
 
 ANY_SERIAL = "*"
-SERIAL_BYTES = 12
 DEFAULT_KEYRING = Path("/etc/entropykey/keyring")
 
 
@@ -62,7 +61,7 @@ class EntropyKeySourceConfig(SourceConfigBase):
         if value == ANY_SERIAL:
             return value
         try:
-            pem_decode_exact(value.encode(), SERIAL_BYTES)
+            serial_from_text(value)
         except ValueError:
             raise ValueError(
                 f"{value!r} is not an Entropy Key serial (16 characters of "
@@ -85,4 +84,4 @@ class EntropyKeySourceConfig(SourceConfigBase):
     def serial_bytes(self) -> bytes | None:
         if self.serial == ANY_SERIAL:
             return None
-        return pem_decode_exact(self.serial.encode(), SERIAL_BYTES)
+        return serial_from_text(self.serial)

@@ -26,7 +26,7 @@ import structlog
 
 from broker.errors import SourceError, SourceQuarantined, SourceStalled
 
-from .encoding import pem_encode
+from .encoding import serial_from_text
 from .events import (
     Anomaly,
     EntropyBlock,
@@ -111,7 +111,7 @@ class EntropyKeySource:
             keyring = await asyncio.to_thread(load_keyring, self._keyring_path)
         except (KeyringError, OSError) as exc:
             raise SourceError(f"keyring: {exc}") from exc
-        serial_bytes = _decode_serial(self.serial)
+        serial_bytes = serial_from_text(self.serial)
         if serial_bytes not in keyring:
             raise SourceError(
                 f"keyring {self._keyring_path} has no long-term key for {self.serial} "
@@ -302,16 +302,3 @@ class EntropyKeySource:
             "bytes_delivered": self._bytes_delivered,
             "last_seen": self._last_seen or None,
         }
-
-
-def _decode_serial(serial: str) -> bytes:
-    from .encoding import pem_decode_exact
-
-    return pem_decode_exact(serial.encode(), 12)
-
-
-def serial_text(serial: bytes) -> str:
-    """
-    The 16-character form of a binary serial.
-    """
-    return pem_encode(serial).decode()

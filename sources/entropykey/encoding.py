@@ -5,6 +5,8 @@ Text encodings used by the Entropy Key protocol (spec section 4).
   stop silently at the first group holding a character outside the alphabet.
 * 12-bit sub-codes: two base64 digits, least significant digit first.
 * CRC-8 (poly 0x31, init 0xFF): only checks the master key typed from its card.
+* Serial numbers: 12 bytes on the wire, 16 PEM64 characters everywhere a person
+  or a file sees them (USB iSerialNumber, keyrings, config, logs).
 """
 
 import binascii
@@ -18,6 +20,7 @@ _VALUE: Final = tuple(ALPHABET.find(bytes([b])) for b in range(256))
 _PAD: Final = ord("=")
 
 SUBCODE_MAX: Final = 4095
+SERIAL_BYTES: Final = 12
 
 
 def pem_encode(data: bytes) -> bytes:
@@ -70,6 +73,23 @@ def pem_decode_exact(text: bytes, length: int) -> bytes:
     if len(data) != length or pem_encode(data) != text:
         raise ValueError(f"expected {length} bytes of PEM64, got {text!r}")
     return data
+
+
+def serial_to_text(serial: bytes) -> str:
+    """
+    Return the 16-character text of a 12-byte binary serial number.
+    """
+    return pem_encode(serial).decode("ascii")
+
+
+def serial_from_text(text: str) -> bytes:
+    """
+    Return the 12-byte binary serial number written as ``text``.
+
+    Raises:
+        ValueError: ``text`` is not 16 canonical PEM64 characters.
+    """
+    return pem_decode_exact(text.encode("ascii", "replace"), SERIAL_BYTES)
 
 
 def encode_subcode(value: int) -> bytes:

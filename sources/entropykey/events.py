@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass
 from typing import Final
 
-from .encoding import pem_encode
+from .encoding import serial_to_text
 from .wire import Info
 
 
@@ -94,7 +94,7 @@ class SerialNumber:
         """
         The 16-character PEM form used by keyrings and udev.
         """
-        return pem_encode(self.serial).decode()
+        return serial_to_text(self.serial)
 
 
 @dataclass(frozen=True, slots=True)

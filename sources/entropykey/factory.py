@@ -18,7 +18,8 @@ import structlog
 from broker.errors import SourceError
 
 from .config import ANY_SERIAL, EntropyKeySourceConfig
-from .driver import NOMINAL_RATE, EntropyKeySource, serial_text
+from .driver import NOMINAL_RATE, EntropyKeySource
+from .encoding import serial_from_text, serial_to_text
 from .keyring import KeyringError, load_keyring
 from .transport import (
     KeyTransport,
@@ -33,7 +34,7 @@ from .wire import FailureMode
 
 if TYPE_CHECKING:
     # Only the simulated transport needs the simulator; real keys never load it.
-    from .simulator import SimulatedKey
+    from .sim.key import SimulatedKey
 
 log = structlog.get_logger("ebroker.entropykey")
 
@@ -51,15 +52,11 @@ class SimulatedFleet:
         The key with ``serial``, made with ``long_term_key`` and ``rate`` the
         first time it is asked for.
         """
-        from .simulator import SimulatedKey
+        from .sim.key import SimulatedKey
 
         key = self.keys.get(serial)
         if key is None:
-            from .encoding import pem_decode_exact
-
-            key = SimulatedKey(
-                pem_decode_exact(serial.encode(), 12), long_term_key, rate=rate
-            )
+            key = SimulatedKey(serial_from_text(serial), long_term_key, rate=rate)
             self.keys[serial] = key
         return key
 
@@ -115,13 +112,11 @@ class FleetTransport:
 
     async def open(self) -> None:
         if self._inner is None:
-            from .encoding import pem_decode_exact
-
             try:
                 keyring = await asyncio.to_thread(load_keyring, self._config.keyring)
             except (KeyringError, OSError) as exc:
                 raise SourceError(f"keyring: {exc}") from exc
-            long_term_key = keyring.get(pem_decode_exact(self.serial.encode(), 12))
+            long_term_key = keyring.get(serial_from_text(self.serial))
             if long_term_key is None:
                 raise SourceError(
                     f"keyring {self._config.keyring} has no key for {self.serial}"
@@ -215,10 +210,9 @@ def provision_simulated(config: EntropyKeySourceConfig) -> bool:
     """
     if config.transport != "simulated" or config.serial == ANY_SERIAL:
         return False
-    from .encoding import pem_decode_exact
     from .rekey import store_long_term_key
 
-    serial = pem_decode_exact(config.serial.encode(), 12)
+    serial = serial_from_text(config.serial)
     if config.keyring.exists() and serial in load_keyring(config.keyring):
         return False
     config.keyring.parent.mkdir(parents=True, exist_ok=True)
@@ -236,7 +230,7 @@ def _read_keyring(path: Path) -> dict[bytes, bytes]:
 
 def _present_serials(config: EntropyKeySourceConfig, usb_backend: Any) -> list[str]:
     keyring = _read_keyring(config.keyring)
-    known = {serial_text(serial) for serial in keyring}
+    known = {serial_to_text(serial) for serial in keyring}
     if config.transport == "simulated":
         return sorted(known)
     present = []

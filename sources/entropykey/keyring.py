@@ -14,10 +14,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
-from .encoding import crc8, pem_decode, pem_decode_exact, pem_encode
+from .encoding import (
+    SERIAL_BYTES,
+    crc8,
+    pem_decode,
+    pem_decode_exact,
+    pem_encode,
+    serial_from_text,
+    serial_to_text,
+)
 
 HEADER: Final = "# Do not edit this directly, this file is managed by ekey-setkey"
-SERIAL_LEN: Final = 12
 KEY_LEN: Final = 32
 
 _TOKEN: Final = re.compile(r"[A-Za-z0-9+/=]+")
@@ -50,8 +57,8 @@ def parse_keyring(text: str) -> dict[bytes, bytes]:
         if len(fields) < 2 or not all(_TOKEN.fullmatch(f) for f in fields[:2]):
             raise KeyringError(f"keyring line {number}: expected '<serial> <key>'")
         try:
-            serial = pem_decode_exact(fields[0].encode(), SERIAL_LEN)
-            key = pem_decode_exact(fields[1].encode(), KEY_LEN)
+            serial = serial_from_text(fields[0])
+            key = pem_decode_exact(fields[1].encode("ascii"), KEY_LEN)
         except ValueError:
             raise KeyringError(
                 f"keyring line {number}: serial must be 16 PEM characters "
@@ -70,9 +77,9 @@ def format_keyring(keys: Mapping[bytes, bytes]) -> str:
     """
     lines = [HEADER]
     for serial, key in keys.items():
-        if len(serial) != SERIAL_LEN or len(key) != KEY_LEN:
+        if len(serial) != SERIAL_BYTES or len(key) != KEY_LEN:
             raise KeyringError("serials are 12 bytes and long-term keys 32")
-        lines.append(f"{pem_encode(serial).decode()} {pem_encode(key).decode()}")
+        lines.append(f"{serial_to_text(serial)} {pem_encode(key).decode('ascii')}")
     return "\n".join(lines) + "\n"
 
 

@@ -57,7 +57,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Final
 
-from .encoding import pem_encode
+from .encoding import serial_to_text
 from .events import (
     NEED_DATA,
     Anomaly,
@@ -492,9 +492,9 @@ class Session:
             self._reset("serial number frame too short")
             return
         serial = packet.data[:12]
-        text = pem_encode(serial).decode()
+        text = serial_to_text(serial)
         if self._serial is not None and serial != self._serial:
-            known = pem_encode(self._serial).decode()
+            known = serial_to_text(self._serial)
             self._untrusted(f"key reported serial {text}, expected {known}")
             return
         if self._serial is None or self._zero_crypto is None:

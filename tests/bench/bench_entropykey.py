@@ -17,8 +17,8 @@ import os
 import random
 from dataclasses import dataclass
 
-from sources.entropykey.device_model import BLOCKS_PER_FIPS, DeviceModel
 from sources.entropykey.session import Anomaly, EntropyBlock, Session
+from sources.entropykey.sim.model import BLOCKS_PER_FIPS, DeviceModel
 from sources.entropykey.skein import skein256
 
 from .common import cpu_rate, ratio

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from sources.entropykey.simulator import new_key_pair, write_keyring
+from sources.entropykey.sim.keypairs import new_key_pair, write_keyring
 from tests.integration.clients import (
     BrokerHttp,
     EgdReader,

@@ -20,14 +20,10 @@ from broker.status import SourceState
 from broker.supervisor import Supervisor
 from sources.entropykey.driver import EntropyKeySource
 from sources.entropykey.keyring import KeyringPermissionError
-from sources.entropykey.sim_usb import SimulatedBus
-from sources.entropykey.simulator import (
-    KeyPair,
-    SimulatedKey,
-    UnixKeyServer,
-    new_key_pair,
-    write_keyring,
-)
+from sources.entropykey.sim.key import SimulatedKey
+from sources.entropykey.sim.keypairs import KeyPair, new_key_pair, write_keyring
+from sources.entropykey.sim.unix_server import UnixKeyServer
+from sources.entropykey.sim.usb_bus import SimulatedBus
 from sources.entropykey.transport import (
     KeyTransport,
     SimulatedTransport,

@@ -15,6 +15,8 @@ from sources.entropykey.encoding import (
     pem_decode,
     pem_decode_exact,
     pem_encode,
+    serial_from_text,
+    serial_to_text,
 )
 
 
@@ -137,3 +139,30 @@ def test_crc8_vectors(data: bytes, crc: int) -> None:
     CRC-8/NRSC-5 (poly 0x31, init 0xFF) gives the spec's check values.
     """
     assert crc == crc8(data)
+
+
+def test_serials_convert_between_text_and_bytes() -> None:
+    """
+    A 12-byte serial is 16 PEM64 characters; the conversion round-trips.
+    """
+    serial = bytes.fromhex("37006F065837393049391143")
+    assert "NwBvBlg3OTBJORFD" == serial_to_text(serial)
+    assert serial == serial_from_text("NwBvBlg3OTBJORFD")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "NwBvBlg3OTBJORF",
+        "NwBvBlg3OTBJORFDAAAA",
+        "NwBvBlg3OTBJORF ",
+        "NwBvBlg3OTBJORFé",
+    ],
+)
+def test_malformed_serial_text_is_refused(text: str) -> None:
+    """
+    Anything but 16 canonical PEM64 characters is a ValueError, non-ASCII too.
+    """
+    with pytest.raises(ValueError, match="PEM64"):
+        serial_from_text(text)

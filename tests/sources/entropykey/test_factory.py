@@ -6,7 +6,8 @@ import pytest
 import structlog
 
 from sources.entropykey.factory import SimulatedFleet
-from sources.entropykey.simulator import SimulatedKey, new_key_pair
+from sources.entropykey.sim.key import SimulatedKey
+from sources.entropykey.sim.keypairs import new_key_pair
 from sources.entropykey.wire import FailureMode
 
 

@@ -13,12 +13,9 @@ import pytest
 from sources.entropykey.encoding import crc8, pem_encode
 from sources.entropykey.keyring import load_keyring
 from sources.entropykey.rekey import RekeyError, run_rekey, store_long_term_key
-from sources.entropykey.simulator import (
-    SimulatedKey,
-    UnixKeyServer,
-    new_key_pair,
-    write_keyring,
-)
+from sources.entropykey.sim.key import SimulatedKey
+from sources.entropykey.sim.keypairs import new_key_pair, write_keyring
+from sources.entropykey.sim.unix_server import UnixKeyServer
 from sources.entropykey.transport import UnixTransport
 from tests.helpers import wait_until
 from tests.integration.daemon import REPO

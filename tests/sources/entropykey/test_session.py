@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 import pytest
 
-from sources.entropykey.device_model import DeviceModel
 from sources.entropykey.encoding import encode_subcode
 from sources.entropykey.session import (
     NEED_DATA,
@@ -21,6 +20,7 @@ from sources.entropykey.session import (
     StateChanged,
     StatusReport,
 )
+from sources.entropykey.sim.model import DeviceModel
 from sources.entropykey.skein import SessionCrypto
 from sources.entropykey.wire import (
     FailureMode,

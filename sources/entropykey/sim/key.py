@@ -2,8 +2,8 @@
 A simulated Entropy Key running in real time.
 
 `SimulatedKey` wraps one sans-I/O `DeviceModel` with a lock and a clock so that
-threads (a pyusb backend, see `sim_usb`) and asyncio (`aread` / `awrite`, and
-through them `sim_socket.UnixKeyServer`) can talk to it as if it were the
+threads (a pyusb backend, see `usb_bus`) and asyncio (`aread` / `awrite`, and
+through them `unix_server.UnixKeyServer`) can talk to it as if it were the
 hardware. Output accumulates as FIPS blocks fall due; a reader takes it. Like
 a real key whose host stops reading, it buffers only about two blocks and
 drops the rest, so a reader that comes back after an hour gets fresh frames,
@@ -28,34 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final, Self, TypedDict, Unpack
 
-from .device_model import BLOCKS_PER_FIPS, DeviceModel, PlaintextFault
-from .encoding import pem_decode_exact, pem_encode
-from .keyring import KeyringError, load_keyring
-from .sim_keys import KeyPair, new_key_pair, random_serial, write_keyring
-from .sim_socket import UnixKeyServer, serve_unix
-from .wire import FailureMode
-
-# The socket server and the keyring helpers live in `sim_socket` and
-# `sim_keys`; they are re-exported because tests and the CLI take everything
-# simulator-related from here.
-__all__ = [
-    "BLOCK_BYTES",
-    "FRAME_SIZE",
-    "MAX_BACKLOG",
-    "MAX_STATUS_BACKLOG",
-    "STATUS_BYTES",
-    "KeyOptions",
-    "KeyPair",
-    "SimulatedKey",
-    "SimulatedUnplugged",
-    "UnixKeyServer",
-    "aread",
-    "awrite",
-    "new_key_pair",
-    "random_serial",
-    "serve_unix",
-    "write_keyring",
-]
+from ..encoding import serial_from_text, serial_to_text
+from ..keyring import KeyringError, load_keyring
+from ..wire import FailureMode
+from .model import BLOCKS_PER_FIPS, DeviceModel, PlaintextFault
 
 FRAME_SIZE: Final = 64
 BLOCK_BYTES: Final = BLOCKS_PER_FIPS * 32
@@ -140,7 +116,7 @@ class SimulatedKey:
             block_interval=self._block_interval,
             info_interval=info_interval,
         )
-        self._serial_text = pem_encode(serial).decode()
+        self._serial_text = serial_to_text(serial)
         self._schedule(now)
         self._collect()
 
@@ -157,7 +133,7 @@ class SimulatedKey:
             OSError: the keyring cannot be read.
         """
         try:
-            serial = pem_decode_exact(serial_text.encode("ascii", "replace"), 12)
+            serial = serial_from_text(serial_text)
         except ValueError:
             raise KeyringError(
                 f"serial {serial_text!r} is not 16 PEM characters"

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from sources.entropykey.device_model import (
+from sources.entropykey.sim.model import (
     TEXT_LT_BAD_MAC,
     TEXT_LT_LOCKED,
     DeviceModel,

@@ -15,12 +15,11 @@ import socket
 import stat
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Self
+from typing import Final, Self
 
 import structlog
 
-if TYPE_CHECKING:
-    from .simulator import SimulatedKey
+from .key import SimulatedKey, SimulatedUnplugged, aread, awrite
 
 log = structlog.get_logger("ebroker.simulator")
 
@@ -36,7 +35,7 @@ class UnixKeyServer:
     closed as soon as they connect, until the key is replugged.
     """
 
-    def __init__(self, key: "SimulatedKey", path: str | Path) -> None:
+    def __init__(self, key: SimulatedKey, path: str | Path) -> None:
         self.key = key
         self.path = Path(path)
         self._server: asyncio.Server | None = None
@@ -130,10 +129,6 @@ class UnixKeyServer:
     async def _relay(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        # Imported here rather than at the top: `simulator` re-exports this
-        # module, so a top-level import would make the import order matter.
-        from .simulator import SimulatedUnplugged, aread, awrite
-
         key = self.key
         dropped = key.discard_pending()
         if not key.plugged:
@@ -161,7 +156,7 @@ class UnixKeyServer:
 
 
 async def serve_unix(
-    key: "SimulatedKey", path: str | Path, *, stop: asyncio.Event | None = None
+    key: SimulatedKey, path: str | Path, *, stop: asyncio.Event | None = None
 ) -> None:
     """
     Serve ``key`` on a Unix socket at ``path`` until ``stop`` is set (or, without

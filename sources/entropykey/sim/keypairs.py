@@ -8,8 +8,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .encoding import pem_encode
-from .keyring import format_keyring
+from ..encoding import SERIAL_BYTES, serial_to_text
+from ..keyring import format_keyring
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +26,7 @@ class KeyPair:
         """
         The 16-character PEM serial.
         """
-        return pem_encode(self.serial).decode()
+        return serial_to_text(self.serial)
 
     def keyring_text(self) -> str:
         """
@@ -39,7 +39,7 @@ def random_serial() -> bytes:
     """
     Return a random 12-byte serial number.
     """
-    return os.urandom(12)
+    return os.urandom(SERIAL_BYTES)
 
 
 def new_key_pair() -> KeyPair:

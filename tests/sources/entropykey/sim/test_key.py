@@ -1,8 +1,7 @@
 """
-The simulated Entropy Key: in real time, behind pyusb and behind a Unix socket.
+`SimulatedKey`: the simulated Entropy Key in real time, with a host session.
 """
 
-import array
 import asyncio
 import errno
 import os
@@ -14,9 +13,6 @@ from pathlib import Path
 from typing import Unpack
 
 import pytest
-import usb.control
-import usb.core
-import usb.util
 
 from sources.entropykey.keyring import KeyringError, KeyringPermissionError
 from sources.entropykey.session import (
@@ -28,8 +24,7 @@ from sources.entropykey.session import (
     SessionState,
     StatusReport,
 )
-from sources.entropykey.sim_usb import EP_IN, EP_OUT, SimulatedBus
-from sources.entropykey.simulator import (
+from sources.entropykey.sim.key import (
     BLOCK_BYTES,
     MAX_BACKLOG,
     MAX_STATUS_BACKLOG,
@@ -37,13 +32,10 @@ from sources.entropykey.simulator import (
     KeyOptions,
     SimulatedKey,
     SimulatedUnplugged,
-    UnixKeyServer,
     aread,
     awrite,
-    new_key_pair,
-    serve_unix,
-    write_keyring,
 )
+from sources.entropykey.sim.keypairs import new_key_pair, write_keyring
 from sources.entropykey.skein import derive_long_term_key, lt_nonce_mac
 from sources.entropykey.wire import (
     FailureMode,
@@ -52,14 +44,13 @@ from sources.entropykey.wire import (
     encode_lt_rekey,
     parse_packet,
 )
-from tests.helpers import eventually
-
-SERIAL = bytes.fromhex("37006F065837393049391143")
-SERIAL_TEXT = "NwBvBlg3OTBJORFD"
-LTK = bytes(range(32))
-TICK = 0.05
-SLOW = KeyOptions(rate=1e-3, info_interval=1e9)
-"""A key that, once reset, says nothing until spoken to."""
+from tests.sources.entropykey.sim.support import (
+    LTK,
+    SERIAL,
+    SERIAL_TEXT,
+    TICK,
+    slow_key,
+)
 
 
 class FakeClock:
@@ -123,15 +114,6 @@ class Host:
         Entropy blocks among the events from index ``since`` on.
         """
         return [e for e in self.events[since:] if isinstance(e, EntropyBlock)]
-
-
-def slow_key(serial: bytes = SERIAL) -> SimulatedKey:
-    """
-    A real-time key that has been reset and has no output pending.
-    """
-    key = SimulatedKey(serial, LTK, **SLOW)
-    key.discard_pending()
-    return key
 
 
 # ---- SimulatedKey with the host session ----
@@ -405,224 +387,3 @@ def test_from_keyring_uses_the_key_file(tmp_path: Path) -> None:
     path.chmod(0o644)
     with pytest.raises(KeyringPermissionError):
         SimulatedKey.from_keyring(path, pair.serial_text)
-
-
-# ---- pyusb backend ----
-
-
-@pytest.fixture
-def bus() -> SimulatedBus:
-    """
-    A bus with three quiet keys.
-    """
-    keys = [slow_key(bytes([n]) * 12) for n in (1, 2, 3)]
-    return SimulatedBus(keys)
-
-
-def find(bus: SimulatedBus) -> list[usb.core.Device]:
-    """
-    Every Entropy Key pyusb sees on ``bus``.
-    """
-    return list(
-        usb.core.find(backend=bus, idVendor=0x20DF, idProduct=0x0001, find_all=True)
-    )
-
-
-def open_data(dev: usb.core.Device) -> None:
-    """
-    Take the key from cdc_acm and claim its data interface, as a driver would.
-    """
-    for interface in (0, 1):
-        if dev.is_kernel_driver_active(interface):
-            dev.detach_kernel_driver(interface)
-    dev.set_configuration()
-    usb.util.claim_interface(dev, 1)
-
-
-def test_pyusb_enumerates_keys_with_their_identity(bus: SimulatedBus) -> None:
-    """
-    find() lists each key with its PEM serial, Simtec strings, bus position,
-    and the CDC layout with bulk endpoints 0x81/0x03 on interface 1.
-    """
-    devices = find(bus)
-    assert sorted(bus.keys) == sorted(d.serial_number for d in devices)
-    dev = devices[0]
-    assert dev.serial_number == usb.util.get_string(dev, dev.iSerialNumber)
-    assert ("Simtec Electronics", "Entropy Key") == (dev.manufacturer, dev.product)
-    assert (0x0200, 0x0200, 1) == (dev.bcdUSB, dev.bcdDevice, dev.bus)
-    assert [(1,), (2,), (3,)] == sorted(d.port_numbers for d in devices)
-    assert 3 == len({d.address for d in devices})
-    cfg = dev[0]
-    layout = [
-        (i.bInterfaceNumber, i.bInterfaceClass, [e.bEndpointAddress for e in i])
-        for i in cfg
-    ]
-    assert [(0, 0x02, [0x82]), (1, 0x0A, [EP_IN, EP_OUT])] == layout
-    data_eps = [(e.bmAttributes, e.wMaxPacketSize) for e in cfg[(1, 0)]]
-    assert [(2, 64), (2, 64)] == data_eps
-    raw = usb.control.get_descriptor(dev, 255, usb.util.DESC_TYPE_CONFIG, 0)
-    assert cfg.wTotalLength == len(raw)
-
-
-def test_pyusb_claim_needs_cdc_acm_detached(bus: SimulatedBus) -> None:
-    """
-    cdc_acm holds both interfaces until detached (EBUSY before); every
-    detach is recorded.
-    """
-    dev = find(bus)[0]
-    assert [True, True] == [dev.is_kernel_driver_active(i) for i in (0, 1)]
-    with pytest.raises(usb.core.USBError) as busy:
-        usb.util.claim_interface(dev, 1)
-    assert errno.EBUSY == busy.value.errno
-    open_data(dev)
-    assert [(dev.serial_number, 0), (dev.serial_number, 1)] == bus.detached
-    assert [False, False] == [dev.is_kernel_driver_active(i) for i in (0, 1)]
-
-
-def test_pyusb_reset_returns_serial_frame_and_reads_time_out(
-    bus: SimulatedBus,
-) -> None:
-    """
-    Writing ^C to 0x03 makes the key answer S! on 0x81; a read with nothing
-    to deliver raises USBTimeoutError (ETIMEDOUT), and a buffer that cannot
-    hold a whole packet overflows.
-    """
-    dev = find(bus)[0]
-    open_data(dev)
-    assert 1 == dev.write(EP_OUT, b"\x03")
-    packet = parse_packet(bytes(dev.read(EP_IN, 64, timeout=1000)))
-    assert (FrameType.SERIAL, bus.keys[dev.serial_number].serial) == (
-        packet.type,
-        packet.data,
-    )
-    with pytest.raises(usb.core.USBTimeoutError) as timeout:
-        dev.read(EP_IN, 64, timeout=10)
-    assert (errno.ETIMEDOUT, -7) == (
-        timeout.value.errno,
-        timeout.value.backend_error_code,
-    )
-    dev.write(EP_OUT, b"\x03")
-    buffer = array.array("B", bytes(10))
-    with pytest.raises(usb.core.USBError) as overflow:
-        dev.read(EP_IN, buffer, timeout=1000)
-    assert errno.EOVERFLOW == overflow.value.errno
-
-
-def test_pyusb_unplug_and_replug(bus: SimulatedBus) -> None:
-    """
-    An unplugged key leaves enumeration and its handle fails with ENODEV;
-    after a replug it is back with a new address and cdc_acm bound again,
-    while the old handle stays dead.
-    """
-    dev = find(bus)[0]
-    serial = dev.serial_number
-    open_data(dev)
-    bus.unplug(serial)
-    assert serial not in {d.serial_number for d in find(bus)}
-    with pytest.raises(usb.core.USBError) as gone:
-        dev.read(EP_IN, 64, 100)
-    assert (errno.ENODEV, -4) == (gone.value.errno, gone.value.backend_error_code)
-    with pytest.raises(usb.core.USBError) as gone:
-        dev.write(EP_OUT, b"R")
-    assert errno.ENODEV == gone.value.errno
-    bus.replug(serial)
-    (again,) = [d for d in find(bus) if d.serial_number == serial]
-    assert again.address != dev.address
-    assert again.is_kernel_driver_active(1)
-    with pytest.raises(usb.core.USBError) as stale:
-        dev.read(EP_IN, 64, 100)
-    assert errno.ENODEV == stale.value.errno
-    open_data(again)
-    packet = parse_packet(bytes(again.read(EP_IN, 64, timeout=1000)))
-    assert FrameType.SERIAL == packet.type  # the power-on announcement
-
-
-# ---- Unix socket relay ----
-
-
-async def read_frame(reader: asyncio.StreamReader) -> FrameType:
-    """
-    Read one 64-byte frame and return its type.
-    """
-    async with asyncio.timeout(10):
-        return parse_packet(await reader.readexactly(64)).type
-
-
-async def test_unix_server_relays_one_client_at_a_time(tmp_path: Path) -> None:
-    """
-    The socket is private; a client's ^C gets an S! frame; a second client is
-    closed at once while the first is connected; the slot frees on hang-up and
-    the socket file is removed on close.
-    """
-    key = slow_key()
-    path = tmp_path / "key.sock"
-    server = UnixKeyServer(key, path)
-    await server.start()
-    try:
-        assert 0o600 == stat.S_IMODE(os.lstat(path).st_mode)
-        reader, writer = await asyncio.open_unix_connection(path)
-        writer.write(b"\x03")
-        assert FrameType.SERIAL == await read_frame(reader)
-        reader2, writer2 = await asyncio.open_unix_connection(path)
-        async with asyncio.timeout(10):
-            assert b"" == await reader2.read()
-        writer2.close()
-        writer.close()
-        await eventually(lambda: not server.busy)
-        reader3, writer3 = await asyncio.open_unix_connection(path)
-        writer3.write(b"\x03")
-        assert FrameType.SERIAL == await read_frame(reader3)
-        writer3.close()
-    finally:
-        await server.close()
-    assert not path.exists()
-
-
-async def test_unix_client_is_closed_when_key_is_unplugged(tmp_path: Path) -> None:
-    """
-    Unplugging the key ends the client's connection (EOF), as ekey-ulusbd's
-    exit would.
-    """
-    key = slow_key()
-    path = tmp_path / "key.sock"
-    async with UnixKeyServer(key, path):
-        reader, writer = await asyncio.open_unix_connection(path)
-        writer.write(b"\x03")
-        assert FrameType.SERIAL == await read_frame(reader)
-        key.unplug()
-        async with asyncio.timeout(10):
-            assert b"" == await reader.read()
-        writer.close()
-    assert not path.exists()
-
-
-async def test_serve_unix_runs_until_stopped(tmp_path: Path) -> None:
-    """
-    ``serve_unix`` replaces a stale socket file, serves until ``stop`` is set
-    and removes its socket; a non-socket at the path is refused.
-    """
-    path = tmp_path / "key.sock"
-    stale = UnixKeyServer(slow_key(), path)
-    await stale.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve_unix(slow_key(), path, stop=stop))
-
-    def replaced() -> bool:
-        try:
-            return os.lstat(path).st_ino != stale.inode
-        except FileNotFoundError:
-            return False
-
-    await eventually(replaced)
-    reader, writer = await asyncio.open_unix_connection(path)
-    writer.write(b"\x03")
-    assert FrameType.SERIAL == await read_frame(reader)
-    stop.set()
-    async with asyncio.timeout(10):
-        await task
-    writer.close()
-    assert not path.exists()
-    await stale.close()
-    path.write_text("not a socket")
-    with pytest.raises(FileExistsError):
-        await serve_unix(slow_key(), path, stop=stop)

@@ -39,7 +39,7 @@ from typing import Final
 import usb.backend
 import usb.core
 
-from .simulator import SimulatedKey, SimulatedUnplugged
+from .key import SimulatedKey, SimulatedUnplugged
 
 VENDOR_ID: Final = 0x20DF
 PRODUCT_ID: Final = 0x0001

@@ -27,9 +27,14 @@ import os
 from collections.abc import Callable
 from typing import Final
 
-from .encoding import ALPHABET, encode_subcode, pem_decode, pem_encode
-from .skein import SessionCrypto, derive_long_term_key, derive_session_key, lt_nonce_mac
-from .wire import (
+from ..encoding import ALPHABET, encode_subcode, pem_decode, pem_encode
+from ..skein import (
+    SessionCrypto,
+    derive_long_term_key,
+    derive_session_key,
+    lt_nonce_mac,
+)
+from ..wire import (
     FailureMode,
     FipsCounters,
     FrameType,
