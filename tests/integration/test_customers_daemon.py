@@ -87,7 +87,9 @@ async def measure_rate(streams: Streams, warmup: float, seconds: float) -> float
     counted = 0
     measuring_since: float | None = None
     async with asyncio.timeout(warmup + seconds + 30):
-        writer.write(b"\x02\x40" * 4)
+        # Enough requests in flight that the broker always has one to serve,
+        # even when this process is slow to answer: the limit sets the pace.
+        writer.write(b"\x02\x40" * 64)
         while True:
             data = await reader.read(4096)
             assert data, "connection closed"
@@ -115,7 +117,9 @@ def test_throttled_client_gets_the_configured_rate(tmp_path: Path) -> None:
         id = "slow"
         networks = ["127.0.0.2/32"]
         client_rate = "2 KiB/s"
-        client_burst = "256 B"
+        # A second of the rate: a broker held up by a busy machine catches up
+        # afterwards, as it would in production, instead of losing the time.
+        client_burst = "2 KiB"
         """
     daemon = start_daemon(tmp_path, customers_config(tmp_path, customers))
 
@@ -374,7 +378,9 @@ def test_sighup_changes_the_rate_of_a_live_connection(tmp_path: Path) -> None:
         id = "tenant"
         networks = ["127.0.0.8/32"]
         client_rate = "1 KiB/s"
-        client_burst = "128 B"
+        # At least a second of either rate, so a broker held up by a busy
+        # machine catches up afterwards instead of losing the time.
+        client_burst = "4 KiB"
         """
     config_text = customers_config(tmp_path, customers)
     daemon = start_daemon(tmp_path, config_text)
