@@ -118,6 +118,7 @@ class Broker:
             config.accounts,
             config.customers,
             state_path=self.state_dir / STATE_FILE,
+            clock=clock,
         )
         self._pool = EntropyPool(config.broker.pool_size, waiters=WeightedWaitQueue())
         self.supervisor = Supervisor(self._pool, clock=clock)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import redis
 
+from tests import system_tools
 from tests.helpers import wait_until
 
 
@@ -36,6 +37,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        system_tools.require(["redis-server"])
         self.process = subprocess.Popen(
             [
                 "redis-server",

@@ -22,7 +22,8 @@ TOOL_PACKAGES: dict[str, str] = {
 FIXTURE_TOOLS: dict[str, str] = {
     "redis_server": "redis-server",
 }
-"""A test that uses one of these fixtures runs that program."""
+"""A test that uses one of these fixtures runs that program (tests/redis_server.py
+also checks at start, whatever the fixture is called)."""
 
 
 def missing(tools: Iterable[str] = TOOL_PACKAGES) -> list[str]:

@@ -17,7 +17,6 @@ import os
 import socket
 import stat
 import struct
-import time
 from collections import deque
 from pathlib import Path
 from typing import cast
@@ -268,7 +267,7 @@ class EgdConnection(asyncio.Protocol):
     async def _read_now(self, count: int) -> bytes:
         # Limits shorten a non-blocking read; EGD has no way to say why.
         accounts, client = self._sink.accounts, self._require_client()
-        now = time.time()
+        now = accounts.clock.time()
         grant = await accounts.grant(client, count, now)
         data = self._sink.pool.read_nowait(grant.granted)
         accounts.refund(client, grant.granted - len(data), now)

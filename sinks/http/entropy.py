@@ -201,8 +201,8 @@ async def entropy(request: web.Request) -> web.StreamResponse:
     else:
         grant = await grant_within(accounts, client, query.count, query.wait)
     if grant.granted < query.count:
-        return refusal(grant, query.count, time.time())
-    headers = rate_headers(grant, time.time())
+        return refusal(grant, query.count, accounts.clock.time())
+    headers = rate_headers(grant, accounts.clock.time())
     pool = broker.pool
     data = b""
     try:

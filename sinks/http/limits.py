@@ -8,10 +8,8 @@ spent quota (with a JSON body saying which limit and until when), 429 with
 budget store is unreachable and the operator chose ``fail_closed``.
 """
 
-import asyncio
 import dataclasses
 import math
-import time
 from datetime import UTC, datetime
 
 from aiohttp import web
@@ -116,7 +114,7 @@ async def grant_now(accounts: Accounts, client: Client, wanted: int) -> Grant:
     """
     All of ``wanted`` or nothing: a partial grant is handed back.
     """
-    now = time.time()
+    now = accounts.clock.time()
     grant = await accounts.grant(client, wanted, now)
     if 0 < grant.granted < wanted:
         accounts.refund(client, grant.granted, now)
@@ -136,7 +134,7 @@ async def grant_within(
     collected = 0
     first_at: float | None = None
     try:
-        async with asyncio.timeout(wait):
+        async with accounts.clock.timeout(wait):
             while collected < wanted:
                 collected += await accounts.wait_grant(client, wanted - collected)
                 first_at = client.last_seen if first_at is None else first_at
@@ -151,7 +149,7 @@ async def grant_within(
         accounts.refund(client, collected, first_at)
         raise
     # A zero-byte grant charges nothing and reports where the limits stand.
-    state = await accounts.grant(client, 0, time.time())
+    state = await accounts.grant(client, 0, accounts.clock.time())
     return Grant(
         wanted, 0.0, None, state.reset_at, state.remaining_quota, state.rate_limit,
         state.rate_remaining, first_at,
