@@ -9,7 +9,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field, ModelWrapValidatorHandler, ValidationError, model_validator
+from pydantic import (
+    Field,
+    IPvAnyNetwork,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from broker.configtypes import (
@@ -129,4 +135,24 @@ class SinkConfigBase(StrictModel):
     )
     max_connections: int = Field(
         default=1024, ge=1, description="connections accepted at once; more are refused"
+    )
+    max_connections_per_client: int = Field(
+        default=64,
+        ge=1,
+        description="connections one client (source address, Unix uid) may hold at "
+        "once, so one host cannot take every slot",
+    )
+    backlog: int = Field(
+        default=10240,
+        ge=1,
+        le=1 << 20,
+        description="listen backlog: connections the kernel queues before they are "
+        "accepted (sized for 10,000 guests reconnecting at once; the kernel caps "
+        "it at net.core.somaxconn)",
+    )
+    trusted_proxies: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="addresses of load balancers allowed to send a PROXY protocol "
+        "header (v1 or v2): their connections are identified by the client "
+        "address in the header; a header from any other address is refused",
     )

@@ -329,13 +329,20 @@ class BrokerCollector(Collector):
         requests = CounterMetricFamily(
             f"{prefix}_requests", "Requests handled", labels=labels
         )
+        refused = CounterMetricFamily(
+            f"{prefix}_refused",
+            "Connections and requests refused, by reason",
+            labels=[*labels, "reason"],
+        )
         for sink in self._broker.sinks_status():
             values = [sink.name, sink.kind]
             connections.add_metric(values, sink.connections)
             connections_total.add_metric(values, sink.connections_total)
             bytes_out.add_metric(values, sink.bytes_out)
             requests.add_metric(values, sink.requests)
-        yield from (connections, connections_total, bytes_out, requests)
+            for reason, count in sorted(sink.refused.items()):
+                refused.add_metric([*values, reason], count)
+        yield from (connections, connections_total, bytes_out, requests, refused)
 
 
 def create_registry(broker: BrokerView) -> CollectorRegistry:

@@ -71,6 +71,8 @@ class SinkStatus:
     connections_total: int
     bytes_out: int
     requests: int
+    refused: Mapping[str, int] = field(default_factory=dict)
+    """Connections and requests refused, by reason (``max_connections``, ...)."""
 
 
 @dataclass(frozen=True, slots=True)

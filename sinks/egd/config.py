@@ -15,12 +15,6 @@ class EgdSinkConfig(SinkConfigBase):
     """
 
     kind: Literal["egd"] = Field(description="sink type")
-    max_connections_per_client: int = Field(
-        default=64,
-        ge=1,
-        description="connections one client (source IP or Unix uid) may hold at "
-        "once, so one host cannot take every slot",
-    )
     trust_writes: bool = Field(
         default=False,
         description="credit bytes clients send with command 0x03 (at most the bits "

@@ -15,6 +15,13 @@ class HttpSinkConfig(SinkConfigBase):
     """
 
     kind: Literal["http"] = Field(description="sink type")
+    plane: Literal["tenant", "operator"] = Field(
+        default="tenant",
+        description="tenant: guests draw entropy here (/v1/entropy, /healthz, "
+        "/readyz); status, metrics, the status page and admin endpoints answer "
+        "only the admin token. operator: every endpoint, for the operator's own "
+        "network (keep it on loopback or a management address)",
+    )
     max_request_bytes: Size = Field(
         default=65536, ge=1, le=1 << 20, description="largest ?bytes= a client may ask"
     )
