@@ -9,6 +9,9 @@ needs that token as a bearer token.
 (unplug, replug, fail, heal) so operators can rehearse failover without
 hardware. It exists only when the sink's config sets ``simulator_control``,
 and only answers loopback peers.
+
+`has_admin_token` is the one check of the admin token: reload uses it, and so
+does the tenant plane before it lets a request reach any operator endpoint.
 """
 
 import hmac
@@ -19,6 +22,7 @@ from aiohttp import web
 
 from broker.accounts import hash_token
 from broker.status import BrokerView
+from sinks.http.state import bearer_token
 
 SIMULATOR_ACTIONS = ("unplug", "replug", "fail", "heal")
 
@@ -31,6 +35,20 @@ def _from_loopback(request: web.Request) -> bool:
         return ipaddress.ip_address(peer).is_loopback
     except ValueError:
         return False
+
+
+def has_admin_token(request: web.Request, admin_token_hash: str | None) -> bool:
+    """
+    Whether ``request`` carries ``Authorization: Bearer <token>`` whose hash is
+    ``admin_token_hash``; always False when no admin token is configured.
+    """
+    if admin_token_hash is None:
+        return False
+    token = bearer_token(request)
+    if token is None:
+        return False
+    # Constant time: how long the refusal takes says nothing about the token.
+    return hmac.compare_digest(hash_token(token), admin_token_hash)
 
 
 def simulator_handler(
@@ -74,9 +92,7 @@ def reload_handler(
     """
 
     async def handle(request: web.Request) -> web.Response:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        offered = hash_token(token.strip()) if scheme.lower() == "bearer" else ""
-        if not offered or not hmac.compare_digest(offered, admin_token_hash):
+        if not has_admin_token(request, admin_token_hash):
             return web.json_response(
                 {"error": "admin token required"},
                 status=401,

@@ -6,6 +6,13 @@ The application only reads the broker through its `BrokerView` and keeps its own
 counters and shutdown flags in an `HttpSinkState` that the owning `HttpSink`
 shares; `create_app` works without a sink too, which is how tests drive it.
 
+A sink serves one of two planes. The operator plane serves every endpoint. The
+tenant plane is what guests reach: it serves ``/v1/entropy``, ``/healthz``,
+``/readyz``, ``OPTIONS /`` and a ``/v1/status`` cut down to the asking
+customer's own figures; every other path, operator endpoints included, answers
+the same 404 as a path that does not exist unless the request carries the
+admin token, so a tenant cannot even learn which operator endpoints exist.
+
 This module wires the routes and holds the middlewares every request passes
 through; the handlers live in `sinks.http.entropy` (the entropy endpoint),
 `sinks.http.probes` (health, readiness, status, metrics), `sinks.http.admin`
@@ -15,13 +22,15 @@ and `sinks.http.page`.
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from broker.metrics import create_registry
 from broker.status import BrokerView
-from sinks.http.admin import reload_handler, simulator_handler
+from sinks.http.admin import has_admin_token, reload_handler, simulator_handler
 from sinks.http.config import HttpSinkConfig
 from sinks.http.entropy import entropy
 from sinks.http.page import index
@@ -39,6 +48,9 @@ from sinks.http.state import (
 log = structlog.get_logger("ebroker.sinks.http")
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+TENANT_PATHS: Final = frozenset({"/v1/entropy", "/healthz", "/readyz", "/v1/status"})
+"""Paths the tenant plane serves to anyone (``/v1/status`` filters itself)."""
 
 
 @web.middleware
@@ -108,6 +120,30 @@ async def error_middleware(
         return error_response(500, "internal server error")
 
 
+def tenant_plane_middleware(admin_token_hash: str | None) -> Middleware:
+    """
+    The gate of a tenant-plane sink: `TENANT_PATHS` and ``OPTIONS /`` pass;
+    anything else needs the admin token and is otherwise a plain 404.
+    """
+
+    @web.middleware
+    async def tenant_plane(
+        request: web.Request, handler: _Handler
+    ) -> web.StreamResponse:
+        # An allow-list of exact paths fails closed: a path spelled in a way the
+        # list does not know is refused even if the router would match it.
+        public = request.path in TENANT_PATHS or (
+            request.path == "/" and request.method == "OPTIONS"
+        )
+        if public or has_admin_token(request, admin_token_hash):
+            return await handler(request)
+        # 404 rather than 401: a 401 would confirm the endpoint exists, and a
+        # wrong method would otherwise get a 405 naming the allowed ones.
+        raise web.HTTPNotFound()
+
+    return tenant_plane
+
+
 def create_app(
     config: HttpSinkConfig, broker: BrokerView, state: HttpSinkState | None = None
 ) -> web.Application:
@@ -115,14 +151,17 @@ def create_app(
     Build the HTTP API application.
 
     Args:
-        config: the sink's configuration (limits).
+        config: the sink's configuration (plane, limits, operator endpoints).
         broker: what the API reports on and draws entropy from.
         state: shared with the owning sink; a fresh one when omitted.
 
     Returns:
         An application ready for an `aiohttp.web.AppRunner`.
     """
-    app = web.Application(middlewares=[observe_middleware, error_middleware])
+    middlewares: list[Middleware] = [observe_middleware, error_middleware]
+    if config.plane == "tenant":
+        middlewares.append(tenant_plane_middleware(config.admin_token))
+    app = web.Application(middlewares=middlewares)
     app[BROKER_KEY] = broker
     app[CONFIG_KEY] = config
     app[STATE_KEY] = state if state is not None else HttpSinkState()

@@ -7,6 +7,12 @@ sink's ``pre_shutdown`` has run, health, readiness and the status document all
 say so, whatever the broker itself still reports, so a load balancer stops
 sending traffic before the listeners close.
 
+On a tenant-plane sink ``/v1/status`` is cut down to what the asker may see
+(`tenant_status_document`): the health word, and for a client that a customer
+owns, that customer's own limits and usage and the asking client's own
+counters. No other customer, no client address but the asker's own, no
+source, sink or pool figure. The full document needs the admin token there.
+
 Health probes are deliberately lenient: haproxy sends ``GET /healthz HTTP/1.0``
 without a Host header, and plain ``option httpchk`` sends ``OPTIONS /``; both are
 answered with the same 200/503 logic, for any method on ``/healthz``.
@@ -14,14 +20,36 @@ answered with the same 200/503 logic, for any method on ``/healthz``.
 
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
 from broker import __version__
+from broker.accounts import DEFAULT_CUSTOMER, Client, Denied, Peer
 from broker.metrics import render_metrics
 from broker.status import BrokerView
-from sinks.http.state import BROKER_KEY, REGISTRY_KEY, STATE_KEY
+from sinks.http.admin import has_admin_token
+from sinks.http.state import (
+    BROKER_KEY,
+    CONFIG_KEY,
+    REGISTRY_KEY,
+    STATE_KEY,
+    bearer_token,
+)
+
+# The customer figures a tenant may read about its own customer.
+_TENANT_CUSTOMER_FIELDS: Final = (
+    "rate",
+    "burst",
+    "client_rate",
+    "client_burst",
+    "bytes_served",
+    "throttled_seconds",
+    "throttled_requests",
+    "quota",
+    "client_count",
+)
+_TENANT_CLIENT_FIELDS: Final = ("transport", "bytes_served", "throttled_seconds")
 
 
 def _health_text(request: web.Request) -> tuple[bool, str]:
@@ -82,17 +110,71 @@ def status_document(broker: BrokerView) -> dict[str, Any]:
     }
 
 
+def _customer_client(broker: BrokerView, request: web.Request) -> Client | None:
+    """
+    The client a customer owns behind ``request``, or None for a refused or
+    unknown token, a denied customer, or a client only ``default`` catches.
+    """
+    peer = Peer("http", ip=request.remote, token=bearer_token(request))
+    client = broker.accounts.identify(peer)
+    if isinstance(client, Denied) or client.customer_id == DEFAULT_CUSTOMER:
+        return None
+    return client
+
+
+def tenant_status_document(broker: BrokerView, request: web.Request) -> dict[str, Any]:
+    """
+    The JSON body of ``GET /v1/status`` on the tenant plane without the admin
+    token::
+
+        {"health": {"status", "serving"},
+         "customer": {"id", "rate", "burst", "client_rate", "client_burst",
+                      "bytes_served", "throttled_seconds", "throttled_requests",
+                      "quota", "client_count"},
+         "client": {"key", "transport", "bytes_served", "throttled_seconds"}}
+
+    ``customer`` and ``client`` are there only for a client a customer owns
+    (by token, network or uid); health reasons are left out since they name
+    the broker's internals.
+    """
+    health = broker.health()
+    document: dict[str, Any] = {
+        "health": {"status": health.status, "serving": health.serving}
+    }
+    client = _customer_client(broker, request)
+    if client is None:
+        return document
+    view = broker.accounts.snapshot()["customers"].get(client.customer_id)
+    if view is None:
+        return document
+    document["customer"] = {
+        "id": client.customer_id,
+        **{name: view[name] for name in _TENANT_CUSTOMER_FIELDS},
+    }
+    own = view["clients"].get(client.key, {})
+    document["client"] = {
+        "key": client.key,
+        **{name: own.get(name) for name in _TENANT_CLIENT_FIELDS},
+    }
+    return document
+
+
 async def status(request: web.Request) -> web.Response:
     """
-    ``GET /v1/status``: instance, health, pool, sources and sinks as JSON.
+    ``GET /v1/status``: instance, health, pool, sources and sinks as JSON; on
+    the tenant plane without the admin token, `tenant_status_document`.
     """
-    document = status_document(request.app[BROKER_KEY])
-    if request.app[STATE_KEY].shutting_down and document["health"]["serving"]:
-        document["health"] = {
-            "status": "shutting_down",
-            "serving": False,
-            "reasons": ["shutting down"],
-        }
+    broker = request.app[BROKER_KEY]
+    config = request.app[CONFIG_KEY]
+    if config.plane == "operator" or has_admin_token(request, config.admin_token):
+        document = status_document(broker)
+    else:
+        document = tenant_status_document(broker, request)
+    health = document["health"]
+    if request.app[STATE_KEY].shutting_down and health["serving"]:
+        health.update(status="shutting_down", serving=False)
+        if "reasons" in health:
+            health["reasons"] = ["shutting down"]
     return web.json_response(document)
 
 

@@ -79,6 +79,16 @@ def error_response(
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
+def bearer_token(request: web.Request) -> str | None:
+    """
+    The token of an ``Authorization: Bearer <token>`` header, if there is one.
+    """
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
 def echo(value: str) -> str:
     """
     ``value`` quoted for an error message, cut short if a client sent a lot.

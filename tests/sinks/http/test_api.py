@@ -115,8 +115,17 @@ class FakeBroker:
 
 
 def make_config(**overrides: Any) -> HttpSinkConfig:
+    """
+    An operator-plane sink config: these tests cover every endpoint, and what
+    the tenant plane hides is tested in test_planes.py.
+    """
     return HttpSinkConfig.model_validate(
-        {"kind": "http", "listen": ["tcp://127.0.0.1:0"], **overrides}
+        {
+            "kind": "http",
+            "listen": ["tcp://127.0.0.1:0"],
+            "plane": "operator",
+            **overrides,
+        }
     )
 
 
@@ -531,6 +540,7 @@ async def test_status_json_shape(
             "connections_total": 10,
             "bytes_out": 500,
             "requests": 20,
+            "refused": {},
         }
     ] == body["sinks"]
 
@@ -865,8 +875,7 @@ async def test_sink_reports_an_address_in_use(sink: Any) -> None:
     """
     running, _broker = sink
     [address] = running.bound_addresses()
-    config = HttpSinkConfig.model_validate({"kind": "http", "listen": [address]})
-    second = HttpSink(config, FakeBroker())
+    second = HttpSink(make_config(listen=[address]), FakeBroker())
     with pytest.raises(BrokerError, match="cannot listen on"):
         await second.start()
     await second.shutdown(0)
