@@ -1,0 +1,22 @@
+"""
+The PROXY protocol (v1 and v2, as haproxy's ``send-proxy`` / ``send-proxy-v2``
+send it) in front of any TCP sink: `ProxyGate` reads the optional header that a
+trusted load balancer puts before the client's bytes and says who the client
+is. ``wire`` is the I/O-free header parser, ``gate`` the trust decision.
+"""
+
+from sinks.proxy.gate import (
+    REFUSAL_REASONS,
+    GateOutcome,
+    ProxyGate,
+    ProxyRefused,
+    RefusalReason,
+)
+
+__all__ = [
+    "REFUSAL_REASONS",
+    "GateOutcome",
+    "ProxyGate",
+    "ProxyRefused",
+    "RefusalReason",
+]
