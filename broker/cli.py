@@ -30,6 +30,9 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
+OPERATOR_URL = "http://127.0.0.1:8890"
+"""Where the shipped configs put the operator-plane HTTP sink (status, metrics)."""
+
 log = structlog.get_logger("ebroker.cli")
 
 
@@ -58,8 +61,8 @@ def _build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show a running broker's status")
     status.add_argument(
         "--url",
-        default="http://127.0.0.1:8889",
-        help="base URL of the broker's HTTP sink",
+        default=OPERATOR_URL,
+        help="base URL of the broker's operator-plane HTTP sink",
     )
     status.add_argument("--json", action="store_true", help="print the raw JSON")
 
@@ -69,8 +72,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     keys.add_argument(
         "--url",
-        default="http://127.0.0.1:8889",
-        help="a running broker to ask for key states ('' to skip)",
+        default=OPERATOR_URL,
+        help="a running broker's operator-plane HTTP sink to ask for key states "
+        "('' to skip)",
     )
 
     rekey = commands.add_parser(
@@ -201,6 +205,12 @@ def _read_status(url: str) -> dict[str, Any]:
         raise StatusUnavailable(f"cannot read {target}: {exc}") from exc
     if not isinstance(document, dict):
         raise StatusUnavailable(f"{target} did not answer with a status document")
+    if "sources" not in document:
+        # A tenant-plane sink answers only the asker's own customer.
+        raise StatusUnavailable(
+            f"{target} gave a tenant's view only: point --url at the broker's "
+            'operator-plane HTTP sink (plane = "operator")'
+        )
     return document
 
 

@@ -41,9 +41,19 @@ def test_default_config_is_loopback_only() -> None:
     config = load_config(CONFIG_DIR / "ebroker.toml")
     addresses = [address for sink in config.sinks for address in sink.listen]
     assert all(address.is_loopback for address in addresses)
-    assert {"tcp://127.0.0.1:8888", "tcp://127.0.0.1:8889", "unix:egd.sock"} == {
-        str(address) for address in addresses
+    assert {
+        "tcp://127.0.0.1:8888",
+        "tcp://127.0.0.1:8889",
+        "tcp://127.0.0.1:8890",
+        "unix:egd.sock",
+    } == {str(address) for address in addresses}
+    planes = {
+        str(sink.listen[0]): sink.plane for sink in config.sinks if sink.kind == "http"
     }
+    assert {
+        "tcp://127.0.0.1:8889": "tenant",
+        "tcp://127.0.0.1:8890": "operator",
+    } == planes
 
 
 def test_units_are_parsed() -> None:
