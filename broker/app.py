@@ -77,7 +77,7 @@ SOURCE_KINDS: dict[str, Callable[[SourceConfig, "Broker"], list[Source]]] = {
 def _egd(config: SinkConfig, broker: "Broker") -> Sink:
     if not isinstance(config, EgdSinkConfig):
         raise TypeError(f"not an egd config: {config!r}")
-    return EgdSink(config, broker.pool, broker.state_dir, broker.accounts)
+    return EgdSink(config, broker)
 
 
 def _http(config: SinkConfig, broker: "Broker") -> Sink:

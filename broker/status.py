@@ -9,6 +9,7 @@ view rather than probing the broker for attributes.
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from broker.pool import EntropyPool
@@ -114,6 +115,13 @@ class BrokerView(Protocol):
 
     @property
     def started_at(self) -> float: ...
+
+    @property
+    def state_dir(self) -> Path:
+        """
+        Where relative listen paths (``unix:egd.sock``) and runtime files live.
+        """
+        ...
 
     def sources_status(self) -> list[SourceStatus]: ...
 

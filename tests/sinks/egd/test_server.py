@@ -17,6 +17,7 @@ from broker.pool import EntropyPool
 from sinks.egd.config import EgdSinkConfig
 from sinks.egd.server import EgdSink
 from tests.helpers import eventually
+from tests.sinks.egd.doubles import View
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -38,7 +39,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[EgdSink, EntropyPool]]:
     config = EgdSinkConfig(
         kind="egd", listen=["tcp://127.0.0.1:0", "unix:egd.sock"], max_connections=8
     )
-    sink = EgdSink(config, pool, tmp_path)
+    sink = EgdSink(config, View(tmp_path, pool))
     await sink.start()
     try:
         yield sink, pool
@@ -137,7 +138,7 @@ async def test_trusted_writes_are_credited(tmp_path: Path) -> None:
     """
     pool = EntropyPool(1 << 20)
     config = EgdSinkConfig(kind="egd", listen=["tcp://127.0.0.1:0"], trust_writes=True)
-    sink = EgdSink(config, pool, tmp_path)
+    sink = EgdSink(config, View(tmp_path, pool))
     await sink.start()
     try:
         reader, writer = await connect(sink)
@@ -213,7 +214,7 @@ async def test_shutdown_finishes_replies_and_removes_socket(tmp_path: Path) -> N
     """
     pool = EntropyPool(1 << 20)
     config = EgdSinkConfig(kind="egd", listen=["unix:egd.sock"])
-    sink = EgdSink(config, pool, tmp_path)
+    sink = EgdSink(config, View(tmp_path, pool))
     await sink.start()
     reader, writer = await connect(sink, "unix")
     writer.write(b"\x02\x40")
@@ -237,7 +238,8 @@ async def test_stale_socket_file_is_replaced_but_other_files_are_not(
     """
     (tmp_path / "egd.sock").write_text("precious")
     sink = EgdSink(
-        EgdSinkConfig(kind="egd", listen=["unix:egd.sock"]), EntropyPool(), tmp_path
+        EgdSinkConfig(kind="egd", listen=["unix:egd.sock"]),
+        View(tmp_path, EntropyPool()),
     )
     with pytest.raises(BrokerError, match="exists and is not a socket"):
         await sink.start()
@@ -278,7 +280,7 @@ async def test_one_client_cannot_take_every_slot(tmp_path: Path) -> None:
     config = EgdSinkConfig(
         kind="egd", listen=["tcp://127.0.0.1:0"], max_connections_per_client=2
     )
-    sink = EgdSink(config, pool, tmp_path)
+    sink = EgdSink(config, View(tmp_path, pool))
     await sink.start()
     try:
         own = [await connect(sink) for _ in range(2)]

@@ -1,0 +1,491 @@
+"""
+One EGD client connection: the asyncio protocol and its worker task.
+
+Each connection parses requests with `EgdServerConnection` and answers them
+strictly in order from one worker task. A blocking read (0x02) streams bytes as
+the pool releases them and never gives up on an empty pool, because QEMU cannot
+recover a request lost with its connection.
+
+Limits, all per connection (see `sinks.egd.flow` for the arithmetic):
+
+- Input: once ``max_pending_bytes`` are requested but unanswered, or
+  `MAX_QUEUED_REQUESTS` requests are queued, the server stops reading from the
+  client (TCP pushes back; nothing is dropped).
+- Output: nothing is withdrawn from the pool for a client while it holds
+  ``max_buffered_output`` bytes unread (user-space buffer plus kernel send
+  queue).
+- Work: the worker yields to the event loop after every `TURN_REQUESTS`
+  requests or `TURN_BYTES` bytes.
+
+TCP connections pass their first bytes through a `ProxyGate`: only a trusted
+proxy may send a PROXY header, and its connections are identified by the client
+address in it. A trusted proxy's connection is identified only once the header
+is complete, within `HEADER_TIMEOUT`; any other peer is identified at once by
+its own address, so a client that stays silent for life (ekeyd-egd-linux on a
+current kernel) is never timed out.
+"""
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+from collections import deque
+from typing import TYPE_CHECKING, Final, cast
+
+import structlog
+
+from broker.accounts import AccessDenied, Client, Denied, Peer
+from broker.errors import PoolClosedError
+from sinks.egd.flow import OutputBound, TurnBudget, kernel_queued
+from sinks.egd.wire import (
+    NEED_DATA,
+    EgdServerConnection,
+    Event,
+    GetLevel,
+    GetPid,
+    LocalProtocolError,
+    ReadBlocking,
+    ReadNonBlocking,
+    RemoteProtocolError,
+    WriteEntropy,
+    encode_level,
+    encode_nonblocking,
+    encode_pid,
+)
+from sinks.proxy import GateOutcome, ProxyGate, ProxyRefused
+
+if TYPE_CHECKING:
+    from sinks.egd.server import EgdSink
+
+log = structlog.get_logger("ebroker.egd")
+
+EOF_GRACE: Final = 1.0
+CLOSE_GRACE: Final = 5.0
+HEADER_TIMEOUT: Final = 10.0
+"""Seconds a trusted proxy has to send its PROXY header (haproxy sends it at once)."""
+MAX_QUEUED_REQUESTS: Final = 1024
+"""Queued requests per connection before reading pauses, whatever their size:
+parsing this many costs about a millisecond, and a QEMU guest keeps a handful."""
+
+
+class _Close:
+    """
+    Queued after the requests that preceded a protocol error or EOF.
+    """
+
+
+_CLOSE = _Close()
+
+
+def _requested(event: Event) -> int:
+    # What a queued request costs against max_pending_bytes: the reply it is
+    # owed, or the data it carries, so a flood of any command is bounded.
+    match event:
+        case ReadBlocking(count=count) | ReadNonBlocking(count=count):
+            return max(count, 1)
+        case WriteEntropy(data=data):
+            return 4 + len(data)
+        case GetPid():
+            return 12
+        case _:
+            return 4
+
+
+class EgdConnection(asyncio.Protocol):
+    """
+    One client connection.
+    """
+
+    def __init__(self, sink: "EgdSink") -> None:
+        self._sink = sink
+        self._wire = EgdServerConnection()
+        self._transport: asyncio.Transport | None = None
+        self._queue: deque[Event | _Close] = deque()
+        self._wakeup = asyncio.Event()
+        self._output = OutputBound(sink.config.max_buffered_output)
+        self._turn = TurnBudget()
+        self._pending_bytes = 0
+        self._reading_paused = False
+        self._closing = False
+        self._busy = False
+        self._eof_deadline: float | None = None
+        self._answering: asyncio.Timeout | None = None
+        self._client: Client | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._gate: ProxyGate | None = None
+        self._gate_saw_bytes = False
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._peer = "unix"
+        self._log = log
+
+    # ---- asyncio.Protocol ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but are one.
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername") or transport.get_extra_info(
+            "sockname"
+        )
+        self._peer = _peer_text(peer)
+        self._log = log.bind(sink=self._sink.name, peer=self._peer)
+        if not self._sink.admit(self):
+            self._refuse("max_connections", "max_connections reached")
+            return
+        sock = transport.get_extra_info("socket")
+        fd = sock.fileno() if sock is not None else -1
+        self._output.attach(
+            transport.get_write_buffer_size,
+            (lambda: kernel_queued(fd)) if fd >= 0 else (lambda: 0),
+        )
+        limit = self._sink.config.max_buffered_output
+        transport.set_write_buffer_limits(high=limit, low=limit // 4)
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            self._start(_unix_peer(sock))
+            return
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        host, port = str(peer[0]), int(peer[1])
+        self._gate = ProxyGate(host, port, self._sink.config.trusted_proxies)
+        if self._gate.trusted:
+            # Who the client is comes in the header; wait for it, not forever.
+            self._header_timer = asyncio.get_running_loop().call_later(
+                HEADER_TIMEOUT, self._header_timed_out
+            )
+        else:
+            self._start(Peer("tcp", ip=host))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._cancel_header_timer()
+        if self._client is not None:
+            self._client.connections -= 1
+            self._client = None
+        if self._worker is not None:
+            self._worker.cancel(msg="client went away")
+        self._output.close()
+        self._sink.forget(self)
+        self._log.debug("client_disconnected", error=str(exc) if exc else None)
+
+    def pause_writing(self) -> None:
+        self._output.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._output.resume_writing()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._gate is not None:
+            self._gate_saw_bytes = True
+            outcome = self._through_gate(data)
+            if outcome is None:
+                return
+            data = outcome.rest
+        try:
+            self._wire.receive_data(data)
+        except (RemoteProtocolError, LocalProtocolError) as exc:
+            self._protocol_error(exc)
+            return
+        self._parse()
+
+    def eof_received(self) -> bool | None:
+        if self._gate is not None:
+            if not self._gate_saw_bytes:
+                # Connected and left without a word (a port probe): not a refusal.
+                self._closing = True
+                self._cancel_header_timer()
+                return False
+            outcome = self._through_gate(b"")
+            if outcome is None or self._closing:
+                return False
+            self._wire.receive_data(outcome.rest)
+            self._parse()
+        # EOF cannot tell a half-close (`nc -q1` after its last request) from a
+        # client that went away. Queued requests still get answered if the pool
+        # can do so within EOF_GRACE seconds; then the connection closes, so a
+        # departed client's blocked read does not hold output forever.
+        self._eof_deadline = asyncio.get_running_loop().time() + EOF_GRACE
+        if self._answering is not None:
+            self._answering.reschedule(self._eof_deadline)
+        self._queue.append(_CLOSE)
+        self._wakeup.set()
+        return True
+
+    # ---- admission ----------------------------------------------------------------
+
+    def _through_gate(self, data: bytes) -> GateOutcome | None:
+        # The gate's outcome once it has seen enough; None while it needs more
+        # or after it refused the connection.
+        gate = self._gate
+        if gate is None:
+            raise AssertionError("no PROXY gate on this connection")
+        try:
+            outcome = gate.receive_data(data)
+        except ProxyRefused as exc:
+            self._gate = None
+            self._refuse(exc.reason, str(exc))
+            return None
+        if outcome is None:
+            return None
+        self._gate = None
+        self._cancel_header_timer()
+        if outcome.proxied:
+            self._peer = _peer_text((outcome.host, outcome.port))
+            self._log = self._log.bind(client=self._peer)
+        if self._client is None and not self._start(Peer("tcp", ip=outcome.host)):
+            return None
+        return outcome
+
+    def _header_timed_out(self) -> None:
+        self._header_timer = None
+        if self._gate is not None and not self._closing:
+            self._gate = None
+            self._refuse("header_timeout", "no PROXY header in time")
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _start(self, peer: Peer) -> bool:
+        # Identify the client and start serving it; False if it was refused.
+        identity = self._sink.accounts.identify(peer)
+        if isinstance(identity, Denied):
+            self._refuse("denied", identity.reason)
+            return False
+        if identity.connections >= self._sink.config.max_connections_per_client:
+            self._refuse("max_connections_per_client", "too many from this client")
+            return False
+        self._client = identity
+        identity.connections += 1
+        self._sink.connections_total += 1
+        self._log = self._log.bind(customer=identity.customer_id)
+        self._worker = asyncio.create_task(self._serve(), name="egd-connection")
+        self._log.debug("client_connected")
+        return True
+
+    def _refuse(self, reason: str, detail: str) -> None:
+        self._sink.refuse(reason, peer=self._peer, detail=detail)
+        self._closing = True
+        self._cancel_header_timer()
+        if self._transport is not None:
+            # Nothing was read or promised: no reply to flush.
+            self._transport.abort()
+
+    # ---- requests -----------------------------------------------------------------
+
+    def _parse(self) -> None:
+        limit = self._sink.config.max_pending_bytes
+        while (
+            not self._closing
+            and self._pending_bytes < limit
+            and len(self._queue) < MAX_QUEUED_REQUESTS
+        ):
+            try:
+                event = self._wire.next_event()
+            except (RemoteProtocolError, LocalProtocolError) as exc:
+                self._protocol_error(exc)
+                return
+            if event is NEED_DATA:
+                break
+            self._pending_bytes += _requested(event)
+            self._queue.append(event)
+            self._sink.requests += 1
+        self._wakeup.set()
+        transport = self._transport
+        if transport is None:
+            return
+        full = self._pending_bytes >= limit or len(self._queue) >= MAX_QUEUED_REQUESTS
+        if full and not self._reading_paused:
+            self._reading_paused = True
+            transport.pause_reading()
+        elif not full and self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+
+    def _protocol_error(self, exc: Exception) -> None:
+        self._sink.refuse("malformed_request", peer=self._peer, detail=str(exc))
+        self._closing = True
+        self._queue.append(_CLOSE)
+        self._wakeup.set()
+
+    async def _serve(self) -> None:
+        try:
+            while True:
+                while not self._queue:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                item = self._queue.popleft()
+                if isinstance(item, _Close):
+                    self._close_transport()
+                    return
+                self._busy = True
+                try:
+                    async with asyncio.timeout_at(self._eof_deadline) as answering:
+                        self._answering = answering
+                        await self._answer(item)
+                except TimeoutError:
+                    self._close_transport()
+                    return
+                finally:
+                    self._answering = None
+                self._busy = False
+                self._pending_bytes -= _requested(item)
+                if not self._queue:
+                    self._sink.idle_changed.set()
+                if self._reading_paused or self._wire.buffered:
+                    self._parse()
+                self._turn.answered()
+                await self._turn.yield_if_spent()
+        except (PoolClosedError, AccessDenied) as exc:
+            self._log.info("connection_closed", reason=str(exc))
+            self._close_transport()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - one connection's failure never reaches the server
+            self._log.error("connection_failed", exc_info=True)
+            self._close_transport()
+
+    async def _answer(self, event: Event) -> None:
+        pool = self._sink.pool
+        match event:
+            case GetLevel():
+                await self._output.room()
+                self._write(encode_level(pool.level * 8))
+            case ReadNonBlocking(count=count):
+                await self._output.room()
+                self._write(encode_nonblocking(await self._read_now(count)))
+            case ReadBlocking(count=count):
+                remaining = count
+                while remaining:
+                    await self._output.room()
+                    data = await self._read_blocking(
+                        min(remaining, self._sink.config.chunk_size)
+                    )
+                    self._write(data)
+                    remaining -= len(data)
+                    if remaining:
+                        await self._turn.yield_if_spent()
+            case WriteEntropy(bits=bits, data=data):
+                self._absorb(bits, data)
+            case GetPid():
+                await self._output.room()
+                self._write(encode_pid(os.getpid()))
+
+    async def _read_now(self, count: int) -> bytes:
+        # Limits shorten a non-blocking read; EGD has no way to say why.
+        accounts, client = self._sink.accounts, self._require_client()
+        now = accounts.clock.time()
+        grant = await accounts.grant(client, count, now)
+        data = self._sink.pool.read_nowait(grant.granted)
+        accounts.refund(client, grant.granted - len(data), now)
+        return data
+
+    async def _read_blocking(self, count: int) -> bytes:
+        # Limits delay a blocking read: the client simply sees the allowed rate.
+        accounts, client = self._sink.accounts, self._require_client()
+        allowed = await accounts.wait_grant(client, count)
+        # The grant's own time: a refund after midnight belongs to yesterday's quota.
+        granted_at = client.last_seen
+        data = b""
+        try:
+            data = await self._sink.pool.read(allowed, partial=True, key=client)
+        finally:
+            accounts.refund(client, allowed - len(data), granted_at)
+        return data
+
+    def _require_client(self) -> Client:
+        if self._client is None:
+            raise AccessDenied("connection was not identified")
+        return self._client
+
+    def _absorb(self, bits: int, data: bytes) -> None:
+        if not data:
+            return
+        pool = self._sink.pool
+        if self._sink.config.trust_writes:
+            pool.add(data, min(bits / len(data), 8.0))
+        else:
+            pool.mix(data)
+
+    def _write(self, data: bytes) -> None:
+        self._turn.wrote(len(data))
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._transport.write(data)
+        self._sink.bytes_out += len(data)
+
+    def _close_transport(self) -> None:
+        self._closing = True
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        # close() waits for the write buffer to drain; a client that stopped
+        # reading would hold its connection slot forever.
+        asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
+
+    # ---- shutdown and inspection --------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """
+        True when nothing is queued or being answered.
+        """
+        return not self._queue and not self._busy
+
+    def close(self) -> None:
+        self._close_transport()
+
+    @property
+    def reading_paused(self) -> bool:
+        """
+        True while the client has ``max_pending_bytes`` requested and
+        unanswered (or `MAX_QUEUED_REQUESTS` queued), so its further requests
+        are left in the socket.
+        """
+        return self._reading_paused
+
+    @property
+    def writing_paused(self) -> bool:
+        """
+        True while the client holds ``max_buffered_output`` bytes unread:
+        nothing is withdrawn from the pool for it until it reads.
+        """
+        return self._output.paused or self._output.unread() >= self._output.limit
+
+    def unread_output(self) -> int:
+        """
+        Reply bytes handed to this client and not yet read (user space plus
+        the kernel's send queue).
+        """
+        return self._output.unread()
+
+    def write_buffer_size(self) -> int:
+        """
+        Reply bytes queued in user space for this client.
+        """
+        return self._transport.get_write_buffer_size() if self._transport else 0
+
+
+def _unix_peer(sock: socket.socket | None) -> Peer:
+    if sock is None:
+        return Peer("unix")
+    try:
+        creds = sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+        )
+    except OSError:
+        return Peer("unix")
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return Peer("unix", uid=uid)
+
+
+def _peer_text(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer) if peer else "unix"
