@@ -8,6 +8,10 @@ from pydantic import Field, field_validator
 
 from broker.configbase import Duration, ListenAddress, SinkConfigBase, Size
 
+# How much longer than the longest ``?wait=`` a request may take: room for the
+# grant, the budget store and writing the answer.
+_REQUEST_MARGIN = 10.0
+
 
 class HttpSinkConfig(SinkConfigBase):
     """
@@ -28,6 +32,45 @@ class HttpSinkConfig(SinkConfigBase):
     max_wait: Duration = Field(
         default=30.0, description="longest ?wait= a client may ask, in seconds"
     )
+    header_timeout: Duration = Field(
+        default=10.0,
+        gt=0,
+        description="a connection that has not sent its first request's headers "
+        "this many seconds after connecting is answered 408 and closed",
+    )
+    idle_timeout: Duration = Field(
+        default=75.0,
+        gt=0,
+        description="a keep-alive connection idle this long between requests "
+        "(or still sending the next request's headers) is closed",
+    )
+    request_timeout: Duration | None = Field(
+        default=None,
+        gt=0,
+        description="a request not answered after this long gets a 503 "
+        "(default: max_wait + 10 s); a client that reads none of its response "
+        "for this long is disconnected",
+    )
+    max_header_bytes: Size = Field(
+        default=8190,
+        ge=256,
+        le=65536,
+        description="longest request line, and longest single header, in bytes; "
+        "a longer one is answered 400",
+    )
+    max_headers: int = Field(
+        default=64,
+        ge=8,
+        le=1024,
+        description="most header lines in one request; more are answered 400",
+    )
+    max_body_bytes: Size = Field(
+        default=8192,
+        ge=0,
+        le=1 << 20,
+        description="largest request body accepted; a larger Content-Length is "
+        "answered 413 (the API's requests have no body)",
+    )
     admin_token: str | None = Field(
         default=None,
         pattern=r"^sha256:[0-9a-f]{64}$",
@@ -39,6 +82,15 @@ class HttpSinkConfig(SinkConfigBase):
         description="serve POST /v1/simulator/SERIAL/ACTION (loopback clients only) "
         "to unplug, replug, fail or heal simulated Entropy Keys",
     )
+
+    @property
+    def request_deadline(self) -> float:
+        """
+        ``request_timeout``, or its default derived from ``max_wait``.
+        """
+        if self.request_timeout is not None:
+            return self.request_timeout
+        return self.max_wait + _REQUEST_MARGIN
 
     @field_validator("listen")
     @classmethod

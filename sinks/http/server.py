@@ -12,9 +12,16 @@ Shutdown happens in three steps so a load balancer sees it coming:
    requests finish within the grace period.
 3. Requests still running when the grace period ends are cancelled, and aiohttp
    closes the remaining connections.
+
+The listeners are plain asyncio servers (so the config's ``backlog`` applies)
+whose protocol factory is a `sinks.http.connections.ConnectionGuard`: it
+enforces the connection caps and the header deadline and hands each admitted
+connection to aiohttp's handler (`sinks.http.handler`).
 """
 
 import asyncio
+import socket
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -24,6 +31,8 @@ from broker.errors import BrokerError, ConfigError
 from broker.status import BrokerView, SinkStatus
 from sinks.http.app import create_app
 from sinks.http.config import HttpSinkConfig
+from sinks.http.connections import ConnectionGuard, Limits, Refusals
+from sinks.http.handler import QuietRequestHandler, bounded
 from sinks.http.state import HttpSinkState
 
 log = structlog.get_logger("ebroker.sinks.http")
@@ -31,6 +40,10 @@ log = structlog.get_logger("ebroker.sinks.http")
 # Once the grace period is over and stragglers are cancelled, how long aiohttp
 # may take to wind down each remaining connection.
 _CLOSE_TIMEOUT = 1.0
+
+# How long aiohttp keeps reading (and discarding) a request body nobody read
+# before it closes the connection: enough for the client to see the answer.
+_LINGER = 2.0
 
 
 class HttpSink:
@@ -49,8 +62,11 @@ class HttpSink:
         self._broker = broker
         self._state = HttpSinkState()
         self._runner: web.AppRunner | None = None
+        self._servers: list[asyncio.Server] = []
         self._bound: list[str] = []
         self._log = log.bind(sink=self.name)
+        self._refusals = Refusals(self._log)
+        self._guard: ConnectionGuard | None = None
 
     async def start(self) -> None:
         """
@@ -71,12 +87,11 @@ class HttpSink:
             app,
             handle_signals=False,
             handler_cancellation=True,
-            # Requests are logged through structlog by the app's middleware.
-            access_log=None,
             shutdown_timeout=_CLOSE_TIMEOUT,
         )
         await runner.setup()
         self._runner = runner
+        self._guard = self._make_guard(runner.server)
         try:
             for address in self._config.listen:
                 await self._listen(runner, address)
@@ -85,18 +100,61 @@ class HttpSink:
             raise
         self._log.info("sink_started", addresses=self._bound)
 
+    def _make_guard(self, server: web.Server | None) -> ConnectionGuard:
+        if server is None:
+            raise RuntimeError("aiohttp runner set up without a server")
+        config = self._config
+        loop = asyncio.get_running_loop()
+        server.request_handler = bounded(
+            server.request_handler,
+            max_body_bytes=config.max_body_bytes,
+            request_timeout=config.request_deadline,
+            refusals=self._refusals,
+        )
+        handler_options: dict[str, Any] = {
+            "loop": loop,
+            "refusals": self._refusals,
+            # Requests are logged through structlog by the app's middleware.
+            "access_log": None,
+            "keepalive_timeout": config.idle_timeout,
+            "max_line_size": config.max_header_bytes,
+            "max_field_size": config.max_header_bytes,
+            "max_headers": config.max_headers,
+            "lingering_time": _LINGER,
+        }
+        limits = Limits(
+            max_connections=config.max_connections,
+            max_connections_per_client=config.max_connections_per_client,
+            header_timeout=config.header_timeout,
+            write_timeout=config.request_deadline,
+            trusted_proxies=config.trusted_proxies,
+        )
+        return ConnectionGuard(
+            limits,
+            make_handler=lambda: QuietRequestHandler(server, **handler_options),
+            refusals=self._refusals,
+        )
+
     async def _listen(self, runner: web.AppRunner, address: ListenAddress) -> None:
-        site = web.TCPSite(runner, address.host, address.port)
-        before = set(map(tuple, runner.addresses))
+        loop = asyncio.get_running_loop()
+        if self._guard is None:
+            raise RuntimeError("listening before the connection guard exists")
         try:
-            await site.start()
+            server = await loop.create_server(
+                self._guard,
+                address.host,
+                address.port,
+                backlog=self._config.backlog,
+                reuse_address=True,
+            )
         except OSError as exc:
             raise BrokerError(
                 f"sink {self.name!r}: cannot listen on {address}: {exc.strerror or exc}"
             ) from exc
-        for sockname in runner.addresses:
-            if tuple(sockname) not in before:
-                host, port = sockname[0], sockname[1]
+        self._servers.append(server)
+        for sock in server.sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                host, port = sock.getsockname()[:2]
                 self._bound.append(str(ListenAddress("tcp", host=host, port=port)))
 
     def bound_addresses(self) -> list[str]:
@@ -130,8 +188,7 @@ class HttpSink:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        for site in list(runner.sites):
-            await site.stop()
+        await self._stop_listening()
         self._state.draining.set()
         if self._state.in_flight:
             try:
@@ -145,20 +202,31 @@ class HttpSink:
         await self._close_runner()
         self._log.info("sink_stopped")
 
+    async def _stop_listening(self) -> None:
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
+        # Connections that never got as far as a request are nobody's to finish.
+        if self._guard is not None:
+            self._guard.close_unserved()
+        for server in servers:
+            await server.wait_closed()
+
     async def _close_runner(self) -> None:
+        await self._stop_listening()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
 
     def status(self) -> SinkStatus:
-        runner = self._runner
-        server = runner.server if runner is not None else None
+        guard = self._guard
         return SinkStatus(
             name=self.name,
             kind=self.kind,
             addresses=tuple(self._bound),
-            connections=len(server.connections) if server is not None else 0,
+            connections=len(guard) if guard is not None else 0,
             connections_total=self._state.connections_total,
             bytes_out=self._state.bytes_out,
             requests=self._state.requests,
+            refused=self._refusals.counts(),
         )

@@ -1,0 +1,382 @@
+"""
+Connection guard of the HTTP sink: caps, deadlines and the PROXY gate that sit
+between the kernel's accepted socket and aiohttp's `RequestHandler`.
+
+aiohttp has no connection cap and no deadline for a request's headers: a
+client that opens a socket and trickles a header byte now and then holds a
+file descriptor for as long as it likes. Every accepted TCP connection is
+therefore first a `GuardedConnection`, which moves through three phases:
+
+``GATE``
+    The first bytes go through the PROXY gate (always, so that a PROXY header
+    from an address that is not a trusted proxy is refused). Over
+    ``max_connections`` the connection was already closed at accept.
+``HEADERS``
+    The gate named the client (the peer, or the address a trusted proxy
+    vouched for); over ``max_connections_per_client`` for that address the
+    connection is closed, otherwise aiohttp's handler is created and sees a
+    transport whose ``peername`` is the client's. Bytes are relayed until the
+    first request's headers end (a blank line).
+``RELAY``
+    Bytes are relayed untouched. aiohttp's keep-alive timer bounds the gap
+    between one response and the next complete request.
+
+``header_timeout`` runs from accept until the first blank line, across
+``GATE`` and ``HEADERS``. A connection whose client stops reading its
+responses for ``write_timeout`` is dropped. Every refusal is counted by reason
+and logged through `broker.ratelog.RateLimitedLog`, so a flood of them costs
+one log line per reason per interval.
+"""
+
+import asyncio
+import enum
+import ipaddress
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+import structlog
+from structlog.typing import FilteringBoundLogger
+
+from broker.ratelog import RateLimitedLog
+from sinks.proxy import ProxyGate, ProxyRefused
+
+log = structlog.get_logger("ebroker.sinks.http")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# What a client whose headers did not arrive in time is told before the close.
+_TIMEOUT_ANSWER: Final = (
+    b"HTTP/1.1 408 Request Timeout\r\n"
+    b"Connection: close\r\n"
+    b"Content-Type: text/plain\r\n"
+    b"Content-Length: 24\r\n"
+    b"\r\n"
+    b"request headers too slow"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """
+    The guard's limits, from the sink's config.
+    """
+
+    max_connections: int
+    max_connections_per_client: int
+    header_timeout: float
+    write_timeout: float
+    trusted_proxies: Sequence[Network] = ()
+    """Peers allowed to name the client in a PROXY header."""
+
+
+class Refusals:
+    """
+    Refused connections and requests: counted by reason, logged at a bounded rate.
+    """
+
+    def __init__(self, logger: FilteringBoundLogger) -> None:
+        self._counts: Counter[str] = Counter()
+        self._log = RateLimitedLog(logger, "http_refused")
+
+    def __call__(self, reason: str, **fields: Any) -> None:
+        self._counts[reason] += 1
+        self._log(reason, **fields)
+
+    def counts(self) -> Mapping[str, int]:
+        return dict(self._counts)
+
+
+class _Phase(enum.Enum):
+    GATE = "gate"
+    HEADERS = "headers"
+    RELAY = "relay"
+    CLOSED = "closed"
+
+
+class ConnectionGuard:
+    """
+    Protocol factory and registry of the sink's connections.
+
+    Args:
+        limits: caps and deadlines.
+        make_handler: builds aiohttp's protocol for an admitted connection.
+        refusals: where refusals are counted and logged.
+    """
+
+    def __init__(
+        self,
+        limits: Limits,
+        make_handler: Callable[[], asyncio.Protocol],
+        refusals: Refusals,
+    ) -> None:
+        self.limits = limits
+        self.make_handler = make_handler
+        self.refusals = refusals
+        self._connections: set[GuardedConnection] = set()
+        self._per_client: Counter[str] = Counter()
+
+    def __call__(self) -> "GuardedConnection":
+        return GuardedConnection(self)
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def admit(self, connection: "GuardedConnection") -> bool:
+        if len(self._connections) >= self.limits.max_connections:
+            return False
+        self._connections.add(connection)
+        return True
+
+    def claim(self, client: str) -> bool:
+        if self._per_client[client] >= self.limits.max_connections_per_client:
+            return False
+        self._per_client[client] += 1
+        return True
+
+    def forget(self, connection: "GuardedConnection", client: str | None) -> None:
+        self._connections.discard(connection)
+        if client is not None:
+            self._per_client[client] -= 1
+            if self._per_client[client] <= 0:
+                del self._per_client[client]
+
+    def close_unserved(self) -> None:
+        """
+        Close connections no request handler owns yet (still in the gate or
+        waiting for their first headers); aiohttp closes the rest.
+        """
+        for connection in list(self._connections):
+            connection.close_if_unserved()
+
+
+class GuardedConnection(asyncio.Protocol):
+    """
+    One accepted TCP connection: enforces the caps and the header deadline,
+    then relays everything to aiohttp's handler.
+    """
+
+    def __init__(self, guard: ConnectionGuard) -> None:
+        self._guard = guard
+        self._phase = _Phase.GATE
+        self._transport: asyncio.Transport | None = None
+        self._inner: asyncio.Protocol | None = None
+        self._gate: ProxyGate | None = None
+        self._client: str | None = None
+        self._peer = "?"
+        self._tail = b""
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._writing_paused = False
+
+    # ---- asyncio.Protocol ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but are one.
+        self._transport = cast(asyncio.Transport, transport)
+        peername = transport.get_extra_info("peername")
+        host, port = (str(peername[0]), int(peername[1])) if peername else ("?", 0)
+        self._peer = host
+        if not self._guard.admit(self):
+            self._refuse("max_connections", abort=True)
+            return
+        self._gate = ProxyGate(host, port, self._guard.limits.trusted_proxies)
+        loop = asyncio.get_running_loop()
+        self._header_timer = loop.call_later(
+            self._guard.limits.header_timeout, self._headers_expired
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self._phase is _Phase.GATE:
+            data = self._through_gate(data)
+            if not data:
+                return
+        if self._phase is _Phase.HEADERS:
+            self._watch_headers(data)
+        if self._inner is not None and self._phase is not _Phase.CLOSED:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self._phase is _Phase.GATE:
+            rest = self._through_gate(b"")
+            if self._inner is not None and rest:
+                self._inner.data_received(rest)
+        if self._inner is not None and self._phase is not _Phase.CLOSED:
+            return self._inner.eof_received()
+        return None
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        loop = asyncio.get_running_loop()
+        self._write_timer = loop.call_later(
+            self._guard.limits.write_timeout, self._write_expired
+        )
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._stop_write_timer()
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._phase = _Phase.CLOSED
+        self._stop_header_timer()
+        self._stop_write_timer()
+        self._guard.forget(self, self._client)
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            inner.connection_lost(exc)
+
+    # ---- phases --------------------------------------------------------------
+
+    def _through_gate(self, data: bytes) -> bytes:
+        """
+        Feed the gate; once it decides, hand the connection to aiohttp.
+
+        Returns:
+            The bytes that follow any PROXY header, for the handler.
+        """
+        if self._gate is None:
+            return b""
+        try:
+            outcome = self._gate.receive_data(data)
+        except ProxyRefused as exc:
+            self._refuse(exc.reason, detail=str(exc))
+            return b""
+        if outcome is None:
+            return b""
+        self._gate = None
+        if not self._guard.claim(outcome.host):
+            self._peer = outcome.host
+            self._refuse("max_connections_per_client")
+            return b""
+        self._client = outcome.host
+        self._phase = _Phase.HEADERS
+        transport = self._transport
+        if transport is None:
+            return b""
+        if outcome.proxied:
+            self._peer = outcome.host
+            transport = ProxiedTransport(transport, (outcome.host, outcome.port))
+        self._inner = self._guard.make_handler()
+        self._inner.connection_made(transport)
+        if self._writing_paused:
+            self._inner.pause_writing()
+        return outcome.rest
+
+    def _watch_headers(self, data: bytes) -> None:
+        # Either line ending counts: a false end only hands the connection to
+        # aiohttp's own keep-alive deadline sooner.
+        seen = self._tail + data
+        if b"\r\n\r\n" in seen or b"\n\n" in seen:
+            self._phase = _Phase.RELAY
+            self._stop_header_timer()
+            self._tail = b""
+        else:
+            self._tail = seen[-3:]
+
+    def _headers_expired(self) -> None:
+        self._header_timer = None
+        if self._phase not in (_Phase.GATE, _Phase.HEADERS):
+            return
+        transport = self._transport
+        if transport is not None and self._phase is _Phase.HEADERS:
+            transport.write(_TIMEOUT_ANSWER)
+        self._refuse("header_timeout")
+
+    def _write_expired(self) -> None:
+        self._write_timer = None
+        if self._writing_paused and self._phase is not _Phase.CLOSED:
+            self._refuse("write_timeout", abort=True)
+
+    def close_if_unserved(self) -> None:
+        if self._phase in (_Phase.GATE, _Phase.HEADERS) and self._transport:
+            self._phase = _Phase.CLOSED
+            self._transport.close()
+
+    def _refuse(self, reason: str, *, abort: bool = False, **fields: Any) -> None:
+        self._guard.refusals(reason, peer=self._peer, **fields)
+        self._phase = _Phase.CLOSED
+        self._stop_header_timer()
+        if self._transport is not None:
+            if abort:
+                self._transport.abort()
+            else:
+                self._transport.close()
+
+    def _stop_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _stop_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+
+class ProxiedTransport(asyncio.Transport):
+    """
+    The connection's transport as aiohttp sees it behind a trusted proxy:
+    ``peername`` is the client the proxy named; everything else is the socket's.
+    """
+
+    def __init__(self, transport: asyncio.Transport, peername: tuple[str, int]):
+        super().__init__()
+        self._transport = transport
+        self._peername = peername
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peername":
+            return self._peername
+        return self._transport.get_extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def set_write_buffer_limits(
+        self, high: int | None = None, low: int | None = None
+    ) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._transport.write(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        self._transport.writelines(list_of_data)
+
+    def write_eof(self) -> None:
+        self._transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def abort(self) -> None:
+        self._transport.abort()
