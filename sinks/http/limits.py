@@ -2,10 +2,12 @@
 Per-customer limits for ``GET /v1/entropy``: who is asking, and may they have it.
 
 Every decision comes from `broker.accounts.Accounts`; this module only turns
-them into HTTP: 401 for an unknown bearer token, 403 for a denied customer or a
-spent quota (with a JSON body saying which limit and until when), 429 with
-``Retry-After`` and ``RateLimit-*`` headers for rate limits, 503 when the shared
-budget store is unreachable and the operator chose ``fail_closed``.
+them into HTTP: 400 for a bearer token that is not printable text (bytes that
+are not UTF-8, control characters), 401 for an unknown bearer token, 403 for a
+denied customer or a spent quota (with a JSON body saying which limit and until
+when), 429 with ``Retry-After`` and ``RateLimit-*`` headers for rate limits, 503
+when the shared budget store is unreachable and the operator chose
+``fail_closed``.
 """
 
 import dataclasses
@@ -27,9 +29,19 @@ def _bearer(request: web.Request) -> str | None:
 
 def identify(accounts: Accounts, request: web.Request) -> Client | web.Response:
     """
-    The client behind a request, or the 401/403 answer refusing it.
+    The client behind a request, or the 400/401/403 answer refusing it.
     """
     token = _bearer(request)
+    # aiohttp hands over header bytes that are not UTF-8 as lone surrogates,
+    # which no token contains and no hash can encode.
+    if token is not None and not token.isprintable():
+        return web.json_response(
+            {"error": "malformed bearer token", "limit": "auth"},
+            status=400,
+            headers={
+                "WWW-Authenticate": 'Bearer realm="ebroker", error="invalid_request"'
+            },
+        )
     identity = accounts.identify(Peer("http", ip=request.remote, token=token))
     if isinstance(identity, Denied):
         if identity.customer_id is None:
