@@ -13,7 +13,13 @@ import platform
 import sys
 from collections.abc import Callable
 
-from tests.bench import bench_entropykey, bench_health, bench_pool, bench_sinks
+from tests.bench import (
+    bench_entropykey,
+    bench_health,
+    bench_hostile,
+    bench_pool,
+    bench_sinks,
+)
 
 BENCHMARKS: dict[str, Callable[[float], list[str]]] = {
     "pool": bench_pool.run,
@@ -21,6 +27,7 @@ BENCHMARKS: dict[str, Callable[[float], list[str]]] = {
     "entropykey": bench_entropykey.run,
     "egd": bench_sinks.run_egd,
     "http": bench_sinks.run_http,
+    "hostile": bench_hostile.run,
 }
 
 

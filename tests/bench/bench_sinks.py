@@ -9,20 +9,15 @@ side is measured `REPEATS` times, alternating, and the medians are compared.
 """
 
 import asyncio
-import contextlib
 import os
 import statistics
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
 
-from tests.integration.daemon import Daemon, default_config, start_daemon
-
-from .common import REPEATS, ratio, spread
+from .common import REPEATS, bench_daemon, ratio, spread
 
 _CLIENTS = 4
 _REQUEST = b"\x02\xff" * 16  # 16 pipelined blocking reads of 255 bytes
@@ -98,18 +93,6 @@ async def _baseline_http(seconds: float) -> float:
         await runner.cleanup()
 
 
-@contextlib.contextmanager
-def _daemon() -> Iterator[Daemon]:
-    with tempfile.TemporaryDirectory() as directory:
-        tmp = Path(directory)
-        config = default_config(tmp / "state", pool_size="1 MiB", log_level="warning")
-        daemon = start_daemon(tmp, config)
-        try:
-            yield daemon
-        finally:
-            daemon.stop()
-
-
 def _interleaved(
     baseline: Callable[[], float], measured: Callable[[], float]
 ) -> tuple[list[float], list[float]]:
@@ -138,7 +121,7 @@ def _table(name: str, base: list[float], ours: list[float], unit: str) -> list[s
 
 
 def run_egd(seconds: float) -> list[str]:
-    with _daemon() as daemon:
+    with bench_daemon() as daemon:
         host, port = daemon.egd_tcp
         base, ours = _interleaved(
             lambda: asyncio.run(_baseline_egd(seconds)),
@@ -148,7 +131,7 @@ def run_egd(seconds: float) -> list[str]:
 
 
 def run_http(seconds: float) -> list[str]:
-    with _daemon() as daemon:
+    with bench_daemon() as daemon:
         url = daemon.http_url + "/v1/entropy"
         base, ours = _interleaved(
             lambda: asyncio.run(_baseline_http(seconds)),

@@ -1,9 +1,14 @@
 """
-Shared helpers: CPU-time rates and ratio formatting.
+Shared helpers: CPU-time rates, ratio formatting and the daemon under test.
 """
 
+import contextlib
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from tests.integration.daemon import Daemon, default_config, start_daemon
 
 REPEATS = 3
 """Runs of each noisy measurement (the daemon benchmarks); medians are compared."""
@@ -46,3 +51,19 @@ def spread(results: list[float], scale: float = 1e6) -> str:
     Format every run's result (divided by ``scale``) for a table cell.
     """
     return " / ".join(f"{r / scale:.2f}" for r in results)
+
+
+@contextlib.contextmanager
+def bench_daemon() -> Iterator[Daemon]:
+    """
+    The real ``ebroker serve`` (getrandom source, 1 MiB pool, EGD and HTTP on
+    loopback ports), stopped on exit.
+    """
+    with tempfile.TemporaryDirectory() as directory:
+        tmp = Path(directory)
+        config = default_config(tmp / "state", pool_size="1 MiB", log_level="warning")
+        daemon = start_daemon(tmp, config)
+        try:
+            yield daemon
+        finally:
+            daemon.stop()
