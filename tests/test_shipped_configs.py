@@ -23,3 +23,20 @@ def test_haproxy_example_is_valid() -> None:
         check=False,
     )
     assert 0 == result.returncode, result.stdout + result.stderr
+
+
+def test_haproxy_example_names_each_client_to_the_brokers() -> None:
+    """
+    Every broker server in the example gets a PROXY v2 header naming the VM,
+    and its health checks none (brokers take a trusted proxy's connection
+    without a header as the proxy's own).
+    """
+    servers = [
+        line.split()
+        for line in (CONFIG_DIR / "haproxy.cfg").read_text().splitlines()
+        if line.split()[:1] == ["server"]
+    ]
+    assert servers
+    for server in servers:
+        assert "send-proxy-v2" in server, server
+        assert "check-send-proxy" not in server, server
