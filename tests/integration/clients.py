@@ -84,16 +84,19 @@ async def poll_until(
 
 class BrokerHttp:
     """
-    The daemon's HTTP API: status, health, metrics and simulator control.
+    The daemon's HTTP API: status, metrics and simulator control from the
+    operator-plane sink; health and entropy from the tenant-plane sink, as a
+    guest would ask.
     """
 
     def __init__(self, daemon: Daemon) -> None:
-        self._url = daemon.http_url
+        self._operator = daemon.operator_url
+        self._tenant = daemon.http_url
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Self:
         self._session = aiohttp.ClientSession(
-            self._url, timeout=aiohttp.ClientTimeout(total=DEADLINE)
+            timeout=aiohttp.ClientTimeout(total=DEADLINE)
         )
         return self
 
@@ -113,7 +116,7 @@ class BrokerHttp:
         return self._session
 
     async def status(self) -> dict[str, Any]:
-        async with self.session.get("/v1/status") as resp:
+        async with self.session.get(self._operator + "/v1/status") as resp:
             resp.raise_for_status()
             document: dict[str, Any] = await resp.json()
             return document
@@ -134,11 +137,11 @@ class BrokerHttp:
         raise KeyError(f"no source {name!r} in {document['sources']}")
 
     async def healthz(self) -> tuple[int, str]:
-        async with self.session.get("/healthz") as resp:
+        async with self.session.get(self._tenant + "/healthz") as resp:
             return resp.status, await resp.text()
 
     async def metrics(self) -> str:
-        async with self.session.get("/metrics") as resp:
+        async with self.session.get(self._operator + "/metrics") as resp:
             resp.raise_for_status()
             return await resp.text()
 
@@ -147,12 +150,13 @@ class BrokerHttp:
         A non-blocking ``GET /v1/entropy``: the status and the body.
         """
         async with self.session.get(
-            "/v1/entropy", params={"bytes": str(count)}
+            self._tenant + "/v1/entropy", params={"bytes": str(count)}
         ) as resp:
             return resp.status, await resp.read()
 
     async def simulator(self, serial: str, action: str) -> None:
-        async with self.session.post(f"/v1/simulator/{serial}/{action}") as resp:
+        url = f"{self._operator}/v1/simulator/{serial}/{action}"
+        async with self.session.post(url) as resp:
             assert 200 == resp.status, await resp.text()
 
 

@@ -25,7 +25,9 @@ def default_config(
     log_level: str = "info",
 ) -> str:
     """
-    A config on ephemeral loopback ports with a getrandom source.
+    A config on ephemeral loopback ports with a getrandom source: EGD, the
+    tenant-plane HTTP sink ``http`` and the operator-plane HTTP sink
+    ``operator``.
     """
     if sources is None:
         sources = """
@@ -58,6 +60,13 @@ def default_config(
             [[sinks]]
             name = "http"
             kind = "http"
+            plane = "tenant"
+            listen = ["tcp://127.0.0.1:0"]
+
+            [[sinks]]
+            name = "operator"
+            kind = "http"
+            plane = "operator"
             listen = ["tcp://127.0.0.1:0"]
             """
         )
@@ -93,7 +102,17 @@ class Daemon:
 
     @property
     def http_url(self) -> str:
+        """
+        The tenant-plane HTTP sink: entropy, health and readiness.
+        """
         return "http://" + self.address("http", "tcp://").removeprefix("tcp://")
+
+    @property
+    def operator_url(self) -> str:
+        """
+        The operator-plane HTTP sink: status, metrics, page, simulator control.
+        """
+        return "http://" + self.address("operator", "tcp://").removeprefix("tcp://")
 
     def logs(self) -> list[dict[str, object]]:
         entries = []

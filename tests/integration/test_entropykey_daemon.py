@@ -56,7 +56,8 @@ KEYS = {
 def key_config(tmp_path: Path, keyring: Path, keys: dict[str, str]) -> str:
     """
     Simulated keys at 20,000 bytes/s at tier 0, getrandom at tier 1, EGD and
-    HTTP (with simulator control) on ephemeral loopback ports.
+    tenant- and operator-plane HTTP (simulator control on the operator one) on
+    ephemeral loopback ports.
     """
     text = f"""
         [broker]
@@ -97,6 +98,13 @@ def key_config(tmp_path: Path, keyring: Path, keys: dict[str, str]) -> str:
         [[sinks]]
         name = "http"
         kind = "http"
+        plane = "tenant"
+        listen = ["tcp://127.0.0.1:0"]
+
+        [[sinks]]
+        name = "operator"
+        kind = "http"
+        plane = "operator"
         listen = ["tcp://127.0.0.1:0"]
         simulator_control = true
         """
@@ -223,7 +231,7 @@ async def test_keys_feed_the_pool_and_report_details(
     await reader.answered(100, timeout=KEY_DEADLINE)
     assert 64 * reader.requests == reader.received
     async with http.session.get(
-        "/v1/entropy", params={"bytes": "64", "wait": "5"}
+        daemon.http_url + "/v1/entropy", params={"bytes": "64", "wait": "5"}
     ) as resp:
         assert 200 == resp.status
         assert 64 == len(await resp.read())
@@ -283,7 +291,7 @@ async def test_keys_command_lists_the_keys(
     keyring knows it, its source and its state.
     """
     await until(http.status, all_keys_feeding)
-    table = await ebroker_keys(keyring, daemon.http_url)
+    table = await ebroker_keys(keyring, daemon.operator_url)
     for name, serial in KEYS.items():
         row = row_of(table, serial).split()
         assert ["simulated", serial, "yes", name] == row[1:5]
@@ -321,7 +329,7 @@ async def test_unplugged_key_fails_and_comes_back(
     assert failovers == later["tiers"]["failovers"]
     await until(http.status, health_is("ok"))
 
-    table = await ebroker_keys(keyring, daemon.http_url)
+    table = await ebroker_keys(keyring, daemon.operator_url)
     assert "failed (key vanished from the USB bus (unplugged?))" in row_of(
         table, serial
     )

@@ -21,7 +21,7 @@ from tests.integration.daemon import Daemon
 
 async def egd_connections(daemon: Daemon) -> int:
     async with (
-        aiohttp.ClientSession(daemon.http_url) as session,
+        aiohttp.ClientSession(daemon.operator_url) as session,
         session.get("/v1/status") as response,
     ):
         status = await response.json()

@@ -56,10 +56,10 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 async def backend_healthy(daemon: Daemon) -> tuple[bool, int, str]:
-    async with aiohttp.ClientSession(daemon.http_url) as session:
-        async with session.get("/v1/status") as response:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(daemon.operator_url + "/v1/status") as response:
             status = await response.json()
-        async with session.get("/healthz") as response:
+        async with session.get(daemon.http_url + "/healthz") as response:
             body = await response.text()
             code = response.status
     return bool(status["accounts"]["backend"]["healthy"]), code, body

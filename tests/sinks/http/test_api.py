@@ -10,6 +10,7 @@ import binascii
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -68,6 +69,8 @@ class FakeBroker:
     pool: EntropyPool = field(default_factory=lambda: EntropyPool(capacity=64 * 1024))
     instance: str = "test-broker"
     started_at: float = field(default_factory=time.time)
+    # The HTTP sink listens on TCP only and never resolves a path against it.
+    state_dir: Path = Path("/nonexistent")
     sources: list[SourceStatus] = field(default_factory=lambda: [source()])
     sinks: list[SinkStatus] = field(default_factory=list)
     current_health: Health = OK
