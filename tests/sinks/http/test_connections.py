@@ -1,0 +1,356 @@
+"""
+The HTTP sink's connection guard on loopback: connection caps at accept, the
+header and keep-alive deadlines, malformed requests answered 4xx without a
+traceback, and the PROXY gate.
+"""
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import structlog
+
+from broker.accounts import Accounts, AccountsConfig, CustomerConfig
+from sinks.http.config import HttpSinkConfig
+from sinks.http.server import HttpSink
+from tests.helpers import DEADLINE, eventually
+from tests.sinks.http.test_api import FakeBroker, fill
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+def make_config(**overrides: Any) -> HttpSinkConfig:
+    """
+    A tenant sink on an ephemeral loopback port.
+    """
+    return HttpSinkConfig.model_validate(
+        {"kind": "http", "listen": ["tcp://127.0.0.1:0"], **overrides}
+    )
+
+
+@asynccontextmanager
+async def running(
+    config: HttpSinkConfig, broker: FakeBroker | None = None
+) -> AsyncIterator[HttpSink]:
+    """
+    A started sink, shut down afterwards.
+    """
+    sink = HttpSink(config, broker if broker is not None else FakeBroker())
+    await sink.start()
+    try:
+        yield sink
+    finally:
+        await sink.shutdown(1.0)
+
+
+def port_of(sink: HttpSink) -> int:
+    return int(sink.bound_addresses()[0].rsplit(":", 1)[1])
+
+
+async def connect(sink: HttpSink, source: str = "127.0.0.1") -> Streams:
+    """
+    A connection from ``source`` (any 127.0.0.0/8 address works on loopback).
+    """
+    return await asyncio.open_connection(
+        "127.0.0.1", port_of(sink), local_addr=(source, 0)
+    )
+
+
+async def exchange(sink: HttpSink, data: bytes, source: str = "127.0.0.1") -> bytes:
+    """
+    Send ``data``, read until the server closes, return what it sent.
+    """
+    reader, writer = await connect(sink, source)
+    try:
+        writer.write(data)
+        async with asyncio.timeout(DEADLINE):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+async def closed_by_server(reader: asyncio.StreamReader) -> bytes:
+    """
+    Everything the server sent before closing (EOF or reset).
+    """
+    try:
+        async with asyncio.timeout(DEADLINE):
+            return await reader.read()
+    except ConnectionResetError:
+        return b""
+
+
+def status_code(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+HEALTHZ = b"GET /healthz HTTP/1.0\r\n\r\n"
+
+
+async def until_refused(sink: HttpSink, reason: str, count: int = 1) -> None:
+    await eventually(lambda: sink.status().refused.get(reason, 0) >= count)
+
+
+# ---- caps -----------------------------------------------------------------------
+
+
+async def test_connections_over_the_cap_are_closed_at_accept() -> None:
+    """
+    With ``max_connections`` held by half-sent requests, the next connection
+    is closed at once and counted; once one closes, a new client is served.
+    """
+    async with running(make_config(max_connections=3)) as sink:
+        held = [await connect(sink, f"127.0.0.{n}") for n in (2, 3, 4)]
+        for _, writer in held:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x")
+        await eventually(lambda: 3 == sink.status().connections)
+        reader, writer = await connect(sink, "127.0.0.5")
+        assert b"" == await closed_by_server(reader)
+        writer.close()
+        assert 1 == sink.status().refused["max_connections"]
+        assert 3 == sink.status().connections
+        held[0][1].close()
+        await eventually(lambda: 2 == sink.status().connections)
+        assert 200 == status_code(await exchange(sink, HEALTHZ, "127.0.0.5"))
+        for _, writer in held[1:]:
+            writer.close()
+
+
+async def test_one_client_cannot_take_every_slot() -> None:
+    """
+    A source address at ``max_connections_per_client`` is refused another
+    connection while a different address is still served.
+    """
+    async with running(make_config(max_connections_per_client=2)) as sink:
+        held = [await connect(sink, "127.0.0.2") for _ in range(2)]
+        for _, writer in held:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x")
+        assert b"" == await exchange(sink, HEALTHZ, "127.0.0.2")
+        assert 1 == sink.status().refused["max_connections_per_client"]
+        assert 200 == status_code(await exchange(sink, HEALTHZ, "127.0.0.3"))
+        for _, writer in held:
+            writer.close()
+
+
+# ---- deadlines ------------------------------------------------------------------
+
+
+async def test_slow_headers_are_cut_at_the_header_timeout() -> None:
+    """
+    A client still trickling its first request's headers at ``header_timeout``
+    is answered 408 and closed; the refusal is counted.
+    """
+    async with running(make_config(header_timeout=0.2)) as sink:
+        reader, writer = await connect(sink)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        answer = await closed_by_server(reader)
+        writer.close()
+        assert 408 == status_code(answer)
+        assert 1 == sink.status().refused["header_timeout"]
+
+
+async def test_a_silent_connection_is_cut_at_the_header_timeout() -> None:
+    """
+    A connection that sends nothing at all is closed at ``header_timeout``.
+    """
+    async with running(make_config(header_timeout=0.2)) as sink:
+        reader, writer = await connect(sink)
+        assert b"" == await closed_by_server(reader)
+        writer.close()
+        await until_refused(sink, "header_timeout")
+
+
+async def test_a_long_wait_outlives_the_header_timeout() -> None:
+    """
+    The header deadline ends with the headers: a ``?wait=`` request blocked
+    well past it is still answered once entropy arrives.
+    """
+    broker = FakeBroker()
+    async with running(make_config(header_timeout=0.2), broker) as sink:
+        waiting = asyncio.create_task(
+            exchange(sink, b"GET /v1/entropy?bytes=16&wait=25 HTTP/1.0\r\n\r\n")
+        )
+        # A connection opened after the waiting one has hit the deadline, so
+        # the waiting one's has passed too.
+        await eventually(lambda: sink.status().requests >= 1)
+        reader, writer = await connect(sink)
+        await closed_by_server(reader)
+        writer.close()
+        await until_refused(sink, "header_timeout")
+        fill(broker.pool, 16)
+        answer = await waiting
+        assert 200 == status_code(answer)
+        assert 16 == len(answer.split(b"\r\n\r\n", 1)[1])
+
+
+async def test_an_idle_keep_alive_connection_is_closed() -> None:
+    """
+    After its answer, a keep-alive connection that sends nothing more is
+    closed at ``idle_timeout``.
+    """
+    async with running(make_config(idle_timeout=0.2)) as sink:
+        reader, writer = await connect(sink)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await closed_by_server(reader)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert answer.endswith(b"ok\n")
+
+
+async def test_keep_alive_serves_several_requests() -> None:
+    """
+    A well-behaved keep-alive client gets every answer on one connection.
+    """
+    async with running(make_config()) as sink:
+        reader, writer = await connect(sink)
+        for _ in range(3):
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(DEADLINE):
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200")
+                assert b"ok\n" == await reader.readexactly(3)
+        writer.close()
+        assert {} == dict(sink.status().refused)
+
+
+# ---- malformed requests ---------------------------------------------------------
+
+MALFORMED = {
+    "non-utf8 bearer token": b"GET /v1/entropy?bytes=8 HTTP/1.1\r\nHost: x\r\n"
+    b"Authorization: Bearer \xff\xfe\x80\xc3(\r\nConnection: close\r\n\r\n",
+    "control character in token": b"GET /v1/entropy?bytes=8 HTTP/1.1\r\nHost: x\r\n"
+    b"Authorization: Bearer ab\x01cd\r\nConnection: close\r\n\r\n",
+    "garbage request line": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+    "bad method": b"G\xffT / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "bad version": b"GET / HTTP/9.9\r\nHost: x\r\n\r\n",
+    "request line too long": b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\n\r\n",
+    "header too long": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: "
+    + b"a" * 10000
+    + b"\r\n\r\n",
+    "too many headers": b"GET /healthz HTTP/1.1\r\n"
+    + b"".join(b"X-%d: y\r\n" % n for n in range(200))
+    + b"\r\n",
+    "header without colon": b"GET /healthz HTTP/1.1\r\nHost x\r\n\r\n",
+    "bad content-length": b"POST /healthz HTTP/1.1\r\nHost: x\r\n"
+    b"Content-Length: lots\r\n\r\n",
+    "body too large": b"POST /healthz HTTP/1.1\r\nHost: x\r\n"
+    b"Content-Length: 1000000\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("data", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_malformed_requests_get_a_4xx_without_a_traceback(data: bytes) -> None:
+    """
+    Every malformed request is answered 4xx with a short reason, is counted,
+    and logs nothing with a traceback.
+    """
+    async with running(make_config()) as sink:
+        with structlog.testing.capture_logs() as logs:
+            answer = await exchange(sink, data)
+        assert 400 <= status_code(answer) < 500, answer[:200]
+        assert b'"error"' in answer
+        assert [] == [entry for entry in logs if "exc_info" in entry]
+        assert [] == [entry for entry in logs if entry["log_level"] == "error"]
+
+
+ANY_BYTES = bytes(range(0x80, 0x100)) + b"\x01\x7f"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"Host", b"Authorization", b"Accept", b"Content-Type", b"Cookie", b"Origin"],
+)
+async def test_any_bytes_in_any_header_are_not_a_server_error(header: bytes) -> None:
+    """
+    High and control bytes in a common header value never give a 500.
+    """
+    async with running(make_config(plane="operator")) as sink:
+        for path in (b"/healthz", b"/v1/entropy?bytes=8", b"/", b"/v1/status"):
+            with structlog.testing.capture_logs() as logs:
+                answer = await exchange(
+                    sink,
+                    b"GET %s HTTP/1.1\r\nHost: x\r\n%s: Bearer %s\r\n"
+                    b"Connection: close\r\n\r\n" % (path, header, ANY_BYTES),
+                )
+            assert status_code(answer) < 500, (path, answer[:300])
+            assert [] == [entry for entry in logs if "exc_info" in entry]
+
+
+# ---- PROXY protocol -------------------------------------------------------------
+
+
+async def test_proxy_header_from_an_untrusted_peer_is_refused() -> None:
+    """
+    A PROXY header from an address that is not a trusted proxy closes the
+    connection unanswered; a plain request from that address is served.
+    """
+    async with running(make_config()) as sink:
+        header = b"PROXY TCP4 10.9.8.7 10.0.0.1 40000 80\r\n"
+        assert b"" == await exchange(sink, header + HEALTHZ, "127.0.0.2")
+        assert 1 == sink.status().refused["proxy_untrusted"]
+        assert 200 == status_code(await exchange(sink, HEALTHZ, "127.0.0.2"))
+
+
+async def test_a_trusted_proxy_names_the_client() -> None:
+    """
+    Behind a trusted proxy, the client named in the PROXY header is the one
+    identified (here a denied network, so 403) and capped per client; the
+    proxy's own health check without a header is served as the proxy.
+    """
+    accounts = Accounts(
+        AccountsConfig(),
+        [CustomerConfig(id="blocked", networks=["10.9.8.0/24"], deny=True)],
+    )
+    broker = FakeBroker(accounts=accounts)
+    config = make_config(trusted_proxies=["127.0.0.2/32"], max_connections_per_client=1)
+    request = b"GET /v1/entropy?bytes=8 HTTP/1.0\r\n\r\n"
+    async with running(config, broker) as sink:
+        blocked = b"PROXY TCP4 10.9.8.7 10.0.0.1 40000 80\r\n"
+        assert 403 == status_code(await exchange(sink, blocked + request, "127.0.0.2"))
+        fill(broker.pool, 8)
+        allowed = b"PROXY TCP4 10.1.1.1 10.0.0.1 40000 80\r\n"
+        assert 200 == status_code(await exchange(sink, allowed + request, "127.0.0.2"))
+        # Two clients behind one proxy each get their own per-client slot.
+        held = await connect(sink, "127.0.0.2")
+        held[1].write(b"PROXY TCP4 10.1.1.2 10.0.0.1 40000 80\r\nGET /h")
+        await eventually(lambda: 1 == sink.status().connections)
+        other = b"PROXY TCP4 10.1.1.3 10.0.0.1 40000 80\r\n"
+        assert 200 == status_code(await exchange(sink, other + HEALTHZ, "127.0.0.2"))
+        again = b"PROXY TCP4 10.1.1.2 10.0.0.1 40001 80\r\n"
+        assert b"" == await exchange(sink, again + HEALTHZ, "127.0.0.2")
+        assert 1 == sink.status().refused["max_connections_per_client"]
+        assert 200 == status_code(await exchange(sink, HEALTHZ, "127.0.0.2"))
+        held[1].close()
+
+
+# ---- refusals and shutdown ------------------------------------------------------
+
+
+async def test_a_flood_of_refusals_logs_one_line_per_reason() -> None:
+    """
+    Many refusals for one reason are all counted but logged once (the rest
+    are held back by the rate-limited log).
+    """
+    async with running(make_config()) as sink:
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(5):
+                await exchange(sink, b"\xff\r\n\r\n")
+        assert 5 == sink.status().refused["malformed"]
+        refused = [entry for entry in logs if entry["event"] == "http_refused"]
+        assert ["malformed"] == [entry["reason"] for entry in refused]
+
+
+async def test_shutdown_closes_connections_that_never_sent_a_request() -> None:
+    """
+    Connections still sending their first headers do not hold up shutdown.
+    """
+    sink = HttpSink(make_config(), FakeBroker())
+    await sink.start()
+    reader, writer = await connect(sink)
+    writer.write(b"GET /hea")
+    await eventually(lambda: 1 == sink.status().connections)
+    await sink.shutdown(1.0)
+    assert b"" == await closed_by_server(reader)
+    writer.close()
