@@ -156,7 +156,8 @@ async def test_client_that_stops_reading_is_not_buffered_without_bound(
 ) -> None:
     """
     A client that asks for far more than it reads: the server stops withdrawing
-    for it once its socket buffers are full, and stops reading its requests.
+    for it once it holds max_buffered_output unread, and stops reading its
+    requests.
     """
     sink, pool = served
     sock = socket.socket()
@@ -172,8 +173,8 @@ async def test_client_that_stops_reading_is_not_buffered_without_bound(
 
     def stalled() -> bool:
         # The pool is kept topped up, so only the client's back-pressure can
-        # stop the server: kernel buffers full, our transport past its
-        # high-water mark, and no withdrawal waiting in the pool for it.
+        # stop the server: the output bound reached and no withdrawal waiting
+        # in the pool for it.
         if pool.level < 1 << 19:
             fill(pool, 1 << 19)
         return (
