@@ -42,6 +42,7 @@ from sources.getrandom import GetrandomSource, GetrandomSourceConfig
 log = structlog.get_logger("ebroker.app")
 
 LISTENERS_FILE = "listeners.json"
+ACCOUNTS_CLOSE_TIMEOUT = 15.0
 PID_FILE = "ebroker.pid"
 
 
@@ -197,7 +198,7 @@ class Broker:
         async with contextlib.AsyncExitStack() as stack:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             await self.accounts.start()
-            stack.push_async_callback(self.accounts.close)
+            stack.push_async_callback(self._close_accounts)
             stack.callback(self._pool.close)
             self.supervisor.start()
             stack.push_async_callback(self.supervisor.stop)
@@ -269,6 +270,15 @@ class Broker:
         for sink, result in zip(sinks, results, strict=True):
             if isinstance(result, BaseException):
                 log.error("sink_shutdown_failed", sink=sink.name, error=repr(result))
+
+    async def _close_accounts(self) -> None:
+        # Pushing refunds to a shared store must not keep a stopping broker
+        # alive forever: a store that stopped answering costs those refunds.
+        try:
+            async with asyncio.timeout(ACCOUNTS_CLOSE_TIMEOUT):
+                await self.accounts.close()
+        except TimeoutError:
+            log.error("accounts_close_timed_out", timeout=ACCOUNTS_CLOSE_TIMEOUT)
 
     async def _cancel_tasks(self) -> None:
         reason = "broker shutting down" if self._ready else "start-up failed"

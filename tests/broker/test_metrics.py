@@ -5,6 +5,7 @@ Prometheus metrics are read from the broker view at scrape time.
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -72,6 +73,7 @@ class FakeBroker:
         )
     )
     accounts: Accounts = field(default_factory=Accounts.unlimited)
+    state_dir: Path = field(default_factory=lambda: Path("/nonexistent"))
 
     def sources_status(self) -> list[SourceStatus]:
         return list(self.sources)

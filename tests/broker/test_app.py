@@ -1,0 +1,46 @@
+"""
+The broker's lifecycle: a shutdown always ends, whatever a component does.
+"""
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from broker import app
+from broker.app import Broker
+from broker.config import parse_config
+
+
+def minimal_config(state_dir: Path) -> dict[str, object]:
+    return {
+        "broker": {"state_dir": str(state_dir)},
+        "sources": [{"name": "getrandom", "kind": "getrandom"}],
+        "sinks": [{"kind": "egd", "listen": ["tcp://127.0.0.1:0"]}],
+    }
+
+
+async def test_shutdown_ends_when_the_quota_store_hangs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A quota store that stops answering while refunds are pushed at shutdown
+    costs those refunds, not the shutdown: the broker stops, and says why.
+    """
+    monkeypatch.setattr(app, "ACCOUNTS_CLOSE_TIMEOUT", 0.05)
+    broker = Broker(parse_config(minimal_config(tmp_path / "state")))
+    hung = asyncio.Event()
+
+    async def never_closes() -> None:
+        hung.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(broker.accounts, "close", never_closes)
+    with capture_logs() as logs:
+        async with broker:
+            pass
+    assert hung.is_set()
+    assert ["accounts_close_timed_out"] == [
+        entry["event"] for entry in logs if entry["log_level"] == "error"
+    ]
