@@ -29,8 +29,9 @@ class EgdSinkConfig(SinkConfigBase):
     max_buffered_output: Size = Field(
         default=65536,
         ge=1024,
-        description="reply bytes queued for a client that stopped reading before "
-        "the broker stops serving it",
+        description="reply bytes handed to a client but not yet read (the broker's "
+        "buffer plus the kernel's send queue) before nothing more is withdrawn "
+        "for it",
     )
     chunk_size: int = Field(
         default=64,
