@@ -20,9 +20,13 @@ import aiohttp
 import pytest
 
 from tests.helpers import wait_until
+from tests.integration.clients import BrokerHttp, poll_until
 from tests.integration.daemon import Daemon, default_config, start_daemon
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+POOL_READY = 16384
+"""Pool level a non-blocking draw waits for: more than any quota drawn here."""
 
 FAST_SOURCE = """
     [[sources]]
@@ -61,7 +65,16 @@ async def nonblocking_total(
 ) -> int:
     """
     Draw with 0x01 FF until the broker answers 0; return the bytes received.
+
+    A 0 must mean "your limits say no", not "nothing is ready yet": right
+    after start-up (and for longer on a loaded machine) the pool may still be
+    filling, so the draw starts once the pool holds what it is meant to reach.
     """
+    async with BrokerHttp(daemon) as broker:
+        await poll_until(
+            broker.status,
+            lambda status: status["pool"]["level"] >= min(limit, POOL_READY),
+        )
     reader, writer = await egd_from(daemon, source_ip)
     total = 0
     try:
