@@ -10,12 +10,14 @@ therefore first a `GuardedConnection`, which moves through three phases:
 ``GATE``
     The first bytes go through the PROXY gate (always, so that a PROXY header
     from an address that is not a trusted proxy is refused). Over
-    ``max_connections`` the connection was already closed at accept.
+    ``max_connections``, or over ``max_connections_per_client`` for a peer
+    that is not a trusted proxy, the connection was already closed at accept;
+    a trusted proxy's connection is held to its client's share once the gate
+    names the client.
 ``HEADERS``
     The gate named the client (the peer, or the address a trusted proxy
-    vouched for); over ``max_connections_per_client`` for that address the
-    connection is closed, otherwise aiohttp's handler is created and sees a
-    transport whose ``peername`` is the client's. Bytes are relayed until the
+    vouched for); aiohttp's handler is created and sees a transport whose
+    ``peername`` is the client's. Bytes are relayed until the
     first request's headers end (a blank line).
 ``RELAY``
     Bytes are relayed untouched. aiohttp's keep-alive timer bounds the gap
@@ -182,6 +184,10 @@ class GuardedConnection(asyncio.Protocol):
             self._refuse("max_connections", abort=True)
             return
         self._gate = ProxyGate(host, port, self._guard.limits.trusted_proxies)
+        # Only a trusted proxy's connection waits for the gate to name its
+        # client; any other peer is its own client, capped right at accept.
+        if not self._gate.trusted and not self._claim(host):
+            return
         loop = asyncio.get_running_loop()
         self._header_timer = loop.call_later(
             self._guard.limits.header_timeout, self._headers_expired
@@ -249,11 +255,8 @@ class GuardedConnection(asyncio.Protocol):
         if outcome is None:
             return b""
         self._gate = None
-        if not self._guard.claim(outcome.host):
-            self._peer = outcome.host
-            self._refuse("max_connections_per_client")
+        if self._client is None and not self._claim(outcome.host):
             return b""
-        self._client = outcome.host
         self._phase = _Phase.HEADERS
         transport = self._transport
         if transport is None:
@@ -266,6 +269,14 @@ class GuardedConnection(asyncio.Protocol):
         if self._writing_paused:
             self._inner.pause_writing()
         return outcome.rest
+
+    def _claim(self, client: str) -> bool:
+        if not self._guard.claim(client):
+            self._peer = client
+            self._refuse("max_connections_per_client")
+            return False
+        self._client = client
+        return True
 
     def _watch_headers(self, data: bytes) -> None:
         # Either line ending counts: a false end only hands the connection to

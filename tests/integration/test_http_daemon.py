@@ -71,16 +71,20 @@ async def test_bad_parameters_get_400_with_a_reason(
 
 async def test_status_metrics_and_readiness(daemon: Daemon) -> None:
     """
-    Status JSON, Prometheus metrics and readiness describe the running broker.
+    Status JSON, Prometheus metrics and readiness describe the running broker;
+    status, metrics and the page are served by the operator-plane sink.
     """
-    async with aiohttp.ClientSession(daemon.http_url) as session:
-        async with session.get("/readyz") as resp:
-            assert 200 == resp.status
+    async with (
+        aiohttp.ClientSession(daemon.http_url) as session,
+        session.get("/readyz") as resp,
+    ):
+        assert 200 == resp.status
+    async with aiohttp.ClientSession(daemon.operator_url) as session:
         async with session.get("/v1/status") as resp:
             status = await resp.json()
         assert {"getrandom"} == {source["name"] for source in status["sources"]}
         assert status["pool"]["capacity"] == 64 * 1024
-        assert {"egd", "http"} == {sink["name"] for sink in status["sinks"]}
+        assert {"egd", "http", "operator"} == {s["name"] for s in status["sinks"]}
         async with session.get("/metrics") as resp:
             assert 200 == resp.status
             text = await resp.text()
