@@ -1,14 +1,17 @@
 """
 HTTP answers for the limits: a request waiting under ?wait= when a reload
-denies its customer gets a 403, not a server error.
+denies its customer gets a 403, and a bearer token that is not text a 400, not
+a server error.
 """
 
 import asyncio
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
 from broker.accounts import Accounts, AccountsConfig, Client, CustomerConfig, Peer
-from sinks.http.limits import grant_within, refusal
+from sinks.http.limits import grant_within, identify, refusal
 from tests.helpers import eventually
 
 # Only bounds how long a broken wait can hang the test.
@@ -44,3 +47,24 @@ async def test_denied_while_waiting_is_a_403(monkeypatch: pytest.MonkeyPatch) ->
     assert (0, "denied") == (grant.granted, grant.limit)
     assert 403 == refusal(grant, 1000, 0.0).status
     assert 0 == client.bytes_served
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Bearer ab\x01cd",
+        "Bearer tok\x7fen",
+    ],
+)
+def test_a_token_that_is_not_printable_text_is_a_400(header: str) -> None:
+    """
+    A bearer token carrying control characters is answered 400, before any
+    hash is taken of it (bytes that are not UTF-8 are covered on loopback in
+    test_connections.py: a mocked request cannot carry them).
+    """
+    request = make_mocked_request(
+        "GET", "/v1/entropy", headers={"Authorization": header}
+    )
+    answer = identify(Accounts.unlimited(), request)
+    assert isinstance(answer, web.Response)
+    assert 400 == answer.status
