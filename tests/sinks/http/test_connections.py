@@ -14,6 +14,7 @@ import structlog
 
 from broker.accounts import Accounts, AccountsConfig, CustomerConfig
 from sinks.http.config import HttpSinkConfig
+from sinks.http.connections import ConnectionGuard, Limits, Refusals
 from sinks.http.server import HttpSink
 from tests.helpers import DEADLINE, eventually
 from tests.sinks.http.test_api import FakeBroker, fill
@@ -213,6 +214,87 @@ async def test_keep_alive_serves_several_requests() -> None:
                 assert b"ok\n" == await reader.readexactly(3)
         writer.close()
         assert {} == dict(sink.status().refused)
+
+
+async def test_trickled_headers_of_a_later_request_are_cut_when_idle() -> None:
+    """
+    On a keep-alive connection, a second request whose headers trickle in
+    is cut at ``idle_timeout`` after the first answer.
+    """
+    async with running(make_config(idle_timeout=0.3)) as sink:
+        reader, writer = await connect(sink)
+        writer.write(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\n"
+        )
+        trickle = asyncio.create_task(trickle_until_closed(writer, reader))
+        answer = await closed_by_server(reader)
+        await trickle
+        writer.close()
+        assert 1 == answer.count(b"HTTP/1.1 200")
+
+
+async def trickle_until_closed(
+    writer: asyncio.StreamWriter, reader: asyncio.StreamReader
+) -> None:
+    """
+    Send a header byte now and then until the server hangs up.
+    """
+    while not reader.at_eof() and not writer.is_closing():
+        writer.write(b"X")
+        # Load, not synchronisation: the slow client's pace.
+        await asyncio.sleep(0.05)
+
+
+class FakeTransport(asyncio.Transport):
+    """
+    Records whether the guard aborted the connection.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aborted = asyncio.Event()
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.7", 5000) if name == "peername" else default
+
+    def abort(self) -> None:
+        self.aborted.set()
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed or self.aborted.is_set()
+
+
+async def test_a_client_that_stops_reading_is_dropped() -> None:
+    """
+    A connection whose writes stay paused for ``write_timeout`` is aborted
+    and counted; one that resumes in time is kept.
+    """
+    refusals = Refusals(structlog.get_logger())
+    limits = Limits(
+        max_connections=10,
+        max_connections_per_client=10,
+        header_timeout=DEADLINE,
+        write_timeout=0.05,
+    )
+    guard = ConnectionGuard(limits, asyncio.Protocol, refusals)
+    kept, dropped = guard(), guard()
+    kept_transport, dropped_transport = FakeTransport(), FakeTransport()
+    kept.connection_made(kept_transport)
+    dropped.connection_made(dropped_transport)
+    kept.pause_writing()
+    kept.resume_writing()
+    dropped.pause_writing()
+    async with asyncio.timeout(DEADLINE):
+        await dropped_transport.aborted.wait()
+    assert {"write_timeout": 1} == dict(refusals.counts())
+    assert not kept_transport.is_closing()
+    kept.connection_lost(None)
+    dropped.connection_lost(None)
+    assert 0 == len(guard)
 
 
 # ---- malformed requests ---------------------------------------------------------
