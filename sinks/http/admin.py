@@ -22,7 +22,7 @@ from aiohttp import web
 
 from broker.accounts import hash_token
 from broker.status import BrokerView
-from sinks.http.state import bearer_token
+from sinks.http.state import MalformedToken, bearer_token
 
 SIMULATOR_ACTIONS = ("unplug", "replug", "fail", "heal")
 
@@ -44,7 +44,10 @@ def has_admin_token(request: web.Request, admin_token_hash: str | None) -> bool:
     """
     if admin_token_hash is None:
         return False
-    token = bearer_token(request)
+    try:
+        token = bearer_token(request)
+    except MalformedToken:
+        return False
     if token is None:
         return False
     # Constant time: how long the refusal takes says nothing about the token.

@@ -161,7 +161,9 @@ def create_app(
     middlewares: list[Middleware] = [observe_middleware, error_middleware]
     if config.plane == "tenant":
         middlewares.append(tenant_plane_middleware(config.admin_token))
-    app = web.Application(middlewares=middlewares)
+    app = web.Application(
+        middlewares=middlewares, client_max_size=config.max_body_bytes
+    )
     app[BROKER_KEY] = broker
     app[CONFIG_KEY] = config
     app[STATE_KEY] = state if state is not None else HttpSinkState()

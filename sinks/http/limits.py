@@ -17,24 +17,16 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from broker.accounts import AccessDenied, Accounts, Client, Denied, Grant, Peer
-
-
-def _bearer(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
+from sinks.http.state import MalformedToken, bearer_token
 
 
 def identify(accounts: Accounts, request: web.Request) -> Client | web.Response:
     """
     The client behind a request, or the 400/401/403 answer refusing it.
     """
-    token = _bearer(request)
-    # aiohttp hands over header bytes that are not UTF-8 as lone surrogates,
-    # which no token contains and no hash can encode.
-    if token is not None and not token.isprintable():
+    try:
+        token = bearer_token(request)
+    except MalformedToken:
         return web.json_response(
             {"error": "malformed bearer token", "limit": "auth"},
             status=400,

@@ -34,6 +34,7 @@ from sinks.http.state import (
     CONFIG_KEY,
     REGISTRY_KEY,
     STATE_KEY,
+    MalformedToken,
     bearer_token,
 )
 
@@ -115,8 +116,11 @@ def _customer_client(broker: BrokerView, request: web.Request) -> Client | None:
     The client a customer owns behind ``request``, or None for a refused or
     unknown token, a denied customer, or a client only ``default`` catches.
     """
-    peer = Peer("http", ip=request.remote, token=bearer_token(request))
-    client = broker.accounts.identify(peer)
+    try:
+        token = bearer_token(request)
+    except MalformedToken:
+        return None
+    client = broker.accounts.identify(Peer("http", ip=request.remote, token=token))
     if isinstance(client, Denied) or client.customer_id == DEFAULT_CUSTOMER:
         return None
     return client

@@ -79,14 +79,28 @@ def error_response(
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
+class MalformedToken(ValueError):
+    """
+    The request carries a bearer token that no configured token can equal.
+    """
+
+
 def bearer_token(request: web.Request) -> str | None:
     """
     The token of an ``Authorization: Bearer <token>`` header, if there is one.
+
+    Raises:
+        MalformedToken: the token is not printable text.
     """
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
-    return token.strip()
+    token = token.strip()
+    # aiohttp hands over header bytes that are not UTF-8 as lone surrogates,
+    # which no token contains and no hash can encode.
+    if not token.isprintable():
+        raise MalformedToken("bearer token is not printable text")
+    return token
 
 
 def echo(value: str) -> str:

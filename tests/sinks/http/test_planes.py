@@ -367,3 +367,27 @@ async def test_real_sinks_split_the_planes() -> None:
             await operator.shutdown(1.0)
     finally:
         await tenant.shutdown(1.0)
+
+
+@pytest.mark.parametrize("path", [b"/metrics", b"/v1/status", b"/v1/admin/reload"])
+async def test_undecodable_token_on_a_guarded_endpoint_is_no_token(path: bytes) -> None:
+    """
+    A bearer token that is not UTF-8 on an admin-guarded path is treated as no
+    token at all: the tenant sees what any tenant sees, never a 500.
+    """
+    broker = FakeBroker(accounts=customers())
+    tenant = HttpSink(config("tenant", name="tenant"), broker)
+    await tenant.start()
+    try:
+        [address] = tenant.bound_addresses()
+        method = b"POST" if path.endswith(b"reload") else b"GET"
+        answer = await raw_exchange(
+            address,
+            method + b" " + path + b" HTTP/1.0\r\n"
+            b"Authorization: Bearer \xff\xfe\x80\r\n\r\n",
+        )
+    finally:
+        await tenant.shutdown(1.0)
+    status_line = answer.split(b"\r\n", 1)[0]
+    assert not status_line.endswith(b"500 Internal Server Error"), status_line
+    assert int(status_line.split()[1]) < 500, status_line
