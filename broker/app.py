@@ -25,6 +25,7 @@ from broker.accounts import STATE_FILE, Accounts, WeightedWaitQueue
 from broker.clock import SYSTEM_CLOCK, Clock
 from broker.config import Config, SinkConfig, SourceConfig, load_config
 from broker.errors import BrokerError, ConfigError
+from broker.fdlimit import needed_for, raise_soft_limit
 from broker.health_policy import HealthInputs, assess
 from broker.pool import EntropyPool
 from broker.status import Health, Sink, SinkStatus, SourceStatus, TierStatus
@@ -195,6 +196,7 @@ class Broker:
     async def __aenter__(self) -> Self:
         # Each step registers its undo as soon as it succeeds, so a failed
         # start unwinds exactly what started, and shutdown is the same unwind.
+        self._check_fd_budget()
         async with contextlib.AsyncExitStack() as stack:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             await self.accounts.start()
@@ -239,6 +241,18 @@ class Broker:
         log.info("broker_stopping", grace=self.config.broker.shutdown_grace)
         await self._teardown.aclose()
         log.info("broker_stopped")
+
+    def _check_fd_budget(self) -> None:
+        caps = [sink_config.max_connections for sink_config in self.config.sinks]
+        budget = raise_soft_limit(needed_for(caps))
+        if not budget.enough:
+            log.warning(
+                "fd_limit_below_connection_caps",
+                open_files=budget.soft,
+                needed=budget.needed,
+                hint="raise LimitNOFILE (systemd) or ulimit -n, or lower "
+                "max_connections",
+            )
 
     def _watch_for_keys(self) -> None:
         for key_config, known in self.key_watches:

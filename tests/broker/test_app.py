@@ -3,6 +3,7 @@ The broker's lifecycle: a shutdown always ends, whatever a component does.
 """
 
 import asyncio
+import resource
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from structlog.testing import capture_logs
 from broker import app
 from broker.app import Broker
 from broker.config import parse_config
+from broker.fdlimit import needed_for
 
 
 def minimal_config(state_dir: Path) -> dict[str, object]:
@@ -44,3 +46,22 @@ async def test_shutdown_ends_when_the_quota_store_hangs(
     assert ["accounts_close_timed_out"] == [
         entry["event"] for entry in logs if entry["log_level"] == "error"
     ]
+
+
+async def test_start_raises_the_open_file_limit_for_the_caps(tmp_path: Path) -> None:
+    """
+    Started with systemd's usual soft limit far below what its connection
+    caps need, the broker raises its own limit (within the hard limit) before
+    it accepts anyone.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    config = parse_config(minimal_config(tmp_path / "state"))
+    needed = needed_for([sink.max_connections for sink in config.sinks])
+    expected = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+    try:
+        async with Broker(config):
+            raised, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert expected == raised
