@@ -31,12 +31,14 @@ import os
 import socket
 import struct
 from collections import deque
-from typing import TYPE_CHECKING, Final, cast
+from typing import Final, Protocol, cast
 
 import structlog
 
-from broker.accounts import AccessDenied, Client, Denied, Peer
+from broker.accounts import AccessDenied, Accounts, Client, Denied, Peer
 from broker.errors import PoolClosedError
+from broker.pool import EntropyPool
+from sinks.egd.config import EgdSinkConfig
 from sinks.egd.flow import OutputBound, TurnBudget, kernel_queued
 from sinks.egd.wire import (
     NEED_DATA,
@@ -54,9 +56,6 @@ from sinks.egd.wire import (
     encode_pid,
 )
 from sinks.proxy import GateOutcome, ProxyGate, ProxyRefused
-
-if TYPE_CHECKING:
-    from sinks.egd.server import EgdSink
 
 log = structlog.get_logger("ebroker.egd")
 
@@ -92,12 +91,34 @@ def _requested(event: Event) -> int:
             return 4
 
 
+class ConnectionHost(Protocol):
+    """
+    What a connection needs from the sink that accepted it: the sink's
+    settings, the pool and accounts it serves from, its registry and counters.
+    """
+
+    name: str
+    config: EgdSinkConfig
+    pool: EntropyPool
+    accounts: Accounts
+    idle_changed: asyncio.Event
+    connections_total: int
+    bytes_out: int
+    requests: int
+
+    def admit(self, connection: "EgdConnection") -> bool: ...
+
+    def refuse(self, reason: str, *, peer: str, detail: str) -> None: ...
+
+    def forget(self, connection: "EgdConnection") -> None: ...
+
+
 class EgdConnection(asyncio.Protocol):
     """
     One client connection.
     """
 
-    def __init__(self, sink: "EgdSink") -> None:
+    def __init__(self, sink: ConnectionHost) -> None:
         self._sink = sink
         self._wire = EgdServerConnection()
         self._transport: asyncio.Transport | None = None
