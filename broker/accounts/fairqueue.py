@@ -35,6 +35,7 @@ on each push, so a config reload takes effect at the next turn.
 
 from collections import OrderedDict, deque
 from collections.abc import Hashable
+from typing import Protocol, runtime_checkable
 
 from broker.pool import Waiter
 
@@ -53,14 +54,26 @@ class _Flow:
         self.clients: OrderedDict[Hashable, deque[Waiter]] = OrderedDict()
 
 
+@runtime_checkable
+class FlowKey(Protocol):
+    """
+    A waiter key that names its customer's flow (an accounts `Client`).
+    """
+
+    @property
+    def customer_id(self) -> str: ...
+
+    @property
+    def weight(self) -> float: ...
+
+
 def _identity(key: Hashable) -> tuple[str, float]:
-    customer_id = getattr(key, "customer_id", None)
-    weight = getattr(key, "weight", 1.0)
-    if not isinstance(customer_id, str):
+    # The pool hands over any hashable key; only a FlowKey has a customer.
+    if not isinstance(key, FlowKey) or not isinstance(key.customer_id, str):
         return DEFAULT_FLOW, 1.0
-    if not isinstance(weight, int | float) or not weight > 0:
-        weight = 1.0
-    return customer_id, float(weight)
+    weight = float(key.weight)
+    # NaN and non-positive weights would stall or invert the virtual clock.
+    return key.customer_id, weight if weight > 0 else 1.0
 
 
 class WeightedWaitQueue:
