@@ -6,11 +6,17 @@ serving while serving is possible: a pool drained for a moment by eager clients
 is no reason to pull a broker whose sources refill it, and a pool that still
 holds ``low_watermark`` bytes can serve while its sources recover. ``degraded``
 is still serving, but tells the operator something needs a look: only a
-fallback tier feeds the pool, or the shared budget store is unreachable.
+fallback tier feeds the pool, the shared budget store is unreachable, or a
+configured source cannot run (a device the broker may not open, an Entropy Key
+entry with no key attached). Every such finding is listed, not only the first.
+
+An optional device that is simply absent is not a finding: ``optional = true``
+says the operator expects that on some machines. One that is there but cannot
+be opened is a misconfiguration, and is.
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from broker.status import Health
@@ -30,6 +36,8 @@ class HealthInputs:
     """The active tier when it is not the best configured one, else None."""
     store: Mapping[str, Any]
     """The quota backend's status: ``healthy``, ``kind`` and ``policy``."""
+    unavailable: tuple[str, ...] = field(default=())
+    """Configured sources that cannot run, each as "name: why"."""
 
 
 def assess(facts: HealthInputs) -> Health:
@@ -47,23 +55,19 @@ def assess(facts: HealthInputs) -> Health:
             f"pool level {facts.pool_level} below low watermark {facts.low_watermark}"
         )
     if not facts.any_healthy_source and facts.pool_level < facts.low_watermark:
-        return Health(False, "unhealthy", tuple(reasons))
+        return Health(False, "unhealthy", (*reasons, *facts.unavailable))
+    findings: list[str] = []
     store = facts.store
     if not store.get("healthy", True):
-        return Health(
-            True,
-            "degraded",
-            (
-                f"budget store {store.get('kind')} unreachable, "
-                f"serving {store.get('policy')}",
-            ),
+        findings.append(
+            f"budget store {store.get('kind')} unreachable, "
+            f"serving {store.get('policy')}"
         )
     if facts.fallback_tier is not None:
-        return Health(
-            True,
-            "degraded",
-            (f"only fallback tier {facts.fallback_tier} feeds the pool",),
-        )
+        findings.append(f"only fallback tier {facts.fallback_tier} feeds the pool")
+    findings.extend(facts.unavailable)
     if not facts.any_healthy_source:
-        return Health(True, "degraded", tuple(reasons))
+        findings.extend(reasons)
+    if findings:
+        return Health(True, "degraded", tuple(findings))
     return Health(True, "ok", ())

@@ -65,6 +65,47 @@ def facts(**changes: object) -> HealthInputs:
             ),
             id="budget-store-down",
         ),
+        pytest.param(
+            facts(unavailable=("hwrng: cannot open /dev/hwrng: permission denied",)),
+            Health(
+                True,
+                "degraded",
+                ("hwrng: cannot open /dev/hwrng: permission denied",),
+            ),
+            id="source-that-cannot-run-degrades",
+        ),
+        pytest.param(
+            facts(
+                fallback_tier=1,
+                unavailable=("ekeys: no Entropy Key attached; waiting for one",),
+            ),
+            Health(
+                True,
+                "degraded",
+                (
+                    "only fallback tier 1 feeds the pool",
+                    "ekeys: no Entropy Key attached; waiting for one",
+                ),
+            ),
+            id="every-finding-is-listed",
+        ),
+        pytest.param(
+            facts(
+                any_healthy_source=False,
+                pool_level=0,
+                unavailable=("ekeys: no Entropy Key attached; waiting for one",),
+            ),
+            Health(
+                False,
+                "unhealthy",
+                (
+                    "no healthy source",
+                    "pool level 0 below low watermark 4096",
+                    "ekeys: no Entropy Key attached; waiting for one",
+                ),
+            ),
+            id="pulled-broker-says-which-source-cannot-run",
+        ),
     ],
 )
 def test_health_answers(inputs: HealthInputs, expected: Health) -> None:
