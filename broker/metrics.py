@@ -227,6 +227,21 @@ class BrokerCollector(Collector):
         )
         for tier, value in sorted(tiers.tier_seconds.items()):
             seconds.add_metric([tier], value)
+        served = CounterMetricFamily(
+            f"{NAMESPACE}_tier_output_bytes",
+            "Output bytes served to clients, by the tier whose input backed them "
+            "(tier 'none': input credited from no source)",
+            labels=["tier"],
+        )
+        for tier, nbytes in sorted(tiers.served_by_tier.items()):
+            served.add_metric([tier], nbytes)
+        buffered = GaugeMetricFamily(
+            f"{NAMESPACE}_tier_buffered_bytes",
+            "Output bytes ready in the pool, by the tier whose input backed them",
+            labels=["tier"],
+        )
+        for tier, nbytes in sorted(tiers.buffered_by_tier.items()):
+            buffered.add_metric([tier], nbytes)
         failures = CounterMetricFamily(
             f"{NAMESPACE}_source_test_failures",
             "Health test failures of each source, by test",
@@ -247,7 +262,8 @@ class BrokerCollector(Collector):
                 quarantines.add_metric(
                     [source.name, source.kind], health["quarantines"]
                 )
-        yield from (active, degraded, failovers, seconds, failures, quarantines)
+        yield from (active, degraded, failovers, seconds, served, buffered)
+        yield from (failures, quarantines)
 
     def _collect_customers(self) -> Iterator[Metric]:
         # Labelled by customer only: clients are unbounded, customers are config.

@@ -79,7 +79,8 @@ class SinkStatus:
 @dataclass(frozen=True, slots=True)
 class TierStatus:
     """
-    Which tier feeds the pool and how often that changed.
+    Which tier feeds the pool, how often that changed, and how much of what
+    was served each tier backed.
     """
 
     active_tier: int | None
@@ -88,6 +89,13 @@ class TierStatus:
     failovers: int
     tier_seconds: Mapping[str, float]
     """Seconds each tier was the active one ("none": no healthy source)."""
+    served_by_tier: Mapping[str, int] = field(default_factory=dict)
+    """
+    Output bytes served to clients, by the tier whose credited input produced
+    them ("none": input credited from no source tier).
+    """
+    buffered_by_tier: Mapping[str, int] = field(default_factory=dict)
+    """Output bytes in the pool, ready to be served, by tier as above."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -284,3 +284,28 @@ def test_customer_series_come_from_the_accounts() -> None:
     assert 0 == found[("ebroker_customer_bytes_served_total", customer)]
     assert 0 == found[("ebroker_customer_clients", customer)]
     assert 1 == found[("ebroker_accounts_backend_healthy", ())]
+
+
+def test_output_served_and_buffered_per_tier() -> None:
+    """
+    Output bytes served and still buffered are exported per tier, so the share
+    of served entropy that hardware backed is a query away.
+    """
+    broker = FakeBroker(
+        current_tiers=TierStatus(
+            active_tier=0,
+            best_tier=0,
+            degraded=False,
+            failovers=1,
+            tier_seconds={"0": 10.0, "1": 2.5},
+            served_by_tier={"0": 9000, "1": 4096, "none": 32},
+            buffered_by_tier={"0": 1024, "1": 0},
+        ),
+    )
+    found = samples(render_metrics(broker)[0])
+    served = "ebroker_tier_output_bytes_total"
+    assert 9000 == found[(served, (("tier", "0"),))]
+    assert 4096 == found[(served, (("tier", "1"),))]
+    assert 32 == found[(served, (("tier", "none"),))]
+    assert 1024 == found[("ebroker_tier_buffered_bytes", (("tier", "0"),))]
+    assert 0 == found[("ebroker_tier_buffered_bytes", (("tier", "1"),))]
