@@ -12,10 +12,18 @@ that delivers nothing for too long, then closes the source. A cancelled
 pollable read leaves no reader registered. A thread's read cannot be
 interrupted, so the thread keeps the descriptor and closes it itself when its
 read returns; the source can be reopened meanwhile on a new descriptor.
+
+``optional = true`` forgives absence only: a hardware RNG that this machine
+does not have (a VM without /dev/hwrng) is skipped, but one that is there and
+cannot be opened (permissions, a missing udev rule) is a misconfiguration. It is
+reported failed with the reason, retried like any failed source (so fixing the
+permissions brings it back), and `DeviceSource.unavailable` says why for the
+broker's health.
 """
 
 import asyncio
 import contextlib
+import errno
 import os
 import termios
 import threading
@@ -49,11 +57,56 @@ class DeviceSourceConfig(SourceConfigBase):
     optional: bool = Field(
         default=False,
         description="skip this source with a warning at start-up when the path is "
-        "absent or unreadable, instead of reporting it failed",
+        "absent, instead of reporting it failed; a path that exists but cannot be "
+        "opened is reported failed all the same",
     )
     nominal_rate: Size | None = Field(
         default=None, description="bytes per second the device is expected to deliver"
     )
+
+
+_DENIED = (errno.EACCES, errno.EPERM)
+
+
+def is_absent(path: Path) -> bool:
+    """
+    Whether nothing is at ``path`` (the device this machine does not have).
+
+    A path that cannot even be examined (a parent directory without search
+    permission) is not absent: something is there that the broker may not use.
+    """
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def may_skip(config: DeviceSourceConfig) -> bool:
+    """
+    Whether the supervisor may skip this source when its first open fails: only
+    an optional device that is absent.
+    """
+    return config.optional and is_absent(config.path)
+
+
+def access_problem(path: Path) -> str | None:
+    """
+    Why a device at ``path`` could not be opened for reading by this process,
+    judged without opening it (opening some devices starts or resets them).
+
+    Returns:
+        None when it looks readable; else the reason, naming the path.
+    """
+    if is_absent(path):
+        return f"no such device {path}"
+    if os.path.isdir(path):
+        return f"{path} is a directory, not a device"
+    if not os.access(path, os.R_OK):
+        return f"{path} is not readable by uid {os.geteuid()} (permission denied)"
+    return None
 
 
 class _ThreadRead:
@@ -128,6 +181,14 @@ class DeviceSource:
         self._fd: int | None = None
         self._pollable = False
         self._pending: _ThreadRead | None = None
+        self._denied: str | None = None
+
+    @property
+    def unavailable(self) -> str | None:
+        """
+        Why the last open was refused by permissions, until an open succeeds.
+        """
+        return self._denied
 
     @property
     def nominal_rate(self) -> float | None:
@@ -141,7 +202,13 @@ class DeviceSource:
         try:
             fd = os.open(self.path, mode | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
         except OSError as exc:
+            if exc.errno in _DENIED:
+                self._denied = f"cannot open {self.path}: permission denied"
+                raise SourceError(
+                    f"{self._denied} (check its owner and mode, or the udev rule)"
+                ) from exc
             raise SourceError(f"cannot open {self.path}: {exc.strerror}") from exc
+        self._denied = None
         if os.isatty(fd):
             # A serial TRNG must not have its bytes mangled by line discipline.
             with contextlib.suppress(termios.error):

@@ -6,14 +6,16 @@ descriptor or bytes into the next read.
 """
 
 import asyncio
+import errno
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from broker.errors import SourceError
-from sources.device import DeviceSource, DeviceSourceConfig
+from sources.device import DeviceSource, DeviceSourceConfig, access_problem, may_skip
 from sources.getrandom import GetrandomSource, GetrandomSourceConfig
 
 
@@ -106,6 +108,89 @@ async def test_missing_device_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match=r"cannot open .*absent.*No such file"):
         async with device(tmp_path / "absent"):
             pass
+
+
+def refuse_open(monkeypatch: pytest.MonkeyPatch, path: Path, code: int) -> None:
+    """
+    Make opening ``path`` fail with ``code``: the suite runs as root in CI, and
+    root opens a mode-000 file all the same.
+    """
+    real_open = os.open
+
+    def fake_open(target: object, *args: Any, **kwargs: Any) -> int:
+        if Path(str(target)) == path:
+            raise OSError(code, os.strerror(code), str(target))
+        return real_open(target, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", fake_open)
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EPERM])
+async def test_permission_denied_is_reported_until_an_open_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """
+    A device the broker may not open fails with "permission denied" and the
+    path, and says so through ``unavailable`` until it opens again (the
+    operator fixed the mode).
+    """
+    path = tmp_path / "hwrng"
+    path.write_bytes(b"\x00" * 64)
+    source = device(path)
+    with monkeypatch.context() as patch:
+        refuse_open(patch, path, code)
+        with pytest.raises(
+            SourceError, match=r"cannot open .*hwrng: permission denied"
+        ):
+            async with source:
+                pass
+    assert f"cannot open {path}: permission denied" == source.unavailable
+    async with source:
+        assert source.unavailable is None
+
+
+@pytest.mark.parametrize(
+    ("optional", "present", "expected"),
+    [
+        pytest.param(True, False, True, id="optional-absent-is-skipped"),
+        pytest.param(True, True, False, id="optional-present-is-not"),
+        pytest.param(False, False, False, id="required-absent-is-not"),
+    ],
+)
+def test_only_an_absent_optional_device_may_be_skipped(
+    tmp_path: Path, optional: bool, present: bool, expected: bool
+) -> None:
+    """
+    ``optional`` forgives a device this machine lacks, not one it has but
+    cannot open.
+    """
+    path = tmp_path / "hwrng"
+    if present:
+        path.write_bytes(b"")
+    config = DeviceSourceConfig(
+        name="hwrng", kind="hwrng", path=path, optional=optional
+    )
+    assert expected == may_skip(config)
+
+
+def test_access_problem_names_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    check-config's view of a device path: absent, a directory, unreadable by
+    this user, or fine.
+    """
+    device_path = tmp_path / "dev"
+    device_path.write_bytes(b"")
+    assert f"no such device {tmp_path / 'absent'}" == access_problem(
+        tmp_path / "absent"
+    )
+    assert f"{tmp_path} is a directory, not a device" == access_problem(tmp_path)
+    assert access_problem(device_path) is None
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    problem = access_problem(device_path)
+    assert problem is not None
+    assert problem.startswith(f"{device_path} is not readable by uid")
 
 
 def fd_is_open(fd: int) -> bool:
