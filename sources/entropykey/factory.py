@@ -5,6 +5,10 @@ One entry names one key, or with ``serial = "*"`` every key the keyring knows
 that is on the bus (or, simulated, every key in the keyring). Simulated keys are
 kept in a `SimulatedFleet` owned by the broker, so they outlive driver restarts
 and can be unplugged and replugged by an operator trying failover.
+
+A ``serial = "*"`` entry with no key present at start gets a stand-in source
+(`sources.entropykey.waiting.AwaitedKey`) that says why and takes the first key
+the rescan finds.
 """
 
 import asyncio
@@ -30,6 +34,7 @@ from .transport import (
     find_usb_keys,
     usb_serial,
 )
+from .waiting import WAITING, AwaitedKey
 from .wire import FailureMode
 
 if TYPE_CHECKING:
@@ -172,6 +177,12 @@ def _transport(
     return UnixTransport(config.path)
 
 
+def _nominal_rate(config: EntropyKeySourceConfig) -> float:
+    if config.transport == "simulated":
+        return float(config.simulated_rate)
+    return NOMINAL_RATE
+
+
 def _make(
     config: EntropyKeySourceConfig,
     serial: str,
@@ -179,11 +190,7 @@ def _make(
     usb_backend: Any,
     fleet: SimulatedFleet,
 ) -> EntropyKeySource:
-    nominal = (
-        float(config.simulated_rate)
-        if config.transport == "simulated"
-        else NOMINAL_RATE
-    )
+    nominal = _nominal_rate(config)
     return EntropyKeySource(
         name=source_name(config, serial),
         serial=serial,
@@ -275,6 +282,49 @@ def build_sources(
     ]
 
 
+class ClaimedSerials(set[str]):
+    """
+    The serials of one ``serial = "*"`` entry that have a driver, and the
+    stand-in waiting for the entry's first key, if it has none yet.
+    """
+
+    def __init__(self, serials: Iterable[str] = (), stand_in: AwaitedKey | None = None):
+        super().__init__(serials)
+        self.stand_in = stand_in
+
+
+def waiting_reason(config: EntropyKeySourceConfig) -> str:
+    """
+    Why a ``serial = "*"`` entry has no key to drive, for status, health and
+    the log.
+    """
+    try:
+        keyring = load_keyring(config.keyring)
+    except (KeyringError, OSError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        return f"{WAITING} (keyring {config.keyring}: {detail})"
+    if not keyring:
+        return f"{WAITING} (keyring {config.keyring} lists no keys)"
+    if config.transport == "usb":
+        return f"{WAITING} (none that keyring {config.keyring} knows is on the bus)"
+    return WAITING
+
+
+def stand_in(config: EntropyKeySourceConfig) -> AwaitedKey:
+    """
+    The source a ``serial = "*"`` entry has while none of its keys is present.
+    """
+    reason = waiting_reason(config)
+    log.warning(
+        "entropy_key_missing",
+        source=config.name,
+        reason=reason,
+        hint="plug in a key the keyring knows; it is picked up within "
+        f"{config.rescan_interval:g} s",
+    )
+    return AwaitedKey(config, reason=reason, nominal_rate=_nominal_rate(config))
+
+
 async def watch_for_keys(
     config: EntropyKeySourceConfig,
     *,
@@ -286,13 +336,22 @@ async def watch_for_keys(
     """
     For ``serial = "*"``: every ``rescan_interval`` seconds, add a driver for each
     newly plugged key the keyring knows. A key that comes back after an unplug
-    is already known: its own driver reconnects it.
+    is already known: its own driver reconnects it. When ``known`` is a
+    `ClaimedSerials` whose stand-in still waits, the first new key goes to the
+    stand-in instead of getting a source of its own.
     """
     while True:
         await asyncio.sleep(config.rescan_interval)
         sources = await asyncio.to_thread(
             build_sources, config, usb_backend=usb_backend, fleet=fleet, exclude=known
         )
+        waiting = known.stand_in if isinstance(known, ClaimedSerials) else None
         for source in sources:
             known.add(source.serial)
-            add(source)
+            if waiting is not None and waiting.waiting:
+                log.info(
+                    "entropy_key_arrived", source=waiting.name, serial=source.serial
+                )
+                waiting.adopt(source)
+            else:
+                add(source)
