@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import structlog
 
@@ -35,9 +35,15 @@ from sinks.egd.server import EgdSink
 from sinks.http.config import HttpSinkConfig
 from sinks.http.server import HttpSink
 from sources.base import Source
-from sources.device import DeviceSource, DeviceSourceConfig
+from sources.device import DeviceSource, DeviceSourceConfig, may_skip
 from sources.entropykey.config import ANY_SERIAL, EntropyKeySourceConfig
-from sources.entropykey.factory import SimulatedFleet, build_sources, watch_for_keys
+from sources.entropykey.factory import (
+    ClaimedSerials,
+    SimulatedFleet,
+    build_sources,
+    stand_in,
+    watch_for_keys,
+)
 from sources.getrandom import GetrandomSource, GetrandomSourceConfig
 
 log = structlog.get_logger("ebroker.app")
@@ -45,6 +51,18 @@ log = structlog.get_logger("ebroker.app")
 LISTENERS_FILE = "listeners.json"
 ACCOUNTS_CLOSE_TIMEOUT = 15.0
 PID_FILE = "ebroker.pid"
+
+
+class MayBeUnavailable(Protocol):
+    """
+    A source that can tell why it cannot run (a device it may not open, a key
+    entry with no key), for the broker's health.
+    """
+
+    name: str
+
+    @property
+    def unavailable(self) -> str | None: ...
 
 
 def _getrandom(config: SourceConfig, broker: "Broker") -> list[Source]:
@@ -56,16 +74,25 @@ def _getrandom(config: SourceConfig, broker: "Broker") -> list[Source]:
 def _device(config: SourceConfig, broker: "Broker") -> list[Source]:
     if not isinstance(config, DeviceSourceConfig):
         raise TypeError(f"not a device config: {config!r}")
-    return [DeviceSource(config)]
+    source = DeviceSource(config)
+    broker.unavailable_sources.append(source)
+    return [source]
 
 
 def _entropykey(config: SourceConfig, broker: "Broker") -> list[Source]:
     if not isinstance(config, EntropyKeySourceConfig):
         raise TypeError(f"not an entropykey config: {config!r}")
     sources = build_sources(config, usb_backend=broker.usb_backend, fleet=broker.fleet)
-    if config.serial == ANY_SERIAL:
+    if config.serial != ANY_SERIAL:
+        return list(sources)
+    if sources:
         broker.key_watches.append((config, {source.serial for source in sources}))
-    return list(sources)
+        return list(sources)
+    # An entry with no key present still shows in status and health, with why.
+    waiting = stand_in(config)
+    broker.key_watches.append((config, ClaimedSerials(stand_in=waiting)))
+    broker.unavailable_sources.append(waiting)
+    return [waiting]
 
 
 SOURCE_KINDS: dict[str, Callable[[SourceConfig, "Broker"], list[Source]]] = {
@@ -124,12 +151,13 @@ class Broker:
         )
         self._pool = EntropyPool(config.broker.pool_size, waiters=WeightedWaitQueue())
         self.supervisor = Supervisor(self._pool, clock=clock)
+        self.unavailable_sources: list[MayBeUnavailable] = []
         for source_config in config.enabled_sources:
             for source in SOURCE_KINDS[source_config.kind](source_config, self):
                 self.supervisor.add(
                     source,
                     optional=isinstance(source_config, DeviceSourceConfig)
-                    and source_config.optional,
+                    and may_skip(source_config),
                     record_raw=source_config.record_raw,
                     health=source_config.health,
                     watchdog=source_config.watchdog,
@@ -188,6 +216,11 @@ class Broker:
                 any_healthy_source=supervisor.any_healthy(),
                 fallback_tier=supervisor.active_tier if supervisor.degraded else None,
                 store=self.accounts.backend.status(),
+                unavailable=tuple(
+                    f"{source.name}: {reason}"
+                    for source in self.unavailable_sources
+                    if (reason := source.unavailable) is not None
+                ),
             )
         )
 
