@@ -4,7 +4,7 @@ The ekeyd keyring file and the master-key card format (spec 11.1 and 11.3).
 A keyring line is ``<16-char PEM serial> <44-char PEM long-term key>``; lines
 that are empty or start with ``#`` are comments. A later line for the same
 serial replaces an earlier one. The file holds secrets, so `load_keyring`
-refuses one that group or others can read.
+refuses one that group or others can read, or that another user owns.
 """
 
 import os
@@ -38,7 +38,8 @@ class KeyringError(ValueError):
 
 class KeyringPermissionError(KeyringError):
     """
-    The keyring file is readable by its group or by others.
+    The keyring file is accessible to its group or others, or owned by another
+    user.
     """
 
 
@@ -83,20 +84,43 @@ def format_keyring(keys: Mapping[bytes, bytes]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def check_keyring_permissions(path: Path) -> None:
+def permission_problem(path: Path) -> str | None:
     """
-    Refuse a keyring file that anyone but its owner may read or write.
+    Why the keyring at ``path`` is not safe to trust, or None: a mode that
+    grants group or other access, or an owner other than the user running this
+    process (that owner could swap the keys).
 
     Raises:
-        KeyringPermissionError: the mode grants group or other access.
         OSError: the file cannot be examined.
     """
-    mode = stat.S_IMODE(os.stat(path).st_mode)
+    info = os.stat(path)
+    mode = stat.S_IMODE(info.st_mode)
     if mode & 0o077:
-        raise KeyringPermissionError(
-            f"keyring {path} has mode {mode:04o}: it holds secret keys, so it "
-            f"must not be accessible to group or others (run: chmod 600 {path})"
+        who = "others" if mode & 0o007 else "its group"
+        return (
+            f"{path} is accessible to {who} (mode {mode:04o}); it holds secret "
+            "keys: chmod 600 it"
         )
+    if info.st_uid != os.geteuid():
+        return (
+            f"{path} is owned by uid {info.st_uid}, not by uid {os.geteuid()} "
+            "that runs the broker: chown it"
+        )
+    return None
+
+
+def check_keyring_permissions(path: Path) -> None:
+    """
+    Refuse a keyring file that anyone but its owner may read or write, or that
+    another user owns.
+
+    Raises:
+        KeyringPermissionError: see `permission_problem`.
+        OSError: the file cannot be examined.
+    """
+    problem = permission_problem(path)
+    if problem is not None:
+        raise KeyringPermissionError(f"keyring {problem}")
 
 
 def load_keyring(path: Path) -> dict[bytes, bytes]:

@@ -2,6 +2,7 @@
 Keyring file format, permission check and master-key card parsing.
 """
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from sources.entropykey.keyring import (
     load_keyring,
     parse_keyring,
     parse_master_key,
+    permission_problem,
 )
 
 SERIAL = bytes.fromhex("37006F065837393049391143")
@@ -102,6 +104,23 @@ def test_refuses_group_or_world_accessible_file(tmp_path: Path, mode: int) -> No
     assert isinstance(info.value, ValueError)
     with pytest.raises(KeyringPermissionError, match=f"mode {mode:04o}"):
         check_keyring_permissions(path)
+
+
+def test_refuses_a_file_another_user_owns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A mode-0600 keyring that another user owns is refused: that user could
+    swap the keys. (Checked against a pretended uid, so it runs as root too.)
+    """
+    path = tmp_path / "keyring"
+    path.write_text(LINE_17_4 + "\n")
+    path.chmod(0o600)
+    owner = os.stat(path).st_uid
+    monkeypatch.setattr(os, "geteuid", lambda: owner + 1)
+    with pytest.raises(KeyringPermissionError, match=f"owned by uid {owner}"):
+        load_keyring(path)
+    assert "chown it" in str(permission_problem(path))
 
 
 def test_master_key_card_with_check_byte() -> None:
