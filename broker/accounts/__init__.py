@@ -20,8 +20,9 @@ none of their own):
    hour, day, ISO week from Monday, month).
 
 2 and 3 live in a `QuotaBackend`: `MemoryBackend` (one broker; quota counters
-saved to ``state_dir/accounts.json`` every ``persist_interval`` and at
-shutdown) or `RedisBackend` (brokers share them; every check-and-charge is one
+in ``state_dir/accounts.json``, written before a grant passes what the file
+counts, a reservation ahead, so a crash never hands quota out again and costs
+a customer at most one reservation: see `broker.accounts.reservations`) or `RedisBackend` (brokers share them; every check-and-charge is one
 atomic Lua script). If Redis goes away the broker logs ``redis_unavailable``,
 shows ``healthy: false`` in the snapshot, and either serves under local limits
 (``fail_open``) or grants nothing (``fail_closed``); when Redis answers again
@@ -42,7 +43,7 @@ given to `Accounts` (``clock=``; the system clock by default).
 Modules: ``accounts`` (the facade and housekeeping), ``customers`` (identity to
 customer, reload), ``grants`` (take, wait, refund), ``reporting`` (status
 snapshot), ``clients`` (client and customer state, `Grant`), ``backend`` and
-``redis_backend`` (shared counters), ``bucket``, ``periods``, ``identity``,
+``redis_backend`` (shared counters), ``reservations`` (durable counts), ``bucket``, ``periods``, ``identity``,
 ``config``, ``fairqueue``.
 """
 

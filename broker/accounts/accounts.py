@@ -67,6 +67,9 @@ class Accounts:
         self.clock = clock
         self._state_path = state_path
         self.backend: QuotaBackend = backend or _make_backend(config)
+        if isinstance(self.backend, MemoryBackend) and self.backend.state_path is None:
+            # The backend keeps counts durable itself, before each grant.
+            self.backend.state_path = state_path
         self._customers = Customers(customers)
         self._grants = Grants(self._customers, self.backend, clock)
         self._housekeeper: asyncio.Task[None] | None = None
@@ -160,8 +163,10 @@ class Accounts:
 
     async def start(self) -> None:
         """
-        Load saved counters (memory backend), connect the backend, and start
-        the housekeeping task (saving, Redis health checks and resync).
+        Load saved counters (memory backend), connect the backend, read every
+        customer's quota use for the status snapshot (so a restarted broker
+        reports spent quota from its first answer), and start the housekeeping
+        task (saving, Redis health checks and resync).
         """
         now = self.clock.time()
         if isinstance(self.backend, MemoryBackend) and self._state_path is not None:
@@ -180,6 +185,12 @@ class Accounts:
                     "accounts_state_loaded", path=str(self._state_path), counters=count
                 )
         await self.backend.start(now)
+        try:
+            await reporting.refresh_quotas(self._customers, self.backend, now)
+        except Exception:
+            # Status catches up at the first housekeeping round; not worth
+            # refusing to start over.
+            log.exception("accounts_quota_refresh_failed")
         self._housekeeper = asyncio.create_task(self._housekeeping())
 
     async def close(self) -> None:
@@ -191,16 +202,20 @@ class Accounts:
             await asyncio.wait([self._housekeeper])
             self._housekeeper = None
         await self.flush()
-        await self.save()
+        await self.save(exact=True)
         await self.backend.close()
 
-    async def save(self) -> None:
+    async def save(self, *, exact: bool = False) -> None:
         """
         Save the memory backend's counters now (no-op for Redis or no path).
+
+        Args:
+            exact: save the counts themselves, not a reservation ahead of
+                them; only right when no grant follows (shutdown).
         """
         if isinstance(self.backend, MemoryBackend) and self._state_path is not None:
             try:
-                await asyncio.to_thread(self.backend.save, self._state_path)
+                await self.backend.persist(exact=exact)
             except OSError as exc:
                 log.error(
                     "accounts_state_save_failed",

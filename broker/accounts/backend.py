@@ -6,8 +6,12 @@ Two backends share one interface, `QuotaBackend`:
 
 - `MemoryBackend` (here) keeps everything in this process and saves the quota
   counters to a JSON file (atomically: temp file, fsync, rename) so a restart
-  does not hand out a fresh daily quota. Buckets are not saved; a restart
-  refills them, which costs at most one burst.
+  does not hand out a fresh daily quota. With a state path, a charge that
+  passes what the file already counts writes the file before it returns, so
+  a crash (SIGKILL, power loss) never hands quota out again; the file runs a
+  little ahead of the counts and a crash costs a customer at most that much
+  (`broker.accounts.reservations` has the arithmetic). Buckets are not saved;
+  a restart refills them, which costs at most one burst.
 - `broker.accounts.redis_backend.RedisBackend` keeps them in Redis so several
   brokers share one budget, with a `MemoryBackend` as fallback during outages.
 
@@ -15,6 +19,7 @@ Client buckets are not here: a client is one connection identity on one broker,
 so its bucket lives in the `Accounts` facade.
 """
 
+import asyncio
 import contextlib
 import json
 import math
@@ -23,7 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import structlog
+
 from broker.accounts.bucket import TokenBucket
+from broker.accounts.reservations import reserved_mark
+
+log = structlog.get_logger("ebroker.accounts")
+
+WRITE_RETRY = 1.0
+"""Seconds between attempts to write the state file after one failed."""
+
+Slot = tuple[str, str]
+"""A quota counter: (customer id, period key)."""
 
 _STATE_VERSION = 1
 
@@ -143,17 +159,32 @@ class QuotaBackend(Protocol):
 class MemoryBackend:
     """
     Counters in this process; quota counters persist through `save`/`load`.
+
+    Args:
+        state_path: where `take` and `charge` keep quota counts durable before
+            they grant (see `broker.accounts.reservations`), and where
+            `persist` writes; None keeps counts in memory only.
     """
 
     kind = "memory"
     # Never used: this backend always decides. Present to satisfy the protocol.
     retry_interval = 1.0
 
-    def __init__(self) -> None:
-        self._used: dict[tuple[str, str], int] = {}
-        self._expires: dict[tuple[str, str], float] = {}
+    def __init__(self, state_path: Path | None = None) -> None:
+        self.state_path = state_path
+        self._used: dict[Slot, int] = {}
+        self._expires: dict[Slot, float] = {}
+        self._limits: dict[Slot, int] = {}
+        """Quota each counter was last charged under, for its reservation."""
+        self._durable: dict[Slot, int] = {}
+        """What the state file counts (the lower value while a write is in
+        flight): grants are handed out only while ``used`` is within it."""
         self._buckets: dict[str, TokenBucket] = {}
         self._latest = 0.0
+        self._write_lock = asyncio.Lock()
+        self._write_failed_at: float | None = None
+        self.writes = 0
+        """State files written (a measure of what durability costs)."""
 
     @property
     def healthy(self) -> bool:
@@ -202,7 +233,9 @@ class MemoryBackend:
             state.take(grant, now)
             tokens = state.tokens
         if quota is not None and grant:
-            used = self._add(customer_id, quota.period_key, grant, quota.expires_at)
+            used = self._add(
+                customer_id, quota.period_key, grant, quota.expires_at, quota.limit
+            )
         return Charge(grant, tokens, used)
 
     def give_back_now(
@@ -219,11 +252,14 @@ class MemoryBackend:
         if quota is not None:
             self.refund_now(customer_id, quota.period_key, amount)
 
-    def _add(self, customer_id: str, key: str, amount: int, expires: float) -> int:
+    def _add(
+        self, customer_id: str, key: str, amount: int, expires: float, limit: int
+    ) -> int:
         slot = (customer_id, key)
         used = max(0, self._used.get(slot, 0) + amount)
         self._used[slot] = used
         self._expires[slot] = expires
+        self._limits[slot] = limit
         return used
 
     def charge_now(
@@ -238,7 +274,7 @@ class MemoryBackend:
         granted = max(0, min(amount, limit - used))
         expires = math.inf if expires_at is None else expires_at
         if granted:
-            used = self._add(customer_id, period_key, granted, expires)
+            used = self._add(customer_id, period_key, granted, expires, limit)
         return granted, used
 
     def refund_now(self, customer_id: str, period_key: str, amount: int) -> int:
@@ -269,6 +305,8 @@ class MemoryBackend:
         for slot in [s for s, end in self._expires.items() if end <= now]:
             self._used.pop(slot, None)
             self._expires.pop(slot, None)
+            self._limits.pop(slot, None)
+            self._durable.pop(slot, None)
 
     # ---- async interface -------------------------------------------------------
 
@@ -280,7 +318,10 @@ class MemoryBackend:
         bucket: BucketLimit | None,
         quota: QuotaLimit | None,
     ) -> Charge:
-        return self.take_now(customer_id, amount, now, bucket, quota)
+        charge = self.take_now(customer_id, amount, now, bucket, quota)
+        if quota is not None and charge.granted:
+            await self._cover((customer_id, quota.period_key), now)
+        return charge
 
     async def give_back(
         self,
@@ -299,7 +340,12 @@ class MemoryBackend:
         limit: int,
         expires_at: float | None = None,
     ) -> tuple[int, int]:
-        return self.charge_now(customer_id, period_key, amount, limit, expires_at)
+        granted, used = self.charge_now(
+            customer_id, period_key, amount, limit, expires_at
+        )
+        if granted:
+            await self._cover((customer_id, period_key), self._latest)
+        return granted, used
 
     async def refund(self, customer_id: str, period_key: str, amount: int) -> int:
         return self.refund_now(customer_id, period_key, amount)
@@ -312,14 +358,81 @@ class MemoryBackend:
 
     # ---- persistence -----------------------------------------------------------
 
-    def save(self, path: Path) -> None:
+    async def _cover(self, slot: Slot, now: float) -> None:
         """
-        Write the quota counters to ``path`` atomically (blocking file I/O: call
-        it through `asyncio.to_thread` from the event loop).
+        Make sure the state file counts at least ``used`` for ``slot`` before
+        the caller hands out what it was just granted.
+        """
+        path = self.state_path
+        if path is None or self._covered(slot):
+            return
+        async with self._write_lock:
+            # A write that finished while this one queued may cover it already.
+            if self._covered(slot):
+                return
+            if (
+                self._write_failed_at is not None
+                and now < self._write_failed_at + WRITE_RETRY
+            ):
+                return  # the disk just failed: serve on, try again shortly
+            try:
+                await self._write_locked(path, reserve=True)
+            except OSError as exc:
+                # Refusing every metered grant over a full or broken disk would
+                # stop the supply; counts stay exact in memory, and only a crash
+                # before the disk recovers could lose them.
+                self._write_failed_at = now
+                log.error(
+                    "accounts_state_save_failed",
+                    path=str(path),
+                    error=str(exc),
+                )
+            else:
+                self._write_failed_at = None
 
-        Counters of periods that ended before the latest ``now`` seen are dropped.
+    def _covered(self, slot: Slot) -> bool:
+        return self._used.get(slot, 0) <= self._durable.get(slot, 0)
+
+    async def persist(self, *, exact: bool = False) -> None:
         """
+        Write the quota counters to `state_path` (no-op without one).
+
+        Args:
+            exact: write the counts themselves (at shutdown, when no grant
+                follows) rather than marks a reservation ahead of them.
+
+        Raises:
+            OSError: the file could not be written.
+        """
+        path = self.state_path
+        if path is None:
+            return
+        async with self._write_lock:
+            await self._write_locked(path, reserve=not exact, force=exact)
+
+    async def _write_locked(
+        self, path: Path, *, reserve: bool, force: bool = False
+    ) -> None:
         self.prune(self._latest)
+        marks = {
+            slot: reserved_mark(used, self._limits.get(slot) if reserve else None)
+            for slot, used in self._used.items()
+        }
+        if marks == self._durable and not force:
+            return  # the file already says this
+        # Until the rename lands the old file is in force: a mark this write
+        # lowers (after refunds) must not be granted against in the meantime.
+        self._durable = {
+            slot: min(mark, self._durable.get(slot, 0)) for slot, mark in marks.items()
+        }
+        text = self._render(marks)
+        await asyncio.to_thread(_write_atomically, path, text)
+        self.writes += 1
+        for slot, mark in marks.items():
+            if slot in self._durable:
+                self._durable[slot] = mark
+
+    def _render(self, counts: dict[Slot, int]) -> str:
         entries = [
             {
                 "customer": customer_id,
@@ -329,27 +442,26 @@ class MemoryBackend:
                 if math.isinf(self._expires.get((customer_id, period_key), math.inf))
                 else self._expires[(customer_id, period_key)],
             }
-            for (customer_id, period_key), used in sorted(self._used.items())
+            for (customer_id, period_key), used in sorted(counts.items())
         ]
-        text = json.dumps({"version": _STATE_VERSION, "quotas": entries}, indent=1)
-        temporary = path.with_name(path.name + ".tmp")
-        with open(temporary, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-        # Make the rename itself durable; not every filesystem lets us open a dir.
-        with contextlib.suppress(OSError):
-            directory = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+        return json.dumps({"version": _STATE_VERSION, "quotas": entries}, indent=1)
+
+    def save(self, path: Path) -> None:
+        """
+        Write the exact quota counters to ``path`` atomically (blocking file
+        I/O: call it through `asyncio.to_thread` from the event loop).
+
+        Counters of periods that ended before the latest ``now`` seen are dropped.
+        """
+        self.prune(self._latest)
+        _write_atomically(path, self._render(dict(self._used)))
 
     def load(self, path: Path) -> int:
         """
-        Read counters saved by `save`, keeping the larger value where this
-        backend already counted something. A missing file is an empty state.
+        Read counters saved by `save` or `persist`, keeping the larger value
+        where this backend already counted something. A missing file is an
+        empty state. A mark read from `state_path` counts as spent: the
+        reservation a crash left unused is not handed out again.
 
         Returns:
             How many counters were read.
@@ -379,5 +491,23 @@ class MemoryBackend:
                 raise ValueError(f"{path}: malformed entry {entry!r}") from None
             self._used[slot] = max(self._used.get(slot, 0), used)
             self._expires[slot] = expires
+            if path == self.state_path:
+                self._durable[slot] = used
             count += 1
         return count
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    # Make the rename itself durable; not every filesystem lets us open a dir.
+    with contextlib.suppress(OSError):
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)

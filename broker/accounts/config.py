@@ -172,8 +172,9 @@ class AccountsConfig(StrictModel):
     persist_interval: Duration = Field(
         default=5.0,
         gt=0,
-        description="seconds between saves of the counters to the state dir "
-        "(memory backend), and between Redis health checks",
+        description="seconds between housekeeping rounds: rewriting the "
+        "counters in the state dir (memory backend; grants are made durable "
+        "before they return regardless), and Redis health checks",
     )
 
 

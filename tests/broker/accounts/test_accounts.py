@@ -384,8 +384,9 @@ async def test_snapshot_shows_usage_never_tokens() -> None:
 
 async def test_background_housekeeping_saves(tmp_path: Path) -> None:
     """
-    Once started, counters reach the state file after persist_interval on the
-    accounts' clock, without a shutdown, and not before.
+    Once started, a refund reaches the state file after persist_interval on
+    the accounts' clock, without a shutdown, and not before (the grant itself
+    was made durable at once).
     """
     path = tmp_path / "accounts.json"
     clock = FakeClock()
@@ -393,17 +394,23 @@ async def test_background_housekeeping_saves(tmp_path: Path) -> None:
     acc = Accounts(config, [acme(quota="1 MiB/day")], state_path=path, clock=clock)
     await acc.start()
     vm = client_of(acc, Peer("tcp", ip="10.1.0.5"))
-    await acc.grant(vm, 100, clock.time())
+    grant = await acc.grant(vm, 100, clock.time())
+    reserve = 16384  # 1 MiB / 64
 
-    def saved() -> bool:
-        return path.exists() and bool(json.loads(path.read_text())["quotas"])
+    def saved() -> int:
+        quotas = json.loads(path.read_text())["quotas"]
+        return int(quotas[0]["used"]) if quotas else -1
 
+    assert 100 + reserve == saved()
+    acc.refund(vm, 100, grant.charged_at)
+    await acc.flush()
     await clock.advance(29.5)
-    assert not path.exists()
+    assert 100 + reserve == saved()
     await clock.advance(0.5)
     # The file is written in a worker thread: wait for it, not for time.
-    await eventually(saved)
+    await eventually(lambda: reserve == saved())
     await acc.close()
+    assert 0 == saved()
 
 
 async def test_clients_carry_customer_weight_into_fair_queue() -> None:
