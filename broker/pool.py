@@ -3,21 +3,38 @@ The entropy pool: conditions credited input and hands out every output byte once
 
 Theory of operation
 -------------------
-Input arrives from sources as raw bytes with a credit in bits per byte. It is
-absorbed into a SHA-512 conditioner. As soon as the conditioner has absorbed at
-least ``BLOCK_BITS + RESERVE_BITS`` (256 + 64 = 320) credited bits, it emits one
-output block: the first 32 bytes of its digest. The other 32 bytes are never
-output; they seed the next conditioner state, so entropy absorbed beyond what a
-block needed is carried forward rather than lost (though never credited twice:
-credit restarts from zero for each block). Input with zero credit (untrusted
-client writes) is mixed into the conditioner and releases nothing.
+Input arrives from sources as raw bytes with a credit in bits per byte, and
+optionally the tier (priority) of the source that sent it. It is absorbed into
+a keyed SHA-512 `Conditioner` (see `broker.conditioner` for the key, the reseed
+policy and what a raw recording does and does not reveal). As soon as the
+conditioner has absorbed at least ``BLOCK_BITS + RESERVE_BITS`` (256 + 64 =
+320) credited bits, it emits one 32-byte output block. The key is credited with
+nothing: output is released only against credited source input. Credit
+restarts from zero for each block; entropy absorbed beyond what a block needed
+is carried forward in the conditioner's state but never credited twice. Input
+with zero credit (untrusted client writes) is mixed in and releases nothing.
 
-Output blocks wait in a bounded buffer. Sources pause while the buffer is full
-(`wait_for_space`); the buffer can exceed ``capacity`` by at most one source
-read. Withdrawals take bytes from the front of the buffer; a byte leaves the
-buffer exactly once and goes to exactly one caller. Bytes a waiter had collected
-but never received (its wait timed out or was cancelled) go back to the front
-of the buffer: they were never served, so serving them later is not a repeat.
+Output blocks wait in a buffer that never holds more than ``capacity`` bytes.
+A block is emitted only while there is room for all of it; when there is none,
+the block stays inside the conditioner, complete and credited, until a
+withdrawal makes room. Further input meanwhile is still mixed in, but its
+credit is dropped: the state cannot hold more than that one block's worth, and
+under-crediting is safe. Sources pause while there is no room for a block
+(`wait_for_space`), so that costs at most the read each had in flight.
+
+Withdrawals take bytes from the front of the buffer; a byte leaves the buffer
+exactly once and goes to exactly one caller. Bytes a waiter had collected but
+never received (its wait timed out or was cancelled) go back to the front of
+the buffer: they were never served, so serving them later is not a repeat. If
+new blocks filled the buffer meanwhile, the newest bytes beyond ``capacity``
+are discarded (never served, so nothing is repeated; only output is lost).
+
+Provenance: each block is attributed to the tier that contributed the most
+credited bits to it (ties go to the lower tier number; input given without a
+tier loses ties and counts as tier -1 in `PoolStats`). Bytes remember their
+tier while buffered, while a waiter holds them and when given back, so
+`PoolStats.level_by_tier` and `PoolStats.bytes_out_by_tier` each add up to
+``level`` and ``bytes_out``.
 
 Waiters queue in a `WaitPolicy`. Each turn gives the waiter at the head at most
 ``chunk`` bytes; a waiter that still needs more goes to the back. With the plain
@@ -29,21 +46,28 @@ weighted-fair across customers (the pool tells it each turn's size through
 
 import asyncio
 import contextlib
-import hashlib
+import os
 from collections import deque
-from collections.abc import Hashable
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from broker.conditioner import BLOCK_BYTES as BLOCK_BYTES
+from broker.conditioner import Conditioner, SecretSource
 from broker.errors import PoolClosedError
 
-BLOCK_BYTES = 32
 BLOCK_BITS = BLOCK_BYTES * 8
 RESERVE_BITS = 64
 # Credit is tracked in thousandths of a bit so fractional credits stay exact.
 _MILLI = 1000
 _NEEDED_MILLIBITS = (BLOCK_BITS + RESERVE_BITS) * _MILLI
 _COMPACT_AT = 64 * 1024
+NO_TIER = -1
+"""How `PoolStats` names input that came without a tier."""
+
+Tier = int | None
+Runs = list[tuple[Tier, int]]
+"""Provenance of a stretch of output: (tier, byte count) in stream order."""
 
 
 @dataclass(slots=True)
@@ -59,6 +83,8 @@ class Waiter:
     key: Hashable = None
     """Who is waiting (a connection, a client); used by fair queue policies."""
     collected: bytearray | None = None
+    provenance: Runs = field(default_factory=list)
+    """Tiers of the bytes taken for this waiter so far, in order."""
 
     @property
     def remaining(self) -> int:
@@ -128,6 +154,84 @@ class WaitPolicy(Protocol):
     def charge(self, waiter: Waiter, nbytes: int) -> None: ...
 
 
+@dataclass(slots=True)
+class _Run:
+    tier: Tier
+    size: int
+
+
+class _Ledger:
+    """
+    The tier of every buffered byte, as runs from the front of the buffer.
+    """
+
+    def __init__(self) -> None:
+        self._runs: deque[_Run] = deque()
+        self.level_by_tier: dict[Tier, int] = {}
+
+    def append(self, tier: Tier, size: int) -> None:
+        if self._runs and self._runs[-1].tier == tier:
+            self._runs[-1].size += size
+        else:
+            self._runs.append(_Run(tier, size))
+        self._count(tier, size)
+
+    def prepend(self, runs: Runs) -> None:
+        for tier, size in reversed(runs):
+            if self._runs and self._runs[0].tier == tier:
+                self._runs[0].size += size
+            else:
+                self._runs.appendleft(_Run(tier, size))
+            self._count(tier, size)
+
+    def take(self, count: int) -> Runs:
+        """
+        Remove ``count`` bytes from the front and say where they came from.
+        """
+        taken: Runs = []
+        while count:
+            run = self._runs[0]
+            part = min(run.size, count)
+            run.size -= part
+            if not run.size:
+                self._runs.popleft()
+            taken.append((run.tier, part))
+            self._count(run.tier, -part)
+            count -= part
+        return taken
+
+    def drop_tail(self, count: int) -> None:
+        while count:
+            run = self._runs[-1]
+            part = min(run.size, count)
+            run.size -= part
+            if not run.size:
+                self._runs.pop()
+            self._count(run.tier, -part)
+            count -= part
+
+    def _count(self, tier: Tier, delta: int) -> None:
+        total = self.level_by_tier.get(tier, 0) + delta
+        if total:
+            self.level_by_tier[tier] = total
+        else:
+            del self.level_by_tier[tier]
+
+
+def majority_tier(credit: dict[Tier, int]) -> Tier:
+    """
+    The tier that contributed the most credit; ties go to the lower tier
+    number, and input without a tier loses every tie.
+    """
+    if not credit:
+        return None
+    return min(credit, key=lambda tier: (-credit[tier], tier is None, tier or 0))
+
+
+def _stat_key(tier: Tier) -> int:
+    return NO_TIER if tier is None else tier
+
+
 @dataclass(frozen=True, slots=True)
 class PoolStats:
     """
@@ -142,6 +246,10 @@ class PoolStats:
     uncredited_bytes_in: int
     bytes_out: int
     blocks_out: int
+    bytes_out_by_tier: dict[int, int]
+    """Bytes handed out (and not given back) per source tier; no tier is -1."""
+    level_by_tier: dict[int, int]
+    """Bytes buffered now per source tier; no tier is -1."""
 
 
 class EntropyPool:
@@ -154,14 +262,26 @@ class EntropyPool:
         capacity: int = 1 << 20,
         chunk: int = 256,
         waiters: WaitPolicy | None = None,
+        *,
+        secret: SecretSource = os.urandom,
     ) -> None:
+        """
+        Args:
+            capacity: most output bytes ever buffered.
+            chunk: most bytes a waiter gets per turn.
+            waiters: the order blocked withdrawals are served in.
+            secret: where the conditioner's key and reseeds come from; tests
+                pass a fixed stream to make output reproducible.
+        """
         if capacity < BLOCK_BYTES:
             raise ValueError("pool capacity must hold at least one block")
         self.capacity = capacity
         self.chunk = chunk
-        self._conditioner = hashlib.sha512(b"ebroker pool v1")
+        self._conditioner = Conditioner(secret)
         self._credit_millibits = 0
+        self._block_credit: dict[Tier, int] = {}
         self._buffer = bytearray()
+        self._ledger = _Ledger()
         self._offset = 0
         self._waiters: WaitPolicy = waiters if waiters is not None else WaitQueue()
         self._space = asyncio.Event()
@@ -171,13 +291,21 @@ class EntropyPool:
         self.credited_millibits_in = 0
         self.uncredited_bytes_in = 0
         self.bytes_out = 0
+        self.bytes_out_by_tier: dict[Tier, int] = {}
         self.blocks_out = 0
+        self.bytes_discarded = 0
+        """Given-back bytes that no longer fitted (never served, so never repeated)."""
 
     # ---- input side -------------------------------------------------------------
 
-    def add(self, data: bytes, bits_per_byte: float) -> None:
+    def add(self, data: bytes, bits_per_byte: float, *, tier: Tier = None) -> None:
         """
         Absorb ``data``, crediting ``bits_per_byte`` (0..8) bits for each byte.
+
+        Args:
+            data: raw source bytes.
+            bits_per_byte: entropy credited per byte.
+            tier: priority of the source that sent ``data``, for provenance.
         """
         if not data:
             return
@@ -187,7 +315,7 @@ class EntropyPool:
         rate = round(bits_per_byte * _MILLI)
         if rate == 0:
             self.uncredited_bytes_in += len(data)
-            self._conditioner.update(data)
+            self._conditioner.absorb(data)
             return
         self.credited_millibits_in += rate * len(data)
         view = memoryview(data)
@@ -195,14 +323,19 @@ class EntropyPool:
         produced = False
         while position < len(view):
             missing = _NEEDED_MILLIBITS - self._credit_millibits
+            if missing <= 0:
+                # A complete block waits for room; the state holds no more
+                # credit than that, so the rest is mixed in uncredited.
+                self._conditioner.absorb(view[position:])
+                break
             take = -(-missing // rate)  # ceiling division
             piece = view[position : position + take]
-            self._conditioner.update(piece)
+            self._conditioner.absorb(piece)
             position += len(piece)
-            self._credit_millibits += len(piece) * rate
-            if self._credit_millibits >= _NEEDED_MILLIBITS:
-                self._emit_block()
-                produced = True
+            credit = len(piece) * rate
+            self._credit_millibits += credit
+            self._block_credit[tier] = self._block_credit.get(tier, 0) + credit
+            produced |= self._emit_block()
         if produced:
             self._dispatch()
             self._update_space()
@@ -213,29 +346,41 @@ class EntropyPool:
         """
         self.add(data, 0.0)
 
-    def _emit_block(self) -> None:
-        digest = self._conditioner.digest()
-        self._buffer += digest[:BLOCK_BYTES]
-        self._conditioner = hashlib.sha512(b"ebroker pool chain v1")
-        self._conditioner.update(digest[BLOCK_BYTES:])
+    def _emit_block(self) -> bool:
+        """
+        Emit the block the conditioner holds, if it is fully credited and fits.
+        """
+        if self._credit_millibits < _NEEDED_MILLIBITS or not self.has_space:
+            return False
+        self._buffer += self._conditioner.emit()
+        self._ledger.append(majority_tier(self._block_credit), BLOCK_BYTES)
         # Surplus credit inside the last piece is dropped: under-crediting is safe.
         self._credit_millibits = 0
+        self._block_credit.clear()
         self.blocks_out += 1
+        return True
 
     @property
     def has_space(self) -> bool:
-        return self.level < self.capacity
+        """
+        Whether one more block fits without the buffer passing ``capacity``.
+        """
+        return self.level + BLOCK_BYTES <= self.capacity
 
     async def wait_for_space(self) -> None:
         """
-        Return once the output buffer is below capacity (sources call this before
-        each read, which is how a full pool pauses them).
+        Return once the output buffer has room for a block (sources call this
+        before each read, which is how a full pool pauses them).
         """
         while not self.has_space and not self._closed:
             self._space.clear()
             await self._space.wait()
 
     def _update_space(self) -> None:
+        # Called whenever the level fell: a block the conditioner was holding
+        # for want of room may fit now.
+        if self._emit_block():
+            self._dispatch()
         if self.has_space:
             self._space.set()
         else:
@@ -254,17 +399,34 @@ class EntropyPool:
     def waiters(self) -> int:
         return len(self._waiters)
 
-    def _take(self, count: int) -> bytes:
+    def _take(self, count: int, waiter: Waiter | None = None) -> bytes:
+        """
+        Remove up to ``count`` bytes from the front of the buffer. Their
+        provenance goes with them to ``waiter``; without one they are handed
+        out at once (counted in ``bytes_out``).
+        """
         count = min(count, self.level)
         start = self._offset
         data = bytes(self._buffer[start : start + count])
+        runs = self._ledger.take(count)
+        if waiter is None:
+            self._count_out(runs)
+        else:
+            waiter.provenance += runs
         self._offset += count
         if self._offset >= _COMPACT_AT and self._offset * 2 >= len(self._buffer):
             del self._buffer[: self._offset]
             self._offset = 0
         return data
 
-    def _give_back(self, data: bytes) -> None:
+    def _count_out(self, runs: Iterable[tuple[Tier, int]], sign: int = 1) -> None:
+        for tier, size in runs:
+            self.bytes_out += sign * size
+            self.bytes_out_by_tier[tier] = (
+                self.bytes_out_by_tier.get(tier, 0) + sign * size
+            )
+
+    def _give_back(self, data: bytes, runs: Runs) -> None:
         if not data:
             return
         if self._offset >= len(data):
@@ -274,6 +436,14 @@ class EntropyPool:
             self._buffer[: self._offset] = b""
             self._buffer[0:0] = data
             self._offset = 0
+        self._ledger.prepend(runs)
+        excess = self.level - self.capacity
+        if excess > 0:
+            # Blocks emitted while these bytes were out filled the buffer:
+            # the newest bytes go, as they were never served.
+            del self._buffer[len(self._buffer) - excess :]
+            self._ledger.drop_tail(excess)
+            self.bytes_discarded += excess
         self._dispatch()
         self._update_space()
 
@@ -290,7 +460,6 @@ class EntropyPool:
         if count <= 0 or len(self._waiters):
             return b""
         data = self._take(count)
-        self.bytes_out += len(data)
         self._update_space()
         return data
 
@@ -340,13 +509,12 @@ class EntropyPool:
         self._waiters.remove(waiter)
         if waiter.future.done() and not waiter.future.cancelled():
             if waiter.future.exception() is None:
-                unserved = waiter.future.result()
-                self.bytes_out -= len(unserved)
-                self._give_back(unserved)
+                self._count_out(waiter.provenance, -1)
+                self._give_back(waiter.future.result(), waiter.provenance)
             return
         waiter.future.cancel()
         if waiter.collected:
-            self._give_back(bytes(waiter.collected))
+            self._give_back(bytes(waiter.collected), waiter.provenance)
 
     def _dispatch(self) -> None:
         if len(self._waiters) and self.level:
@@ -361,22 +529,22 @@ class EntropyPool:
                 self._waiters.pop()
                 continue
             if waiter.partial:
-                data = self._take(min(waiter.remaining, self.chunk))
+                data = self._take(min(waiter.remaining, self.chunk), waiter)
                 self._waiters.charge(waiter, len(data))
                 self._waiters.pop()
-                self.bytes_out += len(data)
+                self._count_out(waiter.provenance)
                 waiter.future.set_result(data)
                 continue
             if waiter.collected is None:
                 waiter.collected = bytearray()
-            taken = self._take(min(waiter.remaining, self.chunk))
+            taken = self._take(min(waiter.remaining, self.chunk), waiter)
             waiter.collected += taken
             self._waiters.charge(waiter, len(taken))
             self._waiters.pop()
             if waiter.remaining:
                 self._waiters.requeue(waiter)
             else:
-                self.bytes_out += len(waiter.collected)
+                self._count_out(waiter.provenance)
                 waiter.future.set_result(bytes(waiter.collected))
 
     # ---- lifecycle and reporting ----------------------------------------------------
@@ -405,4 +573,11 @@ class EntropyPool:
             uncredited_bytes_in=self.uncredited_bytes_in,
             bytes_out=self.bytes_out,
             blocks_out=self.blocks_out,
+            bytes_out_by_tier={
+                _stat_key(tier): size for tier, size in self.bytes_out_by_tier.items()
+            },
+            level_by_tier={
+                _stat_key(tier): size
+                for tier, size in self._ledger.level_by_tier.items()
+            },
         )

@@ -11,8 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker.conditioner import RESEED_BLOCKS, SECRET_BYTES
 from broker.errors import PoolClosedError
-from broker.pool import BLOCK_BITS, BLOCK_BYTES, RESERVE_BITS, EntropyPool
+from broker.pool import BLOCK_BITS, BLOCK_BYTES, RESERVE_BITS, EntropyPool, Tier
+from tests.broker.test_conditioner import CountingSecret, fixed_secret
 
 
 def max_output(credited_bits: float) -> int:
@@ -56,14 +58,16 @@ def test_uncredited_input_releases_nothing() -> None:
 
 def test_output_is_conditioned_not_copied() -> None:
     """
-    Output is a hash of the input, never the raw input itself.
+    Output is a keyed hash of the input, never the raw input itself.
     """
-    pool = EntropyPool(4096)
+    key = bytes(64)
+    pool = EntropyPool(4096, secret=lambda size: key)
     raw = bytes(range(40))
     pool.add(raw, 8)
     out = pool.read_nowait(32)
     assert raw[:32] != out
-    assert hashlib.sha512(b"ebroker pool v1" + raw).digest()[:32] == out
+    label = b"ebroker conditioner v2 key"
+    assert hashlib.sha512(label + key + raw).digest()[:32] == out
 
 
 @settings(max_examples=200, deadline=None)
@@ -250,3 +254,261 @@ async def test_waiter_draining_a_full_pool_wakes_sources() -> None:
     reader.cancel()
     with pytest.raises(asyncio.CancelledError):
         await reader
+
+
+# ---- keyed conditioning -------------------------------------------------------------
+
+RECORDING = [
+    (os.urandom(size), credit) for size, credit in [(1024, 0.0)] + [(512, 8.0)] * 40
+]
+"""A raw recording as `record_raw` writes it: a start-up test's worth mixed, then
+credited reads."""
+
+
+def replay(pool: EntropyPool) -> bytes:
+    """
+    Feed ``RECORDING`` through ``pool`` as the supervisor would and drain it.
+    """
+    for data, credit in RECORDING:
+        pool.add(data, credit)
+    return pool.read_nowait(pool.level)
+
+
+def test_raw_recording_does_not_reproduce_output() -> None:
+    """
+    The same raw input through two pools gives unrelated output: knowing every
+    source byte does not tell what a client received.
+    """
+    first = replay(EntropyPool(1 << 20))
+    second = replay(EntropyPool(1 << 20))
+    assert len(first) == len(second) > 0
+    blocks = {first[i : i + BLOCK_BYTES] for i in range(0, len(first), BLOCK_BYTES)}
+    assert not any(
+        second[i : i + BLOCK_BYTES] in blocks
+        for i in range(0, len(second), BLOCK_BYTES)
+    )
+
+
+def test_same_secret_reproduces_output() -> None:
+    """
+    With the secret stream fixed, the same recording gives the same output:
+    the key is what the output depends on beyond the input.
+    """
+    first = replay(EntropyPool(1 << 20, secret=fixed_secret(b"k")))
+    second = replay(EntropyPool(1 << 20, secret=fixed_secret(b"k")))
+    assert first == second
+
+
+def test_key_adds_no_credit() -> None:
+    """
+    However much secret material there is, output needs the same credited
+    input as before: one block per 320 credited bits.
+    """
+    pool = EntropyPool(1 << 20)
+    pool.mix(os.urandom(4096))
+    pool.add(os.urandom(39), 8)
+    assert 0 == pool.level
+    pool.add(os.urandom(1), 8)
+    assert BLOCK_BYTES == pool.level
+
+
+@pytest.mark.parametrize(
+    "blocks", [RESEED_BLOCKS - 1, RESEED_BLOCKS, 2 * RESEED_BLOCKS]
+)
+def test_pool_reseeds_every_1024_blocks(blocks: int) -> None:
+    """
+    The pool draws its key once and fresh secret material after every 1,024
+    output blocks (32 KiB), however the input was split.
+    """
+    secret = CountingSecret()
+    pool = EntropyPool(1 << 20, secret=secret)
+    data = os.urandom(blocks * 40)
+    for start in range(0, len(data), 1000):
+        pool.add(data[start : start + 1000], 8)
+        pool.read_nowait(pool.level)
+    assert blocks == pool.stats().blocks_out
+    assert 1 + blocks // RESEED_BLOCKS == secret.calls
+
+
+def test_secret_is_asked_for_64_bytes() -> None:
+    """
+    Key and reseeds are 64 bytes of kernel material each.
+    """
+    sizes: list[int] = []
+
+    def secret(size: int) -> bytes:
+        sizes.append(size)
+        return os.urandom(size)
+
+    EntropyPool(4096, secret=secret)
+    assert [SECRET_BYTES] == sizes == [64]
+
+
+# ---- capacity ------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    capacity=st.integers(BLOCK_BYTES, 2000),
+    steps=st.lists(
+        st.tuples(st.integers(0, 5000), st.sampled_from([0.5, 4.0, 8.0])),
+        min_size=1,
+        max_size=30,
+    ),
+    reads=st.lists(st.integers(0, 700), max_size=30),
+)
+def test_level_never_exceeds_capacity(
+    capacity: int, steps: list[tuple[int, float]], reads: list[int]
+) -> None:
+    """
+    However large the adds, the level and the stats stay at or below capacity,
+    and the per-tier level adds up to the level.
+    """
+    pool = EntropyPool(capacity)
+    reads_iter = iter(reads)
+    for size, credit in steps:
+        pool.add(os.urandom(size), credit, tier=size % 3)
+        stats = pool.stats()
+        assert pool.level == stats.level <= capacity
+        assert stats.level == sum(stats.level_by_tier.values())
+        pool.read_nowait(next(reads_iter, 0))
+        assert pool.level <= capacity
+
+
+def test_block_waits_in_the_conditioner_until_room_frees() -> None:
+    """
+    A full pool keeps one complete block inside the conditioner and emits it as
+    soon as a withdrawal makes room; credit beyond that block is dropped.
+    """
+    pool = EntropyPool(64)
+    pool.add(os.urandom(40 * 5), 8)
+    assert 64 == pool.level
+    assert 2 == pool.stats().blocks_out
+    assert not pool.has_space
+    first = pool.read_nowait(32)
+    assert 64 == pool.level
+    assert 3 == pool.stats().blocks_out
+    rest = pool.read_nowait(64)
+    assert 0 == pool.level
+    assert 3 == pool.stats().blocks_out
+    assert 3 == len({first, rest[:32], rest[32:]})
+
+
+def test_capacity_not_a_multiple_of_a_block_pauses_sources() -> None:
+    """
+    With room for less than a whole block, sources are paused rather than
+    spinning on a pool that can take nothing.
+    """
+    pool = EntropyPool(100)
+    pool.add(os.urandom(40 * 4), 8)
+    assert 96 == pool.level
+    assert not pool.has_space
+
+
+async def test_given_back_bytes_past_capacity_drop_the_newest() -> None:
+    """
+    Bytes a reader never received go back to the front even when new blocks
+    filled the buffer meanwhile; the newest bytes beyond capacity are
+    discarded, never served, so the level stays within capacity.
+    """
+    pool = EntropyPool(64)
+    reader = asyncio.create_task(pool.read(64))
+    await asyncio.sleep(0)
+    pool.add(os.urandom(80), 8, tier=1)
+    pool.add(os.urandom(80), 8, tier=2)
+    assert 64 == pool.level
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    stats = pool.stats()
+    assert 64 == stats.level
+    assert {1: 64} == stats.level_by_tier
+    assert 0 == stats.bytes_out
+    assert {1: 0} == stats.bytes_out_by_tier
+    assert 64 == pool.bytes_discarded
+
+
+# ---- provenance ----------------------------------------------------------------------
+
+
+def test_block_goes_to_the_tier_with_most_credit() -> None:
+    """
+    A block is attributed to the tier that contributed most of its credited
+    bits, whatever order the input came in.
+    """
+    pool = EntropyPool(4096)
+    pool.add(os.urandom(10), 8, tier=0)
+    pool.add(os.urandom(30), 8, tier=3)
+    pool.add(os.urandom(25), 8, tier=2)
+    pool.add(os.urandom(15), 8, tier=0)
+    assert {3: 32, 2: 32} == pool.stats().level_by_tier
+
+
+@pytest.mark.parametrize(
+    ("tiers", "expected"),
+    [((2, 1), 1), ((1, 2), 1), ((None, 4), 4), ((4, None), 4), ((None, None), -1)],
+)
+def test_ties_go_to_the_lower_tier(tiers: tuple[Tier, Tier], expected: int) -> None:
+    """
+    Equal credit goes to the lower tier number; input without a tier loses
+    every tie, and a block with no tier at all counts as -1.
+    """
+    pool = EntropyPool(4096)
+    for tier in tiers:
+        pool.add(os.urandom(20), 8, tier=tier)
+    assert {expected: BLOCK_BYTES} == pool.stats().level_by_tier
+
+
+def test_uncredited_input_has_no_say_in_attribution() -> None:
+    """
+    Only credited bits count: bytes mixed in uncredited do not win a block.
+    """
+    pool = EntropyPool(4096)
+    pool.add(os.urandom(4000), 0, tier=0)
+    pool.add(os.urandom(40), 8, tier=5)
+    assert {5: BLOCK_BYTES} == pool.stats().level_by_tier
+
+
+async def test_bytes_out_by_tier_adds_up_to_bytes_out() -> None:
+    """
+    Whatever mix of non-blocking reads, streaming and whole waiters, timeouts
+    and give-backs, bytes handed out per tier sum to bytes_out and buffered
+    bytes per tier sum to the level.
+    """
+    pool = EntropyPool(1024, chunk=48)
+    tiers = [0, 1, 1, None, 2]
+    readers = [
+        asyncio.create_task(pool.read(size, partial=size % 2 == 1))
+        for size in (100, 33, 250, 65)
+    ]
+    doomed = asyncio.create_task(pool.read(5000))
+    await asyncio.sleep(0)
+    for step in range(60):
+        pool.add(os.urandom(37), 8, tier=tiers[step % len(tiers)])
+        pool.read_nowait(step % 20)
+        await asyncio.sleep(0)
+        stats = pool.stats()
+        assert stats.bytes_out == sum(stats.bytes_out_by_tier.values())
+        assert stats.level == sum(stats.level_by_tier.values())
+    await asyncio.gather(*readers)
+    doomed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    pool.read_nowait(17)
+    stats = pool.stats()
+    assert stats.bytes_out == sum(stats.bytes_out_by_tier.values()) > 0
+    assert stats.level == sum(stats.level_by_tier.values()) > 0
+    assert {-1, 0, 1, 2} >= set(stats.bytes_out_by_tier)
+
+
+def test_bytes_out_by_tier_follows_the_blocks_read() -> None:
+    """
+    Reading across a tier boundary charges each tier for its own bytes.
+    """
+    pool = EntropyPool(4096)
+    pool.add(os.urandom(40), 8, tier=0)
+    pool.add(os.urandom(40), 8, tier=1)
+    pool.read_nowait(40)
+    stats = pool.stats()
+    assert {0: 32, 1: 8} == stats.bytes_out_by_tier
+    assert {1: 24} == stats.level_by_tier
