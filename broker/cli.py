@@ -55,7 +55,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--config", "-c", type=Path, required=True, help="configuration file (TOML)"
     )
 
-    check = commands.add_parser("check-config", help="validate a configuration file")
+    check = commands.add_parser(
+        "check-config",
+        help="validate a configuration file, and what the broker would refuse here "
+        "(keyring permissions, device and state paths)",
+    )
     check.add_argument("config", type=Path, help="configuration file (TOML)")
 
     status = commands.add_parser("status", help="show a running broker's status")
@@ -167,10 +171,18 @@ def cmd_serve(config_path: Path) -> int:
 
 
 def cmd_check_config(config_path: Path) -> int:
+    from broker.preflight import check
+
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
+        return EXIT_FAILURE
+    findings = check(config)
+    for finding in findings:
+        prefix = "" if finding.error else "note: "
+        print(f"{prefix}{finding}", file=sys.stderr)
+    if any(finding.error for finding in findings):
         return EXIT_FAILURE
     sources = ", ".join(source.name for source in config.enabled_sources)
     sinks = ", ".join(

@@ -2,11 +2,16 @@
 The daemon's life: start, clean shutdown on signals, CLI errors without tracebacks.
 """
 
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from broker.cli import main
+from sources.entropykey.sim.keypairs import new_key_pair, write_keyring
 from tests.helpers import wait_until
 from tests.integration.daemon import REPO, Daemon, default_config, start_daemon
 
@@ -127,3 +132,177 @@ def test_optional_hwrng_absent_still_serves(tmp_path: Path) -> None:
         assert "hwrng" == skipped[0]["source"]
     finally:
         assert 0 == daemon.stop()
+
+
+def check_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], sources: str
+) -> tuple[int, list[str]]:
+    """
+    Run ``ebroker check-config`` in-process on a config with ``sources``;
+    return the exit status and the lines it wrote to stderr.
+    """
+    path = tmp_path / "check.toml"
+    path.write_text(default_config(tmp_path / "state", sources))
+    status = main(["check-config", str(path)])
+    return status, capsys.readouterr().err.splitlines()
+
+
+def key_entry(keyring: Path, serial: str = "*", transport: str = "usb") -> str:
+    return f"""
+        [[sources]]
+        name = "ekeys"
+        kind = "entropykey"
+        serial = "{serial}"
+        transport = "{transport}"
+        keyring = "{keyring}"
+        """
+
+
+def test_check_config_refuses_a_keyring_others_can_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    A keyring with mode 0644 is refused as the driver would refuse it: one line
+    with the key path and the fix, exit 1.
+    """
+    keyring = tmp_path / "keyring"
+    write_keyring(keyring, [new_key_pair()])
+    keyring.chmod(0o644)
+    status, lines = check_config(tmp_path, capsys, key_entry(keyring))
+    assert 1 == status
+    assert [
+        f"sources[0].keyring: {keyring} is accessible to others (mode 0644); "
+        "it holds secret keys: chmod 600 it"
+    ] == lines
+
+
+def test_check_config_refuses_a_keyring_another_user_owns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A mode-0600 keyring owned by someone other than the user checking is
+    refused (run as a pretended other uid, so it holds as root too).
+    """
+    keyring = tmp_path / "keyring"
+    write_keyring(keyring, [new_key_pair()])
+    owner = os.stat(keyring).st_uid
+    monkeypatch.setattr(os, "geteuid", lambda: owner + 1)
+    status, lines = check_config(tmp_path, capsys, key_entry(keyring))
+    assert 1 == status
+    assert [
+        f"sources[0].keyring: {keyring} is owned by uid {owner}, not by uid "
+        f"{owner + 1} that runs the broker: chown it"
+    ] == lines
+
+
+def test_check_config_keyring_notes_and_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    A missing keyring is an error for real keys and a note for a simulated
+    wildcard entry (the broker waits for keys); a named key the keyring lacks
+    is an error.
+    """
+    keyring = tmp_path / "keyring"
+    status, lines = check_config(tmp_path, capsys, key_entry(keyring))
+    assert 1 == status
+    assert [
+        f"sources[0].keyring: {keyring} does not exist; add each key with "
+        "`ebroker rekey`"
+    ] == lines
+    status, lines = check_config(
+        tmp_path, capsys, key_entry(keyring, transport="simulated")
+    )
+    assert 0 == status
+    assert [
+        f"note: sources[0].keyring: {keyring} does not exist yet; no keys until it does"
+    ] == lines
+    write_keyring(keyring, [new_key_pair()])
+    serial = new_key_pair().serial_text
+    status, lines = check_config(tmp_path, capsys, key_entry(keyring, serial))
+    assert 1 == status
+    assert [
+        f"sources[0].keyring: {keyring} has no key for {serial}; add it with "
+        "`ebroker rekey`"
+    ] == lines
+
+
+def device_entry(path: Path, optional: bool) -> str:
+    return f"""
+        [[sources]]
+        name = "getrandom"
+        kind = "getrandom"
+        priority = 1
+
+        [[sources]]
+        name = "hwrng"
+        kind = "hwrng"
+        path = "{path}"
+        optional = {str(optional).lower()}
+        """
+
+
+def test_check_config_device_paths(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    An absent optional device is a note (exit 0); absent and required, or
+    present but unreadable by this user, it is an error naming the path.
+    """
+    absent = tmp_path / "no-hwrng"
+    status, lines = check_config(tmp_path, capsys, device_entry(absent, True))
+    assert 0 == status
+    assert [
+        f"note: sources[1].path: no such device {absent}; optional, so the "
+        "broker skips it"
+    ] == lines
+    status, lines = check_config(tmp_path, capsys, device_entry(absent, False))
+    assert 1 == status
+    assert [f"sources[1].path: no such device {absent}"] == lines
+
+    present = tmp_path / "hwrng"
+    present.write_bytes(b"")
+    status, lines = check_config(tmp_path, capsys, device_entry(present, True))
+    assert (0, []) == (status, lines)
+    # Root reads a mode-000 file all the same, so the refusal is pretended.
+    real_access = os.access
+    monkeypatch.setattr(
+        os,
+        "access",
+        lambda path, mode: Path(path) != present and real_access(path, mode),
+    )
+    status, lines = check_config(tmp_path, capsys, device_entry(present, True))
+    assert 1 == status
+    assert [
+        f"sources[1].path: {present} is not readable by uid {os.geteuid()} "
+        "(permission denied)"
+    ] == lines
+
+
+def test_check_config_record_raw_and_state_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    A record_raw file in a directory that does not exist, and a state_dir that
+    cannot be created (a file is in the way), are errors with their key paths.
+    """
+    sources = f"""
+        [[sources]]
+        name = "getrandom"
+        kind = "getrandom"
+        record_raw = "{tmp_path / "missing" / "raw.bin"}"
+        """
+    status, lines = check_config(tmp_path, capsys, sources)
+    assert 1 == status
+    assert [
+        f"sources[0].record_raw: directory {tmp_path / 'missing'} does not exist"
+    ] == lines
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    path = tmp_path / "check.toml"
+    path.write_text(default_config(blocker / "state"))
+    assert 1 == main(["check-config", str(path)])
+    assert [f"broker.state_dir: {blocker} is not a directory"] == (
+        capsys.readouterr().err.splitlines()
+    )
