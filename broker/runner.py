@@ -22,6 +22,11 @@ than its ``watchdog`` (derived from its nominal rate unless configured) is
 ``stalled``: the read is cancelled, the driver closed and restarted. The
 watchdog is the only bound on a read; drivers keep none of their own.
 
+The rate a source reports is what it delivered over the last ten seconds,
+and 0 from the moment its driver is closed (failed, stalled, stopped). A raw
+recording (``record_raw``) is opened owner-only: raw output is as secret as
+the pool's input.
+
 Which tier is credited, and when a standby source is read, is the
 supervisor's decision (`broker.supervisor`); a runner asks it through `Tiers`.
 Every wait and every time stamp goes through the injected `broker.clock.Clock`.
@@ -33,7 +38,9 @@ health state after each read (``starting``, ``healthy``, ``quarantined``,
 device is absent).
 """
 
+import os
 import random
+import stat
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +69,13 @@ _WATCHDOG_DEFAULT = 30.0
 _WATCHDOG_FLOOR = 5.0
 # With a known rate, allow this many bytes' worth of time before calling a stall.
 _WATCHDOG_BYTES = 16384
+# States in which the driver is closed: the source delivers nothing.
+_CLOSED_STATES = frozenset(
+    {SourceState.FAILED, SourceState.STALLED, SourceState.STOPPED}
+)
+# Owner-only: raw device output is key material until it has been conditioned.
+_RECORD_FILE_MODE = 0o600
+_RECORD_DIR_MODE = 0o700
 
 
 class SourceFailedForGood(SourceError):
@@ -109,6 +123,10 @@ class Backoff:
 class RateMeter:
     """
     Bytes per second over a sliding window.
+
+    A source that delivers nothing for a whole window reads 0; a source that
+    is closed (stopped, failed, stalled) is `clear`-ed at once, so a dead
+    device never shows the rate it had before it died.
     """
 
     def __init__(self, window: float = _RATE_WINDOW) -> None:
@@ -126,6 +144,9 @@ class RateMeter:
     def rate(self, now: float) -> float:
         self._trim(now)
         return sum(count for _, count in self._samples) / self._window
+
+    def clear(self) -> None:
+        self._samples.clear()
 
 
 class Tiers(Protocol):
@@ -225,6 +246,10 @@ class SourceRunner:
         self.reason = reason
         self.since = self._clock.time()
         self.transitions += 1
+        if state in _CLOSED_STATES:
+            # What a source read before it closed says nothing of what it
+            # delivers now: nothing.
+            self._meter.clear()
         event = "source_state_changed"
         if state in (SourceState.FAILED, SourceState.STALLED, SourceState.QUARANTINED):
             self._log.warning(
@@ -250,7 +275,7 @@ class SourceRunner:
         try:
             if self._record_path is not None:
                 try:
-                    record = self._record_path.open("ab")
+                    record = self._open_record(self._record_path)
                 except OSError as exc:
                     # The source's data is still good: serve it, unrecorded.
                     self._log.error(
@@ -286,6 +311,47 @@ class SourceRunner:
                 record.close()
             if not self.skipped and self.state != SourceState.FAILED:
                 self.set_state(SourceState.STOPPED, "stopped")
+
+    def _open_record(self, path: Path) -> BinaryIO:
+        """
+        Open ``path`` to append raw bytes, for the broker's user only.
+
+        Missing directories on the way are created 0700 and the file 0600. An
+        existing regular file readable by others is tightened to 0600, and
+        that is logged: the bytes appended from now on are as secret as the
+        pool's input. A FIFO or device node (``/dev/null``) is left as it is.
+
+        Raises:
+            OSError: the directory or file cannot be created, opened or
+                tightened (another user's file).
+        """
+        missing = [
+            directory
+            for directory in (path.parent, *path.parent.parents)
+            if not directory.exists()
+        ]
+        for directory in reversed(missing):
+            directory.mkdir(mode=_RECORD_DIR_MODE, exist_ok=True)
+        fd = os.open(
+            path,
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+            _RECORD_FILE_MODE,
+        )
+        try:
+            info = os.fstat(fd)
+            mode = stat.S_IMODE(info.st_mode)
+            if stat.S_ISREG(info.st_mode) and mode & ~_RECORD_FILE_MODE:
+                os.fchmod(fd, _RECORD_FILE_MODE)
+                self._log.warning(
+                    "record_raw_mode_tightened",
+                    path=str(path),
+                    previous=f"{mode:04o}",
+                    mode=f"{_RECORD_FILE_MODE:04o}",
+                )
+            return os.fdopen(fd, "ab")
+        except BaseException:
+            os.close(fd)
+            raise
 
     async def _run_once(self, record: BinaryIO | None) -> None:
         async with self.source as source:

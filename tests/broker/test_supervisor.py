@@ -10,6 +10,7 @@ Sources deliver what the test queues, when it queues it.
 import asyncio
 import contextlib
 import random
+import stat
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -582,3 +583,99 @@ def test_backoff_grows_and_is_bounded() -> None:
     assert [1.0, 2.0, 4.0, 8.0, 8.0] == [backoff.next_delay() for _ in range(5)]
     low = Backoff(initial=1.0, maximum=8.0, rng=lambda: 0.0)
     assert [0.5, 1.0, 2.0] == [low.next_delay() for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    ("ending", "state"),
+    [
+        (SourceError("device unplugged"), SourceState.FAILED),
+        (None, SourceState.STOPPED),
+    ],
+)
+async def test_rate_is_zero_once_a_source_is_closed(
+    clock: FakeClock, ending: Exception | None, state: SourceState
+) -> None:
+    """
+    A source that fails or stops reports a rate of 0 at once, not the rate
+    it had in the seconds before.
+    """
+    supervisor, (source,) = make(EntropyPool(1 << 20), clock, 0)
+    supervisor.start()
+    runner = supervisor.runners[0]
+    try:
+        await pass_startup(source)
+        await clock.advance(1.0)
+        assert 0 < runner.status().rate
+        if ending is not None:
+            await deliver(source, ending)
+    finally:
+        await supervisor.stop()
+    assert state == runner.state
+    assert 0.0 == runner.status().rate
+
+
+async def test_a_stalled_source_reports_no_rate(clock: FakeClock) -> None:
+    """
+    A source cut off by its watchdog reports a rate of 0 although it
+    delivered within the last rate window.
+    """
+    supervisor = Supervisor(EntropyPool(1 << 20), clock=clock, rng=lambda: 0.0)
+    source = FakeSource()
+    runner = supervisor.add(source, watchdog=5.0)
+    supervisor.start()
+    try:
+        await pass_startup(source)
+        await clock.advance(5.0)
+        assert SourceState.STALLED == runner.state
+        assert 0.0 == runner.status().rate
+    finally:
+        await supervisor.stop()
+
+
+async def test_record_raw_is_owner_only(tmp_path: Path, clock: FakeClock) -> None:
+    """
+    The raw recording is created 0600 in a directory created 0700, and holds
+    every raw byte the source delivered.
+    """
+    path = tmp_path / "raw" / "s.bin"
+    supervisor = Supervisor(EntropyPool(1 << 20), clock=clock)
+    source = FakeSource()
+    supervisor.add(source, record_raw=path)
+    supervisor.start()
+    try:
+        data = source.random_block(STARTUP_SAMPLES + BLOCK)
+        await deliver(source, data)
+    finally:
+        await supervisor.stop()
+    assert 0o700 == stat.S_IMODE(path.parent.stat().st_mode)
+    assert 0o600 == stat.S_IMODE(path.stat().st_mode)
+    assert data == path.read_bytes()
+
+
+async def test_record_raw_tightens_a_file_others_could_read(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """
+    An existing recording readable by others is tightened to 0600, appended
+    to, and the change is logged with the path.
+    """
+    path = tmp_path / "s.bin"
+    path.write_bytes(b"old")
+    path.chmod(0o644)
+    supervisor = Supervisor(EntropyPool(1 << 20), clock=clock)
+    source = FakeSource()
+    supervisor.add(source, record_raw=path)
+    with capture_logs() as logs:
+        supervisor.start()
+        try:
+            await deliver(source, b"new")
+        finally:
+            await supervisor.stop()
+    assert 0o600 == stat.S_IMODE(path.stat().st_mode)
+    assert b"oldnew" == path.read_bytes()
+    tightened = [
+        entry for entry in logs if entry["event"] == "record_raw_mode_tightened"
+    ]
+    assert [(str(path), "0644")] == [
+        (entry["path"], entry["previous"]) for entry in tightened
+    ]
