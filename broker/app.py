@@ -150,7 +150,9 @@ class Broker:
             clock=clock,
         )
         self._pool = EntropyPool(config.broker.pool_size, waiters=WeightedWaitQueue())
-        self.supervisor = Supervisor(self._pool, clock=clock)
+        self.supervisor = Supervisor(
+            self._pool, clock=clock, low_watermark=config.broker.low_watermark
+        )
         self.unavailable_sources: list[MayBeUnavailable] = []
         for source_config in config.enabled_sources:
             for source in SOURCE_KINDS[source_config.kind](source_config, self):
@@ -198,12 +200,15 @@ class Broker:
 
     def tiers(self) -> TierStatus:
         supervisor = self.supervisor
+        served, buffered = supervisor.tier_output()
         return TierStatus(
             active_tier=supervisor.active_tier,
             best_tier=supervisor.best_tier,
             degraded=supervisor.degraded,
             failovers=supervisor.failovers,
             tier_seconds=supervisor.tier_seconds(),
+            served_by_tier=served,
+            buffered_by_tier=buffered,
         )
 
     def health(self) -> Health:

@@ -15,7 +15,9 @@ source is read even while the pool is full (its bytes need no room there), so
 a better tier can pass its start-up test and take over while a fallback has
 filled the pool and no client draws. A healthy source waits for room, but at
 most ``standby_probe`` seconds: then it is read once anyway (mixed in without
-credit), so a device that dies while the pool is full is noticed. A source
+credit), so a device that dies while the pool is full is noticed. Room is what
+the supervisor grants: the whole pool, or only up to the low watermark while a
+better tier is in its start-up test. A source
 whose tests fail too often is ``failed`` for good (restart the broker to clear
 it). A watchdog bounds each read: a source that delivers nothing for longer
 than its ``watchdog`` (derived from its nominal rate unless configured) is
@@ -171,6 +173,18 @@ class Tiers(Protocol):
     def is_active(self, runner: "SourceRunner") -> bool:
         """
         Whether ``runner``'s tier is credited right now.
+        """
+        ...
+
+    def has_room(self, runner: "SourceRunner") -> bool:
+        """
+        Whether ``runner`` may add credited bytes to the pool now.
+        """
+        ...
+
+    async def wait_for_room(self, runner: "SourceRunner") -> None:
+        """
+        Return once ``runner`` may add credited bytes to the pool.
         """
         ...
 
@@ -382,7 +396,9 @@ class SourceRunner:
 
     async def _room_or_probe(self) -> bool:
         """
-        Wait for room in the pool, at most ``standby_probe`` seconds.
+        Wait for room in the pool, at most ``standby_probe`` seconds. Room is
+        what the supervisor grants this tier: the whole pool, or only up to the
+        low watermark while a better tier is in its start-up test.
 
         A healthy source paused by a full pool is still read that often, as a
         standby one is, so that a device that died while no client drew (an
@@ -392,12 +408,11 @@ class SourceRunner:
         Returns:
             True when there is room; False when a probe read is due.
         """
-        pool = self._tiers.pool
         try:
             async with self._clock.timeout(self._tiers.standby_probe):
-                await pool.wait_for_space()
+                await self._tiers.wait_for_room(self)
         except TimeoutError:
-            return pool.has_space
+            return self._tiers.has_room(self)
         return True
 
     def _absorb(
@@ -418,7 +433,9 @@ class SourceRunner:
         if creditable < len(data):
             pool.mix(data[: len(data) - creditable])
         if creditable:
-            pool.add(data[len(data) - creditable :], self.source.credit)
+            pool.add(
+                data[len(data) - creditable :], self.source.credit, tier=self.priority
+            )
             self.credited_bits += int(creditable * self.source.credit)
 
     def _apply_health_state(self) -> None:

@@ -18,10 +18,23 @@ at once and its sources read at full speed; the output buffer covers the
 hand-over. When a better tier recovers it takes over again. With no healthy
 source at all the active tier is ``None`` and every source may claim it.
 
+Provenance gating: while a better tier has a source in its start-up test
+(``starting``: it is expected to be healthy soon), a worse tier, even the
+active one, may fill the pool only up to ``low_watermark``. Clients are served
+meanwhile, from a small buffer, and once the better tier is healthy and takes
+over, at most what the worse tier left buffered (the low watermark plus one
+read) is served before the better tier's output. Without gating a fallback
+that is healthy first would fill the whole buffer (1 MiB by default) at start,
+and that much would be served before any hardware byte. When no better tier is
+starting (its sources failed, stalled or stopped), the fallback fills the
+whole pool: availability comes first. What each tier's output amounts to, in
+bytes served and bytes buffered, is counted by the pool (`tier_output`).
+
 Who moves the active tier: every runner state change calls `source_changed`,
 which recomputes it, counts a failover when a tier hands over to another, and
-wakes the standby runners parked in `wait_until_needed`. Time spent with each
-tier active is measured on the injected clock's monotonic reading.
+wakes the runners parked in `wait_until_needed` or `wait_for_room` (a change of
+state may open or close a gate). Time spent with each tier active is measured
+on the injected clock's monotonic reading.
 
 A source configured ``optional`` whose device is absent at start-up is skipped
 (state ``stopped``) with a warning instead of being retried forever; it no
@@ -31,21 +44,27 @@ longer counts towards the best tier.
 import asyncio
 import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from broker.clock import SYSTEM_CLOCK, Clock
 from broker.health import HealthConfig
-from broker.pool import EntropyPool
+from broker.pool import NO_TIER, EntropyPool
 from broker.runner import Backoff, SourceRunner
-from broker.status import SourceStatus
+from broker.status import SourceState, SourceStatus
 from sources.base import Source
 
 __all__ = ["Supervisor"]
 
 log = structlog.get_logger("ebroker.supervisor")
+
+# The pool signals only when it is no longer full, not when its level falls
+# below an arbitrary mark: a gated source looks again this often (seconds).
+_GATE_RECHECK = 0.05
+DEFAULT_LOW_WATERMARK = 4096
 
 
 class Supervisor:
@@ -57,6 +76,8 @@ class Supervisor:
         clock: time for every runner's waits and stamps, and for tier time.
         standby_probe: seconds a healthy source on standby, or paused by a
             full pool, goes unread before it is read once anyway.
+        low_watermark: pool level up to which a tier may fill the pool while
+            a better tier is in its start-up test.
         backoff_initial: first restart delay of a failing source.
         backoff_max: longest restart delay.
         rng: jitter for restart delays, a float in [0, 1).
@@ -68,6 +89,7 @@ class Supervisor:
         *,
         clock: Clock = SYSTEM_CLOCK,
         standby_probe: float = 10.0,
+        low_watermark: int = DEFAULT_LOW_WATERMARK,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         rng: Callable[[], float] = random.random,
@@ -75,13 +97,14 @@ class Supervisor:
         self.pool = pool
         self.clock = clock
         self.standby_probe = standby_probe
+        self.low_watermark = low_watermark
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self._rng = rng
         self.runners: list[SourceRunner] = []
         self.active_tier: int | None = None
         self.failovers = 0
-        self._tier_changed = asyncio.Event()
+        self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self._tier_seconds: dict[str, float] = {}
@@ -160,6 +183,9 @@ class Supervisor:
     # ---- tiers ------------------------------------------------------------------
 
     def source_changed(self) -> None:
+        # Any change may open or close a gate, even when the tier stays.
+        self._changed.set()
+        self._changed = asyncio.Event()
         healthy_tiers = [runner.priority for runner in self.runners if runner.healthy]
         tier = min(healthy_tiers) if healthy_tiers else None
         if tier == self.active_tier:
@@ -169,8 +195,6 @@ class Supervisor:
         if previous is not None:
             self.failovers += 1
         log.info("active_tier_changed", previous=previous, tier=tier)
-        self._tier_changed.set()
-        self._tier_changed = asyncio.Event()
 
     def _account_tier_time(self, now: float) -> None:
         key = "none" if self.active_tier is None else str(self.active_tier)
@@ -197,7 +221,42 @@ class Supervisor:
         with contextlib.suppress(TimeoutError):
             async with self.clock.timeout(self.standby_probe):
                 while not self.is_active(runner):
-                    await self._tier_changed.wait()
+                    await self._changed.wait()
+
+    def better_tier_starting(self, runner: SourceRunner) -> bool:
+        """
+        Whether a tier better than ``runner``'s has a source in its start-up
+        test.
+        """
+        return any(
+            other.priority < runner.priority and other.state == SourceState.STARTING
+            for other in self.runners
+        )
+
+    def fill_limit(self, runner: SourceRunner) -> int:
+        """
+        The pool level up to which ``runner`` may add credited bytes.
+        """
+        if self.better_tier_starting(runner):
+            return min(self.low_watermark, self.pool.capacity)
+        return self.pool.capacity
+
+    def has_room(self, runner: SourceRunner) -> bool:
+        return self.pool.level < self.fill_limit(runner)
+
+    async def wait_for_room(self, runner: SourceRunner) -> None:
+        """
+        Park a source until the pool is below its fill limit (or closed).
+        """
+        pool = self.pool
+        while not self.has_room(runner) and not pool.closed:
+            changed = self._changed
+            if self.fill_limit(runner) >= pool.capacity:
+                await _first_of(pool.wait_for_space(), changed.wait())
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with self.clock.timeout(_GATE_RECHECK):
+                    await changed.wait()
 
     @property
     def best_tier(self) -> int | None:
@@ -213,3 +272,35 @@ class Supervisor:
 
     def statuses(self) -> list[SourceStatus]:
         return [runner.status() for runner in self.runners]
+
+    def tier_output(self) -> tuple[dict[str, int], dict[str, int]]:
+        """
+        Output bytes each tier's credited input produced: served to clients,
+        and still buffered in the pool, keyed as `tier_seconds` is ("none":
+        credited input from no source tier).
+        """
+        stats = self.pool.stats()
+        return _by_tier_name(stats.bytes_out_by_tier), _by_tier_name(
+            stats.level_by_tier
+        )
+
+
+def _by_tier_name(counts: Mapping[int, int]) -> dict[str, int]:
+    return {
+        ("none" if tier == NO_TIER else str(tier)): count
+        for tier, count in sorted(counts.items())
+    }
+
+
+async def _first_of(*waits: Coroutine[Any, Any, Any]) -> None:
+    """
+    Return when the first of ``waits`` is done; the others are cancelled.
+    """
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        # Collect the cancelled ones so none is left pending or unretrieved.
+        await asyncio.gather(*tasks, return_exceptions=True)

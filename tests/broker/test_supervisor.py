@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from broker.errors import SourceError
 from broker.health import STARTUP_SAMPLES
-from broker.pool import EntropyPool
+from broker.pool import BLOCK_BYTES, EntropyPool
 from broker.runner import Backoff
 from broker.status import SourceState
 from broker.supervisor import Supervisor
@@ -29,6 +29,9 @@ from tests.fakeclock import START_WALL, FakeClock, settle
 
 STANDBY_PROBE = 10.0
 BLOCK = 1024
+LOW_WATERMARK = 4096
+# Output of one credited BLOCK read: 8 bits a byte, 320 credited bits a block.
+BLOCK_OUTPUT = -(-BLOCK * 8 // 320) * 32
 
 
 class FakeSource:
@@ -109,13 +112,30 @@ async def fill(pool: EntropyPool, source: FakeSource) -> None:
     raise AssertionError("the pool never filled")
 
 
+async def feed_until_paused(source: FakeSource) -> None:
+    """
+    Deliver good blocks until the runner stops asking for more.
+    """
+    for _ in range(64):
+        reads = source.reads
+        await deliver(source, source.random_block())
+        if reads == source.reads:
+            return
+    raise AssertionError("the source was never paused")
+
+
 def make(
-    pool: EntropyPool, clock: FakeClock, *priorities: int, jitter: float = 0.0
+    pool: EntropyPool,
+    clock: FakeClock,
+    *priorities: int,
+    jitter: float = 0.0,
+    low_watermark: int = LOW_WATERMARK,
 ) -> tuple[Supervisor, list[FakeSource]]:
     supervisor = Supervisor(
         pool,
         clock=clock,
         standby_probe=STANDBY_PROBE,
+        low_watermark=low_watermark,
         backoff_initial=1.0,
         backoff_max=4.0,
         rng=lambda: jitter,
@@ -583,6 +603,105 @@ def test_backoff_grows_and_is_bounded() -> None:
     assert [1.0, 2.0, 4.0, 8.0, 8.0] == [backoff.next_delay() for _ in range(5)]
     low = Backoff(initial=1.0, maximum=8.0, rng=lambda: 0.0)
     assert [0.5, 1.0, 2.0] == [low.next_delay() for _ in range(3)]
+
+
+async def test_fallback_fills_to_the_low_watermark_while_a_better_tier_starts(
+    clock: FakeClock,
+) -> None:
+    """
+    While the preferred source is in its start-up test, the healthy fallback
+    fills the pool only up to the low watermark (plus one read) and refills it
+    as clients draw; once the preferred source is healthy, what the fallback
+    left buffered is served, then only the preferred tier's output.
+    """
+    pool = EntropyPool(64 * 1024)
+    supervisor, (primary_source, fallback_source) = make(pool, clock, 0, 1)
+    supervisor.start()
+    try:
+        primary = supervisor.runners[0]
+        await deliver(primary_source, primary_source.random_block(BLOCK // 2))
+        assert SourceState.STARTING == primary.state
+        await pass_startup(fallback_source)
+        assert 1 == supervisor.active_tier
+        await feed_until_paused(fallback_source)
+        assert LOW_WATERMARK <= pool.level < LOW_WATERMARK + BLOCK_OUTPUT
+        drawn = len(pool.read_nowait(pool.level))
+        await clock.advance(1.0)
+        await feed_until_paused(fallback_source)
+        buffered = pool.level
+        assert LOW_WATERMARK <= buffered < LOW_WATERMARK + BLOCK_OUTPUT
+
+        await pass_startup(primary_source)
+        assert 0 == supervisor.active_tier
+        stats = pool.stats()
+        # The first block after the hand-over may still owe most of its
+        # credit to the fallback's last read, and count as the fallback's.
+        left = stats.level_by_tier[1]
+        assert buffered <= left <= buffered + BLOCK_BYTES
+        assert {0, 1} == set(stats.level_by_tier)
+        assert left == len(pool.read_nowait(left))
+        assert drawn + left == pool.stats().bytes_out_by_tier[1]
+        rest = len(pool.read_nowait(pool.level))
+        assert 0 < rest
+        stats = pool.stats()
+        assert {0: rest, 1: drawn + left} == dict(stats.bytes_out_by_tier)
+        served, still = supervisor.tier_output()
+        assert ({"0": rest, "1": drawn + left}, 0) == (served, sum(still.values()))
+    finally:
+        await supervisor.stop()
+
+
+async def test_fallback_fills_the_pool_when_the_better_tier_has_failed(
+    clock: FakeClock,
+) -> None:
+    """
+    With the preferred source failed, nothing better is on its way: the
+    fallback fills the whole pool, availability first.
+    """
+    pool = EntropyPool(16 * 1024)
+    supervisor, (primary_source, fallback_source) = make(pool, clock, 0, 1)
+    primary_source.open_error = SourceError("device unplugged")
+    supervisor.start()
+    try:
+        await pass_startup(fallback_source)
+        assert SourceState.FAILED == supervisor.runners[0].state
+        await fill(pool, fallback_source)
+        assert not pool.has_space
+    finally:
+        await supervisor.stop()
+
+
+async def test_a_better_tier_stalling_in_its_startup_test_lifts_the_gate(
+    clock: FakeClock,
+) -> None:
+    """
+    A preferred source that goes silent in its start-up test is stalled by
+    its watchdog; the fallback, held at the low watermark until then, fills
+    the pool at once, without waiting for a client to draw.
+    """
+    pool = EntropyPool(16 * 1024)
+    supervisor = Supervisor(
+        pool,
+        clock=clock,
+        standby_probe=STANDBY_PROBE,
+        low_watermark=LOW_WATERMARK,
+        rng=lambda: 0.0,
+    )
+    primary_source, fallback_source = FakeSource("s0", 0), FakeSource("s1", 1)
+    primary = supervisor.add(primary_source, watchdog=5.0)
+    supervisor.add(fallback_source, watchdog=60.0)
+    supervisor.start()
+    try:
+        await deliver(primary_source, primary_source.random_block(BLOCK // 2))
+        await pass_startup(fallback_source)
+        await feed_until_paused(fallback_source)
+        assert pool.level < LOW_WATERMARK + BLOCK_OUTPUT
+        await clock.advance(5.0)
+        assert SourceState.STALLED == primary.state
+        await fill(pool, fallback_source)
+        assert not pool.has_space
+    finally:
+        await supervisor.stop()
 
 
 @pytest.mark.parametrize(
