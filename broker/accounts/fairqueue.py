@@ -11,19 +11,35 @@ bytes in proportion to its weight, whatever the number of its clients or
 waiters. Inside a flow, clients take turns round-robin: a client served goes to
 the back of its customer's line; a client's own waiters stay first in, first out.
 
-A flow that falls idle keeps its virtual time; when it becomes backlogged again
-it starts at no less than the queue's virtual clock (the start tag of the turn
-last served), so idling banks no credit, while a customer that was just served
-a lot cannot shed its debt by idling for a moment.
+A flow whose last waiter was just served is *resting*, not idle: its
+clients' next requests are on their way (an EGD connection asks again a few
+event-loop turns after each answer), but a source read can release more output
+than the waiters already queued want, and the pool hands it out in one pass.
+If the customer behind in virtual time has nobody queued at that moment, its
+share would go to whoever is queued. So while a resting flow has a smaller
+virtual time than the head, the queue *holds*: `holding` says so, and the pool
+keeps the output until that flow's next request arrives, when the flow resumes
+from its own virtual time, neither gaining nor losing. A resting flow that has
+not come back after ``HOLD_TURNS`` held turns of the event loop (`tick`) is
+taken as gone, as is one whose last waiter gave up (`remove`).
+
+A flow joining from idle (new, or gone as above) starts at no less than the
+queue's virtual clock (the start tag of the turn last served), so idling banks
+no credit, while a customer that was just served a lot cannot shed its debt by
+idling for a moment.
 
 Nobody is skipped forever: a backlogged flow's virtual time only grows when it
-is served, so the smallest one is always served next, and a client moves to the
-front of its flow after at most (clients - 1) turns of that flow.
+is served, so the smallest one is always served next, a hold lasts at most
+``HOLD_TURNS`` ticks, and a client moves to the front of its flow after at most
+(clients - 1) turns of that flow.
 
 The pool must report each turn's size: after taking ``n`` bytes for the waiter
 returned by `peek`, it calls ``charge(waiter, n)`` (before or after
 `pop`/`requeue`, either works). Without it virtual times never advance and the
-order degrades to round-robin across customers.
+order degrades to round-robin across customers. It must also ask `holding`
+before each turn, and `tick` once per event-loop turn while a hold keeps it
+from serving; a pool that never asks hands out everything it has at once, and
+shares then depend on how much each source read releases.
 
 Waiter keys: anything with ``customer_id`` (str) and ``weight`` (float > 0),
 like `broker.accounts.Client`. Other keys (None, a connection) count as clients
@@ -40,10 +56,13 @@ from typing import Protocol, runtime_checkable
 from broker.pool import Waiter
 
 DEFAULT_FLOW = "default"
+HOLD_TURNS = 8
+"""Event-loop turns output waits for a resting customer before taking it as gone:
+an EGD connection asks again one to three turns after each answer."""
 
 
 class _Flow:
-    __slots__ = ("clients", "customer_id", "order", "vtime", "weight")
+    __slots__ = ("clients", "customer_id", "order", "rested", "vtime", "weight")
 
     def __init__(self, customer_id: str, weight: float) -> None:
         self.customer_id = customer_id
@@ -52,6 +71,8 @@ class _Flow:
         self.order = 0
         """When this flow last became backlogged; breaks virtual-time ties."""
         self.clients: OrderedDict[Hashable, deque[Waiter]] = OrderedDict()
+        self.rested = 0
+        """Held turns since this flow's last waiter was served."""
 
 
 @runtime_checkable
@@ -85,6 +106,7 @@ class WeightedWaitQueue:
     def __init__(self) -> None:
         self._flows: dict[str, _Flow] = {}
         self._backlogged: dict[str, _Flow] = {}
+        self._resting: dict[str, _Flow] = {}
         self._length = 0
         self._vclock = 0.0
         self._activations = 0
@@ -108,7 +130,8 @@ class WeightedWaitQueue:
         """
         flow = self._flow_for(waiter.key)
         if flow.customer_id not in self._backlogged:
-            flow.vtime = max(flow.vtime, self._vclock)
+            if self._resting.pop(flow.customer_id, None) is None:
+                flow.vtime = max(flow.vtime, self._vclock)
             self._activations += 1
             flow.order = self._activations
             self._backlogged[flow.customer_id] = flow
@@ -163,10 +186,32 @@ class WeightedWaitQueue:
             del flow.clients[key]
         if not flow.clients:
             del self._backlogged[flow.customer_id]
+            flow.rested = 0
+            self._resting[flow.customer_id] = flow
         self._vclock = max(self._vclock, self._head_start)
         self._length -= 1
         self._head = None
         return waiter
+
+    def holding(self) -> bool:
+        """
+        Whether the next turn must wait: a resting customer is behind the head
+        in virtual time, and its next request has not arrived yet.
+        """
+        if not self._backlogged or not self._resting:
+            return False
+        head = self._select().vtime
+        return any(flow.vtime < head for flow in self._resting.values())
+
+    def tick(self) -> None:
+        """
+        Count one event-loop turn spent holding; a resting customer that has
+        not asked again within ``HOLD_TURNS`` of them is taken as gone.
+        """
+        for customer_id, flow in list(self._resting.items()):
+            flow.rested += 1
+            if flow.rested >= HOLD_TURNS:
+                del self._resting[customer_id]
 
     def charge(self, waiter: Waiter, nbytes: int) -> None:
         """
@@ -197,6 +242,8 @@ class WeightedWaitQueue:
         if not line:
             del flow.clients[waiter.key]
         if not flow.clients:
+            # A customer whose last waiter gave up has left: nothing is held
+            # for it, and it rejoins as any idle customer does.
             self._backlogged.pop(flow.customer_id, None)
         self._length -= 1
         self._head = None
@@ -214,6 +261,7 @@ class WeightedWaitQueue:
         for flow in self._backlogged.values():
             flow.clients.clear()
         self._backlogged.clear()
+        self._resting.clear()
         self._length = 0
         self._head = None
         return waiters

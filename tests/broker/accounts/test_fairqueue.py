@@ -11,7 +11,12 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.accounts.fairqueue import DEFAULT_FLOW, WeightedWaitQueue, _identity
+from broker.accounts.fairqueue import (
+    DEFAULT_FLOW,
+    HOLD_TURNS,
+    WeightedWaitQueue,
+    _identity,
+)
 from broker.pool import EntropyPool, Waiter
 
 CHUNK = 256
@@ -230,3 +235,73 @@ def test_keys_that_are_not_clients_weigh_one() -> None:
     flow with weight 1.
     """
     assert (DEFAULT_FLOW, 1.0) == _identity(None)
+
+
+async def test_resting_customer_keeps_its_place() -> None:
+    """
+    A customer whose only waiter was just served, and which is behind in
+    virtual time, makes the queue hold; when its next request arrives it
+    resumes from its own virtual time and goes first.
+    """
+    queue = WeightedWaitQueue()
+    light, heavy = Key("light", 1), Key("heavy", 3)
+    queue.push(new_waiter(light, wanted=CHUNK, partial=True))
+    queue.push(new_waiter(heavy, wanted=CHUNK, partial=True))
+    assert [light, heavy] == [w.key for w in serve(queue, 2 * CHUNK)]
+    queue.push(new_waiter(light, wanted=CHUNK, partial=True))
+    assert queue.holding()
+    returning = new_waiter(heavy, wanted=CHUNK, partial=True)
+    queue.push(returning)
+    assert not queue.holding()
+    assert returning is queue.peek()
+    assert CHUNK / 3 == queue.shares()["heavy"]
+
+
+async def test_hold_ends_when_a_resting_customer_stays_away() -> None:
+    """
+    After HOLD_TURNS held turns a resting customer counts as gone: the others
+    are served, and when it comes back it is owed nothing for its absence.
+    """
+    queue = WeightedWaitQueue()
+    light, heavy = Key("light", 1), Key("heavy", 3)
+    queue.push(new_waiter(light, wanted=CHUNK, partial=True))
+    queue.push(new_waiter(heavy, wanted=CHUNK, partial=True))
+    serve(queue, 2 * CHUNK)
+    queue.push(new_waiter(light))
+    for _ in range(HOLD_TURNS - 1):
+        queue.tick()
+        assert queue.holding()
+    queue.tick()
+    assert not queue.holding()
+    serve(queue, 10 * CHUNK)
+    queue.push(new_waiter(heavy, wanted=CHUNK))
+    assert queue.shares()["heavy"] == queue.shares()["light"] - CHUNK
+
+
+async def test_customer_that_gave_up_is_not_waited_for() -> None:
+    """
+    A customer whose last waiter timed out or was cancelled has left: the
+    queue does not hold output for it.
+    """
+    queue = WeightedWaitQueue()
+    light, heavy = Key("light", 1), Key("heavy", 3)
+    queue.push(new_waiter(light))
+    gives_up = new_waiter(heavy)
+    queue.push(gives_up)
+    serve(queue, CHUNK)
+    queue.remove(gives_up)
+    assert not queue.holding()
+    assert light is queue.peek().key
+
+
+async def test_nothing_is_held_with_nobody_queued() -> None:
+    """
+    With no waiter queued there is no turn to hold, whoever is resting.
+    """
+    queue = WeightedWaitQueue()
+    queue.push(new_waiter(Key("a", 1), wanted=CHUNK, partial=True))
+    serve(queue, CHUNK)
+    assert not queue.holding()
+    queue.drain()
+    queue.push(new_waiter(Key("b", 1)))
+    assert not queue.holding()
