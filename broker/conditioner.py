@@ -69,6 +69,7 @@ class Conditioner:
             raise ValueError("reseed interval must be at least one block")
         self._secret = secret
         self._reseed_blocks = reseed_blocks
+        self._until_reseed = reseed_blocks
         self._state = hashlib.sha512(_KEY_LABEL)
         self.blocks = 0
         self.reseeds = 0
@@ -92,9 +93,11 @@ class Conditioner:
         self._state = hashlib.sha512(_CHAIN_LABEL)
         self._state.update(digest[BLOCK_BYTES:])
         self.blocks += 1
-        if self.blocks % self._reseed_blocks == 0:
+        self._until_reseed -= 1
+        if not self._until_reseed:
             self._mix_secret()
             self.reseeds += 1
+            self._until_reseed = self._reseed_blocks
         return digest[:BLOCK_BYTES]
 
     def _mix_secret(self) -> None:

@@ -174,7 +174,8 @@ class _Ledger:
             self._runs[-1].size += size
         else:
             self._runs.append(_Run(tier, size))
-        self._count(tier, size)
+        # Once per output block: kept inline rather than through _count.
+        self.level_by_tier[tier] = self.level_by_tier.get(tier, 0) + size
 
     def prepend(self, runs: Runs) -> None:
         for tier, size in reversed(runs):
@@ -223,6 +224,9 @@ def majority_tier(credit: dict[Tier, int]) -> Tier:
     The tier that contributed the most credit; ties go to the lower tier
     number, and input without a tier loses every tie.
     """
+    if len(credit) == 1:
+        # The usual case, one source tier feeding: skip the comparison.
+        return next(iter(credit))
     if not credit:
         return None
     return min(credit, key=lambda tier: (-credit[tier], tier is None, tier or 0))
@@ -321,16 +325,17 @@ class EntropyPool:
         view = memoryview(data)
         position = 0
         produced = False
+        absorb = self._conditioner.absorb
         while position < len(view):
             missing = _NEEDED_MILLIBITS - self._credit_millibits
             if missing <= 0:
                 # A complete block waits for room; the state holds no more
                 # credit than that, so the rest is mixed in uncredited.
-                self._conditioner.absorb(view[position:])
+                absorb(view[position:])
                 break
             take = -(-missing // rate)  # ceiling division
             piece = view[position : position + take]
-            self._conditioner.absorb(piece)
+            absorb(piece)
             position += len(piece)
             credit = len(piece) * rate
             self._credit_millibits += credit
@@ -350,7 +355,9 @@ class EntropyPool:
         """
         Emit the block the conditioner holds, if it is fully credited and fits.
         """
-        if self._credit_millibits < _NEEDED_MILLIBITS or not self.has_space:
+        if self._credit_millibits < _NEEDED_MILLIBITS:
+            return False
+        if len(self._buffer) - self._offset + BLOCK_BYTES > self.capacity:
             return False
         self._buffer += self._conditioner.emit()
         self._ledger.append(majority_tier(self._block_credit), BLOCK_BYTES)
