@@ -151,7 +151,14 @@ class QuotaBackend(Protocol):
         """
         ...
 
-    async def usage(self, customer_id: str, period_key: str) -> int: ...
+    async def usage(
+        self, customer_id: str, period_key: str, expires_at: float | None = None
+    ) -> int:
+        """
+        Quota used by ``customer_id`` in ``period_key`` (which ends at
+        ``expires_at``, if the caller knows).
+        """
+        ...
 
     def status(self) -> dict[str, Any]: ...
 
@@ -350,7 +357,9 @@ class MemoryBackend:
     async def refund(self, customer_id: str, period_key: str, amount: int) -> int:
         return self.refund_now(customer_id, period_key, amount)
 
-    async def usage(self, customer_id: str, period_key: str) -> int:
+    async def usage(
+        self, customer_id: str, period_key: str, expires_at: float | None = None
+    ) -> int:
         return self.usage_now(customer_id, period_key)
 
     def status(self) -> dict[str, Any]:

@@ -15,10 +15,30 @@ Redis again; on success the quota charged locally during the outage is pushed
 back (``redis_resynced``): each counter becomes ``max(redis value, last value
 seen) + local charges``, which is right whether Redis kept its data (other
 brokers' charges are kept) or restarted empty (ours are restored).
+
+Redis that lost its data (restarted without persistence, flushed, evicted):
+every broker remembers the last count it saw of every customer's current
+period (from its own charges and from `usage`, which housekeeping calls for
+every customer each round), and detects the loss two ways:
+
+- the fleet's *epoch* marker (``<prefix>epoch``, a random value the first
+  broker sets) is missing or different from the one it saw, checked at start,
+  at every `probe` and on recovery from an outage;
+- a script finds a quota counter missing that this broker saw above zero
+  (counters are never deleted within their period, and a refund to zero keeps
+  the key), checked atomically in every take and give-back, so no grant is
+  ever made against an emptied counter.
+
+Either way it writes back every count it knows as ``max(redis value, known)``
+(``redis_restored``), including customers that did not draw meanwhile, and
+only then charges. Counts never go down; charges made on another broker
+between the loss and this broker's restore may be counted twice (the customer
+loses, never gains).
 """
 
 import asyncio
 import math
+import secrets
 from typing import Any, Literal
 
 import structlog
@@ -38,7 +58,14 @@ _QUOTA_KEY_GRACE = 3600
 # ARGV: amount, now, rate (<0: no bucket), burst, limit (<0: no quota),
 #       quota key ttl (s), bucket ttl (s). TTLs are relative so that the Redis
 #       server's clock never decides when a quota period ends.
+#       ARGV[8]: the count this broker last saw; a missing counter when it saw
+#       one above zero means Redis lost data: the script changes nothing and
+#       returns grant -1 so the broker restores first.
 _TAKE = """
+if tonumber(ARGV[5]) >= 0 and tonumber(ARGV[8]) > 0
+    and redis.call('EXISTS', KEYS[2]) == 0 then
+  return {-1, '-1', 0}
+end
 local amount = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
 local rate = tonumber(ARGV[3])
@@ -81,8 +108,13 @@ return {grant, tostring(tokens), used}
 """
 
 # KEYS[1] bucket, KEYS[2] quota. ARGV: amount, burst (<0: no bucket),
-# '1' if there is a quota.
+# '1' if there is a quota, the count this broker last saw (as in _TAKE: -1
+# back and nothing changed when that counter is gone).
 _GIVE_BACK = """
+if ARGV[3] == '1' and tonumber(ARGV[4]) > 0
+    and redis.call('EXISTS', KEYS[2]) == 0 then
+  return -1
+end
 local amount = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 if burst >= 0 then
@@ -114,6 +146,21 @@ redis.call('SET', KEYS[1], string.format('%d', current))
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 return current
 """
+
+# KEYS[1] quota. ARGV: the count this broker knows, ttl (s). Raises a counter
+# to what this broker saw, never lowers it.
+_RESTORE = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local known = tonumber(ARGV[1])
+if current >= known then return current end
+redis.call('SET', KEYS[1], string.format('%d', known))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+return known
+"""
+
+# A script answered "a counter this broker saw is gone"; after restoring, the
+# call is tried this many times more before it counts as an outage.
+_RESTORE_ATTEMPTS = 2
 
 # Everything that means "Redis is not answering properly right now".
 _UNAVAILABLE = (RedisError, OSError, TimeoutError)
@@ -149,6 +196,12 @@ class RedisBackend:
         self._take_script = self._redis.register_script(_TAKE)
         self._give_script = self._redis.register_script(_GIVE_BACK)
         self._resync_script = self._redis.register_script(_RESYNC)
+        self._restore_script = self._redis.register_script(_RESTORE)
+        self._epoch: str | None = None
+        """The fleet's epoch marker as this broker last saw it."""
+        self._epoch_lock = asyncio.Lock()
+        self._ends: dict[tuple[str, str], float] = {}
+        """When each known counter's period ends (for its key's TTL)."""
         self._local = MemoryBackend()
         self._healthy = True
         self._next_retry = 0.0
@@ -162,6 +215,8 @@ class RedisBackend:
         """Latest ``now`` a caller passed in; paces retries of calls that have none."""
         self.outages = 0
         self.resyncs = 0
+        self.restores = 0
+        """Times this broker found Redis had lost data and wrote counts back."""
 
     # ---- keys ------------------------------------------------------------------
 
@@ -172,6 +227,68 @@ class RedisBackend:
 
     def _quota_key(self, customer_id: str, period_key: str) -> str:
         return f"{self._prefix}{{{customer_id}}}:quota:{period_key}"
+
+    @property
+    def _epoch_key(self) -> str:
+        return f"{self._prefix}epoch"
+
+    # ---- lost data -------------------------------------------------------------
+
+    def _learn(
+        self, customer_id: str, period_key: str, used: int, end: float | None
+    ) -> None:
+        slot = (customer_id, period_key)
+        self._known[slot] = used
+        if end is not None and not math.isinf(end):
+            self._ends[slot] = end
+
+    async def _check_epoch(self, now: float, *, lost: bool = False) -> None:
+        """
+        Read the fleet's epoch marker (setting it if absent) and restore every
+        count this broker knows if it changed, or if ``lost`` (a script found
+        a known counter gone).
+
+        Raises:
+            RedisError, OSError, TimeoutError: Redis did not answer.
+        """
+        async with self._epoch_lock:
+            raw = await self._redis.get(self._epoch_key)
+            if raw is None:
+                fresh = secrets.token_hex(8)
+                await self._redis.set(self._epoch_key, fresh, nx=True)
+                raw = await self._redis.get(self._epoch_key)
+            epoch = raw.decode() if isinstance(raw, bytes) else str(raw)
+            changed = self._epoch is not None and epoch != self._epoch
+            if changed or lost:
+                await self._restore(now, epoch if changed else None)
+            self._epoch = epoch
+
+    async def _restore(self, now: float, epoch: str | None) -> None:
+        self._latest_now = max(self._latest_now, now)
+        restored = 0
+        for slot, known in list(self._known.items()):
+            end = self._ends.get(slot, math.inf)
+            if end <= self._latest_now:
+                self._known.pop(slot, None)
+                self._ends.pop(slot, None)
+                continue
+            if known <= 0:
+                continue
+            customer_id, period_key = slot
+            used = await self._restore_script(
+                keys=[self._quota_key(customer_id, period_key)],
+                args=[known, _quota_ttl(end, self._latest_now)],
+            )
+            self._known[slot] = int(used)
+            restored += 1
+        self.restores += 1
+        log.warning(
+            "redis_restored",
+            reason="epoch changed" if epoch is not None else "counter missing",
+            counters=restored,
+            hint="Redis lost its data (restarted without persistence?); "
+            "run it with appendonly yes",
+        )
 
     # ---- health ----------------------------------------------------------------
 
@@ -206,6 +323,9 @@ class RedisBackend:
                 return True
             try:
                 await self._redis.ping()
+                # Before pending charges are added: they add to what Redis
+                # should hold, which after a restart is what we knew.
+                await self._check_epoch(now)
                 while self._pending:
                     # Charges made while we resync land in a fresh map; loop until
                     # none are left so no local charge is forgotten.
@@ -238,7 +358,7 @@ class RedisBackend:
                 keys=[self._quota_key(customer_id, period_key)],
                 args=[base, int(delta), _quota_ttl(end, self._latest_now)],
             )
-            self._known[slot] = int(used)
+            self._learn(customer_id, period_key, int(used), end)
             del pending[slot]
             self.resyncs += 1
             log.info(
@@ -250,8 +370,9 @@ class RedisBackend:
             )
 
     async def start(self, now: float) -> None:
+        self._latest_now = max(self._latest_now, now)
         try:
-            await self._redis.ping()
+            await self._check_epoch(now)
         except _UNAVAILABLE as exc:
             self._mark_down(now, exc)
 
@@ -265,7 +386,8 @@ class RedisBackend:
                 await self._recover(now)
             return self._healthy
         try:
-            await self._redis.ping()
+            # The epoch read doubles as the liveness check.
+            await self._check_epoch(now)
         except _UNAVAILABLE as exc:
             self._mark_down(now, exc)
         return self._healthy
@@ -333,28 +455,51 @@ class RedisBackend:
         if not await self._usable(now):
             return self._fallback_take(customer_id, amount, now, bucket, quota)
         try:
-            reply = await self._take_script(
-                keys=self._script_keys(customer_id, quota),
-                args=[
-                    amount,
-                    repr(now),
-                    repr(bucket.rate) if bucket is not None else -1,
-                    bucket.burst if bucket is not None else 0,
-                    quota.limit if quota is not None else -1,
-                    _quota_ttl(quota.expires_at, now) if quota is not None else 1,
-                    _bucket_ttl(bucket),
-                ],
-            )
+            reply = await self._take_once(customer_id, amount, now, bucket, quota)
+            for _ in range(_RESTORE_ATTEMPTS):
+                if int(reply[0]) >= 0:
+                    break
+                await self._check_epoch(now, lost=True)
+                reply = await self._take_once(customer_id, amount, now, bucket, quota)
+            if int(reply[0]) < 0:
+                raise RedisError("quota counter lost again right after restoring")
         except _UNAVAILABLE as exc:
             self._mark_down(now, exc)
             return self._fallback_take(customer_id, amount, now, bucket, quota)
         granted, tokens_text, used = int(reply[0]), reply[1], int(reply[2])
         if quota is not None:
-            self._known[(customer_id, quota.period_key)] = used
+            self._learn(customer_id, quota.period_key, used, quota.expires_at)
         return Charge(
             granted,
             float(tokens_text) if bucket is not None else None,
             used if quota is not None else None,
+        )
+
+    async def _take_once(
+        self,
+        customer_id: str,
+        amount: int,
+        now: float,
+        bucket: BucketLimit | None,
+        quota: QuotaLimit | None,
+    ) -> Any:
+        known = (
+            self._known.get((customer_id, quota.period_key), 0)
+            if quota is not None
+            else 0
+        )
+        return await self._take_script(
+            keys=self._script_keys(customer_id, quota),
+            args=[
+                amount,
+                repr(now),
+                repr(bucket.rate) if bucket is not None else -1,
+                bucket.burst if bucket is not None else 0,
+                quota.limit if quota is not None else -1,
+                _quota_ttl(quota.expires_at, now) if quota is not None else 1,
+                _bucket_ttl(bucket),
+                known,
+            ],
         )
 
     def _script_keys(self, customer_id: str, quota: QuotaLimit | None) -> list[str]:
@@ -379,21 +524,29 @@ class RedisBackend:
                 if quota is not None:
                     self._note_local(customer_id, quota.period_key, -amount, quota)
             return
+        slot = (customer_id, quota.period_key) if quota is not None else None
+        used: Any = -1
         try:
-            used = await self._give_script(
-                keys=self._script_keys(customer_id, quota),
-                args=[
-                    amount,
-                    bucket.burst if bucket is not None else -1,
-                    "1" if quota is not None else "0",
-                ],
-            )
+            for _ in range(_RESTORE_ATTEMPTS + 1):
+                known = self._known.get(slot, 0) if slot is not None else 0
+                used = await self._give_script(
+                    keys=self._script_keys(customer_id, quota),
+                    args=[
+                        amount,
+                        bucket.burst if bucket is not None else -1,
+                        "1" if quota is not None else "0",
+                        known,
+                    ],
+                )
+                if int(used) >= 0:
+                    break
+                await self._check_epoch(self._latest_now, lost=True)
         except _UNAVAILABLE as exc:
             # A lost refund only ever under-serves the customer; not worth a retry.
             self._mark_down(self._latest_now, exc)
             return
-        if quota is not None:
-            self._known[(customer_id, quota.period_key)] = int(used)
+        if slot is not None and int(used) >= 0:
+            self._known[slot] = int(used)
 
     async def charge(
         self,
@@ -413,11 +566,21 @@ class RedisBackend:
         await self.give_back(customer_id, amount, None, quota)
         return self._known.get((customer_id, period_key), 0)
 
-    async def usage(self, customer_id: str, period_key: str) -> int:
+    async def usage(
+        self, customer_id: str, period_key: str, expires_at: float | None = None
+    ) -> int:
         slot = (customer_id, period_key)
+        if expires_at is not None and not math.isinf(expires_at):
+            self._ends[slot] = expires_at
         if self._healthy:
+            key = self._quota_key(customer_id, period_key)
             try:
-                value = await self._redis.get(self._quota_key(customer_id, period_key))
+                value = await self._redis.get(key)
+                if value is None and self._known.get(slot, 0) > 0:
+                    # Gone although we saw it: Redis lost data; never report
+                    # (or remember) it as unused.
+                    await self._check_epoch(self._latest_now, lost=True)
+                    value = await self._redis.get(key)
             except _UNAVAILABLE as exc:
                 self._mark_down(self._latest_now, exc)
             else:

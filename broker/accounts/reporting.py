@@ -102,5 +102,7 @@ async def refresh_quotas(
         quota = customer.quota_limit(now)
         if quota is None:
             continue
-        customer.quota_used = await backend.usage(customer.id, quota.period_key)
+        customer.quota_used = await backend.usage(
+            customer.id, quota.period_key, quota.expires_at
+        )
         customer.quota_key = quota.period_key

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from broker.accounts import (
     Accounts,
@@ -38,6 +39,15 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
     instance.start()
     yield instance
     instance.kill()
+
+
+async def flush(server: RedisServer) -> None:
+    """
+    Empty Redis behind the brokers' backs, leaving their connections open.
+    """
+    client = aioredis.Redis(port=server.port)
+    await client.flushall()
+    await client.aclose()
 
 
 def healthy(backend: RedisBackend) -> bool:
@@ -282,3 +292,95 @@ async def test_accounts_share_quota_and_report_outage(server: RedisServer) -> No
     assert not first.snapshot(NOW)["backend"]["healthy"]
     await first.close()
     await second.close()
+
+
+async def test_redis_restarted_empty_gets_every_known_count_back(
+    server: RedisServer,
+) -> None:
+    """
+    After Redis restarts empty, the next probe writes back every count the
+    broker knows, including a customer it only read (never charged) and one
+    that did not draw during the outage; counts another broker raised since
+    are kept.
+    """
+    broker, other = backend(server), backend(server)
+    await broker.start(NOW)
+    await other.start(NOW)
+    await broker.take("drawn", 3000, NOW, None, QUOTA)
+    await other.take("idle", 2000, NOW, None, QUOTA)
+    await other.take("raised", 100, NOW, None, QUOTA)
+    # Housekeeping reads every customer's use; that is how `broker` knows
+    # "idle", which it never served.
+    assert 2000 == await broker.usage("idle", QUOTA.period_key, QUOTA.expires_at)
+    assert 100 == await broker.usage("raised", QUOTA.period_key, QUOTA.expires_at)
+    server.kill()
+    server.start()
+    # Each broker's first probe finds its connection gone; the next one, a
+    # retry interval later, reconnects and finds the epoch marker changed.
+    assert not await other.probe(NOW + 1)
+    assert await other.probe(NOW + 4)
+    # A broker that noticed first raised one counter past what `broker` knows.
+    assert 600 == (await other.take("raised", 500, NOW + 4, None, QUOTA)).quota_used
+    assert not await broker.probe(NOW + 4)
+    assert await broker.probe(NOW + 7)
+    assert 1 == broker.restores
+    fresh = backend(server)
+    assert 3000 == await fresh.usage("drawn", QUOTA.period_key)
+    assert 2000 == await fresh.usage("idle", QUOTA.period_key)
+    assert 600 == await fresh.usage("raised", QUOTA.period_key)
+    for each in (broker, other, fresh):
+        await each.close()
+
+
+async def test_take_never_grants_against_an_emptied_counter(
+    server: RedisServer,
+) -> None:
+    """
+    Data lost with no outage to notice (here FLUSHALL; a restart between
+    two commands on a fresh connection looks the same) is caught by the take
+    itself: the counter is restored before the charge, so the quota is not
+    handed out again.
+    """
+    broker = backend(server)
+    await broker.start(NOW)
+    assert 9000 == (await broker.take("acme", 9000, NOW, None, QUOTA)).granted
+    await flush(server)
+    charge = await broker.take("acme", 5000, NOW + 1, None, QUOTA)
+    assert (1000, 10_000) == (charge.granted, charge.quota_used)
+    assert healthy(broker)
+    await broker.close()
+
+
+async def test_usage_after_an_unnoticed_restart_reports_the_known_count(
+    server: RedisServer,
+) -> None:
+    """
+    Status read from an emptied Redis shows the restored count, not zero.
+    """
+    broker = backend(server)
+    await broker.start(NOW)
+    await broker.take("acme", 4000, NOW, None, QUOTA)
+    await flush(server)
+    assert 4000 == await broker.usage("acme", QUOTA.period_key, QUOTA.expires_at)
+    await broker.close()
+
+
+async def test_fail_closed_stays_up_after_recovery(server: RedisServer) -> None:
+    """
+    Under fail_closed, once Redis is back the broker keeps serving through
+    several retry intervals of probes and takes: no second outage.
+    """
+    broker = backend(server, "fail_closed")
+    await broker.start(NOW)
+    await broker.take("acme", 100, NOW, None, QUOTA)
+    server.kill()
+    assert not (await broker.take("acme", 100, NOW + 0.5, None, QUOTA)).available
+    server.start()
+    for step in range(1, 40):
+        now = NOW + 2.5 + step * 0.25
+        assert await broker.probe(now)
+        charge = await broker.take("acme", 10, now, None, QUOTA)
+        assert (10, True) == (charge.granted, charge.available)
+    assert 1 == broker.outages
+    assert 100 + 390 == await broker.usage("acme", QUOTA.period_key)
+    await broker.close()
