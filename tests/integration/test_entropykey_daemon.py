@@ -438,3 +438,58 @@ async def test_world_readable_keyring_is_refused(tmp_path: Path) -> None:
             async with EgdReader(daemon) as reader:
                 await reader.answered(10, timeout=KEY_DEADLINE)
     assert 0o644 == os.stat(keyring).st_mode & 0o777
+
+
+IDLE_WINDOW = 75.0
+"""
+Seconds an idle broker is watched: several standby probes (every 10 s) and
+status records (every 10 s), and well past the ~13 s period at which an idle
+multi-key broker once flapped.
+"""
+
+
+def key_counters(status: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """
+    Each key's resets and MAC failures.
+    """
+    sources = by_name(status)
+    return {
+        name: (
+            sources[name]["details"]["resets"],
+            sources[name]["details"]["mac_failures"],
+        )
+        for name in KEYS
+    }
+
+
+async def test_idle_keys_stay_healthy_for_minutes(http: BrokerHttp) -> None:
+    """
+    With no client drawing, the pool fills and the keys sit paused, read only
+    by the standby probe; watched over more than a minute, health stays ok,
+    no key leaves healthy, and no key is reset or sees a MAC failure.
+    """
+    await until(
+        http.status,
+        lambda status: (
+            all_keys_feeding(status)
+            and "ok" == status["health"]["status"]
+            and status["pool"]["level"] >= status["pool"]["capacity"]
+        ),
+    )
+    baseline = key_counters(await http.status())
+    loop = asyncio.get_running_loop()
+    end = loop.time() + IDLE_WINDOW
+    samples = 0
+    while loop.time() < end:
+        status = await http.status()
+        samples += 1
+        states = {name: by_name(status)[name]["state"] for name in KEYS}
+        assert ("ok", dict.fromkeys(KEYS, "healthy")) == (
+            status["health"]["status"],
+            states,
+        ), status["health"]
+        assert baseline == key_counters(status)
+        # The sampling interval of the watch, not a wait for a condition.
+        await asyncio.sleep(0.5)
+    assert samples > 10
+    assert 0 == (await http.status())["tiers"]["active_tier"]
