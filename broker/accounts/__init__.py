@@ -22,11 +22,14 @@ none of their own):
 2 and 3 live in a `QuotaBackend`: `MemoryBackend` (one broker; quota counters
 in ``state_dir/accounts.json``, written before a grant passes what the file
 counts, a reservation ahead, so a crash never hands quota out again and costs
-a customer at most one reservation: see `broker.accounts.reservations`) or `RedisBackend` (brokers share them; every check-and-charge is one
-atomic Lua script). If Redis goes away the broker logs ``redis_unavailable``,
-shows ``healthy: false`` in the snapshot, and either serves under local limits
+a customer at most one reservation: see `broker.accounts.reservations`) or
+`RedisBackend` (brokers share them; every check-and-charge is one atomic Lua
+script). If Redis goes away the broker logs ``redis_unavailable``, shows
+``healthy: false`` in the snapshot, and either serves under local limits
 (``fail_open``) or grants nothing (``fail_closed``); when Redis answers again
-local charges are pushed to it (``redis_resynced``).
+local charges are pushed to it (``redis_resynced``). If Redis lost its data
+(restarted without persistence), every broker writes back the counts it knows
+(``redis_restored``).
 
 Sinks call ``identify(peer)`` per connection, then ``grant`` (non-blocking: what
 is allowed now, maybe 0, with ``retry_after``/``limit``/``reset_at`` for HTTP)
@@ -43,8 +46,8 @@ given to `Accounts` (``clock=``; the system clock by default).
 Modules: ``accounts`` (the facade and housekeeping), ``customers`` (identity to
 customer, reload), ``grants`` (take, wait, refund), ``reporting`` (status
 snapshot), ``clients`` (client and customer state, `Grant`), ``backend`` and
-``redis_backend`` (shared counters), ``reservations`` (durable counts), ``bucket``, ``periods``, ``identity``,
-``config``, ``fairqueue``.
+``redis_backend`` (shared counters), ``reservations`` (durable counts),
+``bucket``, ``periods``, ``identity``, ``config``, ``fairqueue``.
 """
 
 from broker.accounts.accounts import STATE_FILE, Accounts
@@ -63,6 +66,7 @@ from broker.accounts.config import (
     CustomerConfig,
     validate_customers,
 )
+from broker.accounts.customers import ReloadSummary
 from broker.accounts.fairqueue import WeightedWaitQueue
 from broker.accounts.identity import IdentityMap, Peer, hash_token
 from broker.accounts.periods import (
@@ -95,6 +99,7 @@ __all__ = [
     "QuotaLimit",
     "QuotaSpec",
     "RedisBackend",
+    "ReloadSummary",
     "TokenBucket",
     "WeightedWaitQueue",
     "hash_token",

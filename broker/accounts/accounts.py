@@ -24,8 +24,8 @@ import structlog
 from broker.accounts import reporting
 from broker.accounts.backend import MemoryBackend, QuotaBackend
 from broker.accounts.clients import Client, Denied, Grant
-from broker.accounts.config import AccountsConfig, CustomerConfig
-from broker.accounts.customers import Customers
+from broker.accounts.config import DEFAULT_CUSTOMER, AccountsConfig, CustomerConfig
+from broker.accounts.customers import Customers, ReloadSummary
 from broker.accounts.grants import Grants
 from broker.accounts.identity import Peer
 from broker.accounts.redis_backend import RedisBackend
@@ -83,19 +83,49 @@ class Accounts:
 
     # ---- customers -------------------------------------------------------------
 
-    def reload(self, customers: Sequence[CustomerConfig]) -> None:
+    def reload(self, customers: Sequence[CustomerConfig]) -> ReloadSummary:
         """
         Swap in a new customer list. Existing `Client` objects are re-bound to
         the customer their identity now maps to and get its limits at their next
         grant; counters of customers that keep their id carry over; waiters in
         `wait_grant` re-check at once. Backend settings need a restart.
 
+        A reload that removes customers is logged as a warning naming them
+        (``reload_removes_customers``; ``all_customers=True`` when none is
+        left, as from a truncated file that still parses), and one that
+        removes the ``default`` entry or its ``deny`` as
+        ``reload_opens_default``: both open gates silently otherwise.
+
+        Returns:
+            Customer ids added, removed and changed (for the caller's log).
+
         Raises:
             ConfigError: the new list has problems; the old one stays in force.
         """
-        self._customers.reload(customers)
+        summary = self._customers.reload(customers)
         self._grants.wake()
-        log.info("accounts_reloaded", customers=len(customers))
+        if summary.removed:
+            log.warning(
+                "reload_removes_customers",
+                removed=list(summary.removed),
+                all_customers=summary.removes_all,
+                customers=summary.customers,
+            )
+        if summary.opens_default:
+            log.warning(
+                "reload_opens_default",
+                default="removed: unmatched clients are served without limits"
+                if DEFAULT_CUSTOMER not in {c.id for c in customers}
+                else "no longer denied: unmatched clients are served",
+            )
+        log.info(
+            "accounts_reloaded",
+            customers=summary.customers,
+            added=list(summary.added),
+            removed=list(summary.removed),
+            changed=list(summary.changed),
+        )
+        return summary
 
     def identify(self, peer: Peer) -> Client | Denied:
         """

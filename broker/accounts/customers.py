@@ -16,6 +16,7 @@ connection stays reachable by reloads through a weak set.
 
 import weakref
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from broker.accounts.clients import Client, CustomerState, Denied
 from broker.accounts.config import (
@@ -32,6 +33,32 @@ CLIENT_IDLE_FORGET = 3600.0
 Ident = tuple[str, str | int]
 """How a client is matched: ``("ip", "10.1.2.3")``, ``("uid", 1001)``,
 ``("token", "sha256:...")``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadSummary:
+    """
+    What a reload changed in the customer list, for the operator's log.
+    """
+
+    added: tuple[str, ...]
+    """Customer ids that are new."""
+    removed: tuple[str, ...]
+    """Customer ids that are gone; their clients fall to ``default``."""
+    changed: tuple[str, ...]
+    """Customer ids whose entry differs."""
+    opens_default: bool
+    """The ``default`` entry was removed or lost ``deny``: clients nobody
+    else matches are now served (with no limits if it was removed)."""
+    customers: int
+    """Customers configured now."""
+
+    @property
+    def removes_all(self) -> bool:
+        """
+        Every configured customer is gone (a truncated file still parses).
+        """
+        return bool(self.removed) and self.customers == 0
 
 
 class Customers:
@@ -61,20 +88,45 @@ class Customers:
 
     # ---- configuration -------------------------------------------------------
 
-    def reload(self, customers: Sequence[CustomerConfig]) -> None:
+    def reload(self, customers: Sequence[CustomerConfig]) -> ReloadSummary:
         """
         Swap in a new customer list and re-bind every live client to the
         customer its identity now maps to.
 
+        Returns:
+            What changed.
+
         Raises:
             ConfigError: the new list has problems; the old one stays in force.
         """
+        before = {
+            state.id: state.config
+            for state in self._states.values()
+            if not state.implicit
+        }
         self._apply(customers)
+        after = {config.id: config for config in customers}
+        summary = ReloadSummary(
+            added=tuple(sorted(after.keys() - before.keys())),
+            removed=tuple(sorted(before.keys() - after.keys())),
+            changed=tuple(
+                sorted(
+                    key
+                    for key in before.keys() & after.keys()
+                    if before[key] != after[key]
+                )
+            ),
+            opens_default=_opens(
+                before.get(DEFAULT_CUSTOMER), after.get(DEFAULT_CUSTOMER)
+            ),
+            customers=len(after),
+        )
         # Every live client, including ones `forget_idle` dropped from the
         # index while a long-lived connection still holds them.
         for client in list(self._live):
             client._customer = self._states[self._match(client._ident)]
             client._sync_bucket()
+        return summary
 
     def _apply(self, customers: Sequence[CustomerConfig]) -> None:
         problems = validate_customers(customers)
@@ -148,6 +200,15 @@ class Customers:
             if now - client.last_seen > CLIENT_IDLE_FORGET and not client.connections
         ]:
             del self.clients[key]
+
+
+def _opens(before: CustomerConfig | None, after: CustomerConfig | None) -> bool:
+    # An explicit default that denied or limited strangers, and now does not.
+    if before is None:
+        return False
+    if after is None:
+        return True
+    return before.deny and not after.deny
 
 
 def _plain_ident(peer: Peer) -> tuple[Ident, str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from broker.accounts import (
     AccessDenied,
@@ -643,3 +644,65 @@ async def test_snapshot_and_refund_default_to_the_accounts_clock() -> None:
     quota = acc.snapshot()["customers"]["metered"]["quota"]
     _, midnight = period_bounds("day", clock.time())
     assert (1000, midnight) == (quota["used"], quota["resets_at"])
+
+
+def test_reload_summary_names_added_removed_and_changed() -> None:
+    """
+    A reload returns which customer ids were added, removed and changed, and
+    warns naming the removed ones.
+    """
+    acc = accounts(acme(), customer(id="beta", networks=["10.2.0.0/16"]))
+    with structlog.testing.capture_logs() as logs:
+        summary = acc.reload(
+            [acme(weight=5), customer(id="gamma", networks=["10.3.0.0/16"])]
+        )
+    assert (("gamma",), ("beta",), ("acme",)) == (
+        summary.added,
+        summary.removed,
+        summary.changed,
+    )
+    assert (False, False) == (summary.removes_all, summary.opens_default)
+    removes = [e for e in logs if e["event"] == "reload_removes_customers"]
+    assert [["beta"]] == [e["removed"] for e in removes]
+    assert "warning" == removes[0]["log_level"]
+
+
+def test_reload_that_empties_the_list_warns_and_opens_default() -> None:
+    """
+    A file that still parses but lost its customers (truncated) removes
+    every customer and the deny-by-default entry: both are warned about.
+    """
+    acc = accounts(acme(), customer(id="default", deny=True))
+    with structlog.testing.capture_logs() as logs:
+        summary = acc.reload([])
+    assert (("acme", "default"), True, True) == (
+        summary.removed,
+        summary.removes_all,
+        summary.opens_default,
+    )
+    events = {e["event"]: e for e in logs if e["log_level"] == "warning"}
+    assert events["reload_removes_customers"]["all_customers"] is True
+    assert "reload_opens_default" in events
+    stranger = acc.identify(Peer("tcp", ip="192.0.2.77"))
+    assert isinstance(stranger, Client)
+
+
+def test_reload_lifting_deny_on_default_opens_it() -> None:
+    """
+    Turning ``deny`` off on the default entry is reported as opening it;
+    a reload that changes nothing warns about nothing.
+    """
+    acc = accounts(acme(), customer(id="default", deny=True))
+    with structlog.testing.capture_logs() as logs:
+        same = acc.reload([acme(), customer(id="default", deny=True)])
+        opened = acc.reload([acme(), customer(id="default")])
+    assert (False, (), (), ()) == (
+        same.opens_default,
+        same.added,
+        same.removed,
+        same.changed,
+    )
+    assert (True, ("default",)) == (opened.opens_default, opened.changed)
+    assert ["reload_opens_default"] == [
+        e["event"] for e in logs if e["log_level"] == "warning"
+    ]
