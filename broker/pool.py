@@ -327,9 +327,12 @@ class EntropyPool:
         produced = False
         absorb = self._conditioner.absorb
         while position < len(view):
+            if self._credit_millibits >= _NEEDED_MILLIBITS:
+                # No room for a complete block: blocked readers may make some.
+                self._dispatch()
             missing = _NEEDED_MILLIBITS - self._credit_millibits
             if missing <= 0:
-                # A complete block waits for room; the state holds no more
+                # The block still waits for room; the state holds no more
                 # credit than that, so the rest is mixed in uncredited.
                 absorb(view[position:])
                 break

@@ -394,6 +394,24 @@ def test_block_waits_in_the_conditioner_until_room_frees() -> None:
     assert 3 == len({first, rest[:32], rest[32:]})
 
 
+async def test_one_large_add_serves_a_reader_beyond_capacity() -> None:
+    """
+    A single read from a source larger than the pool still serves a blocked
+    reader all the output it backs, not just what the buffer could hold.
+    """
+    pool = EntropyPool(64, chunk=32)
+    reader = asyncio.create_task(pool.read(1000))
+    await asyncio.sleep(0)
+    pool.add(os.urandom(40 * 40), 8)
+    await asyncio.sleep(0)
+    assert reader.done()
+    assert 1000 == len(await reader)
+    stats = pool.stats()
+    assert stats.level <= 64
+    assert stats.blocks_out * BLOCK_BYTES == 1000 + stats.level
+    assert stats.level + BLOCK_BYTES > 64
+
+
 def test_capacity_not_a_multiple_of_a_block_pauses_sources() -> None:
     """
     With room for less than a whole block, sources are paused rather than
