@@ -3,19 +3,23 @@ Continuous health tests for entropy sources, and the per-source state machine
 that decides which bytes may be credited.
 
 The tests are NIST SP 800-90B's Repetition Count Test (RCT, §4.4.1) and
-Adaptive Proportion Test (APT, §4.4.2), plus the optional FIPS 140-2 (2001)
-block tests the way rngd runs them. Everything here is pure: no I/O, no clock;
-the caller passes ``now``. The cut-off formulas are in `broker.health_cutoffs`
-and the FIPS tests in `broker.fips`; the arithmetic behind every default is
-below.
+Adaptive Proportion Test (APT, §4.4.2), a test for periodic output, plus the
+optional FIPS 140-2 (2001) block tests the way rngd runs them. Everything here
+is pure: no I/O, no clock; the caller passes ``now``. The cut-off formulas are
+in `broker.health_cutoffs`, the periodic-output test in
+`broker.health_repeats` and the FIPS tests in `broker.fips`; the arithmetic
+behind every default is below and in those modules.
 
 Theory of operation
 -------------------
 Each source has one `SourceHealth`. Every byte the source yields goes through
-`SourceHealth.feed`, which runs three tests over the byte stream:
+`SourceHealth.feed`, which runs these tests over the byte stream:
 
 * the RCT on 64-bit words (8-byte samples, aligned to the start of the stream),
 * the APT on bytes with a window of 512,
+* the repeat test (`RepeatTest`, on unless ``repeats = false``): a probe every
+  512 bytes searched for in the 64 KiB before it, so a counter or a replayed
+  block fails at any period up to 64 KiB,
 * optionally the FIPS 140-2 tests on 2,500-byte blocks (`Fips140Tester`).
 
 The tests are continuous: their state (the current run, the current window,
@@ -28,23 +32,36 @@ and a permanent one (alpha = 2^permanent_alpha_log2, jitterentropy's 2^-60).
 
 States (`HealthState`) and who moves them::
 
-    STARTUP ──1,024 clean samples──▶ HEALTHY
+    STARTUP ──1,024 fresh samples──▶ HEALTHY
        │                                │
-       └──failure──▶ QUARANTINED ◀──failure──┘
+       └──failure──▶ QUARANTINED ◀──failure, or a failed FIPS block──┘
                       │    ▲
                       │    └─failure (start-up restarts)
-                      └──1,024 clean samples──▶ HEALTHY
+                      └──1,024 fresh samples (and a passing FIPS block
+                         after a failed one)──▶ HEALTHY
     any state ──permanent cut-off, or `permanent_failures` failures
                 within `failure_window` seconds──▶ FAILED (terminal)
     any state but FAILED ──reset()──▶ STARTUP
 
-Invariants: a byte is creditable only if it was tested while HEALTHY; a
-`feed` call in which any test failed (including a single failed FIPS block)
-credits nothing; after a failed FIPS block nothing is credited until a block
-passes; FAILED is never left, not even by `reset` (a reopened device does not
-clear a permanent fault; restart the broker to clear it). A start-up test
-(initial, after a failure, or after `reset`) is the next 1,024 samples (bytes)
-of the stream; because 1,024 ≥ 2*512 - 1 it always contains a full APT window.
+Invariants: a byte is creditable only if it was tested while HEALTHY, and
+every byte tested while HEALTHY is credited unless its `feed` call saw a
+failure: a source that is not credited never shows HEALTHY. A `feed` call in
+which any test failed (including a single failed FIPS block) credits nothing.
+A failed FIPS block quarantines the source until a later block passes, but
+it is not a failure of the source: it does not count towards
+`permanent_failures` nor in ``quarantines`` (rngd's leaky count decides when
+failed blocks are a fault). FAILED is never left, not even by `reset` (a
+reopened device does not clear a permanent fault; restart the broker to
+clear it).
+
+A start-up test (initial, after a failure, or after `reset`) is 1,024 fresh
+samples (bytes): samples after the last failing one. A run that stays stuck
+past the RCT cut-off, or an APT window whose value keeps recurring past the
+cut-off, is one failure but every sample of it is failing (`FailingSpan`),
+so stuck output after the failure point never counts towards re-admission.
+Because 1,024 ≥ 2*512 - 1 a start-up test always contains a full APT window,
+and because probes start every 512 bytes and are at most 512 long, a whole
+repeat-test probe.
 
 Cut-offs from the credit
 ------------------------
@@ -76,6 +93,10 @@ Ideal random input, H = 8 (the default credit), exact binomial arithmetic:
     would raise false alarms weekly.
   - permanent alpha = 2^-60 → C = 25: 2.4e-18 per window, never in practice.
 
+* Repeat test: one probe of at least 128 bytes every 512 bytes, searched for
+  in the 64 KiB before it: at most 2^(16 - 8·128) = 2^-1008 per probe at
+  H = 8, never in practice; `broker.health_repeats` has the table for lower
+  credits (at most 2^apt_alpha_log2 per probe).
 * FIPS 140-2 (optional): a healthy source's failed blocks are forgiven by a
   leaky count; `broker.fips` gives the false-quarantine rates behind the
   default ``fips_max_failures = 40``.
@@ -84,7 +105,6 @@ Permanent failure: 3 failures within an hour (defaults). With the rates above a
 healthy source essentially never has two, so three in an hour is a fault.
 """
 
-import operator
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
@@ -98,9 +118,11 @@ from broker.fips import (
 )
 from broker.health_config import AlphaLog2, HealthConfig
 from broker.health_cutoffs import APT_WINDOW, APT_WINDOW_BINARY, apt_cutoff, rct_cutoff
+from broker.health_repeats import RepeatTest, probe_length
 from broker.health_tests import (
     AdaptiveProportionTest,
     CutoffReached,
+    FailingSpan,
     RepetitionCountTest,
 )
 
@@ -117,6 +139,7 @@ __all__ = [
     "AdaptiveProportionTest",
     "AlphaLog2",
     "CutoffReached",
+    "FailingSpan",
     "Fips140Tester",
     "FipsBlockResult",
     "HealthConfig",
@@ -124,10 +147,12 @@ __all__ = [
     "HealthEvent",
     "HealthState",
     "HealthVerdict",
+    "RepeatTest",
     "RepetitionCountTest",
     "SourceHealth",
     "apt_cutoff",
     "fips_block_failures",
+    "probe_length",
     "rct_cutoff",
 ]
 
@@ -186,11 +211,16 @@ class HealthCounters:
     samples_tested: int
     rct_failures: int
     apt_failures: int
+    repeat_failures: int
+    """Repeat-test probes found earlier in the stream."""
     fips_blocks: int
     fips_failures: int
-    """Failed FIPS blocks (each is not a source failure by itself)."""
+    """Failed FIPS blocks (each quarantines until a block passes, but is not
+    a source failure by itself)."""
     startups_passed: int
     quarantines: int
+    """Quarantines for a source failure (not the holds after a failed FIPS
+    block): the ones that count towards `HealthConfig.permanent_failures`."""
 
 
 class SourceHealth:
@@ -226,6 +256,11 @@ class SourceHealth:
             rct_c, sample_bytes=RCT_SAMPLE_BYTES, permanent_cutoff=rct_p
         )
         self.apt = AdaptiveProportionTest(apt_c, permanent_cutoff=apt_p)
+        self.repeats = (
+            RepeatTest(probe_length(h, config.apt_alpha_log2))
+            if config.repeats
+            else None
+        )
         self.fips = Fips140Tester(config.fips_max_failures) if config.fips else None
         self.state = HealthState.STARTUP if config.enabled else HealthState.HEALTHY
         self.reason = "start-up test" if config.enabled else "health tests disabled"
@@ -237,9 +272,12 @@ class SourceHealth:
         self._credit = 0
         self._tainted = False
         self._fips_suspect = False
+        self._stale_until = 0
+        self._counted = False
         self._samples = 0
         self._rct_failures = 0
         self._apt_failures = 0
+        self._repeat_failures = 0
         self._fips_blocks = 0
         self._fips_failures = 0
         self._startups = 0
@@ -255,6 +293,7 @@ class SourceHealth:
             samples_tested=self._samples,
             rct_failures=self._rct_failures,
             apt_failures=self._apt_failures,
+            repeat_failures=self._repeat_failures,
             fips_blocks=self._fips_blocks,
             fips_failures=self._fips_failures,
             startups_passed=self._startups,
@@ -266,7 +305,8 @@ class SourceHealth:
         Start over after the device was reopened: a fresh start-up test.
 
         Failures already counted towards `HealthConfig.permanent_failures`
-        stay counted, and FAILED stays FAILED.
+        stay counted, and FAILED stays FAILED. The repeat test keeps its
+        window: a reopened device that replays what it sent before is caught.
 
         Returns:
             The transition to STARTUP, if the state changed.
@@ -301,17 +341,32 @@ class SourceHealth:
             return HealthVerdict(len(data), self.state, ())
         if self.state is HealthState.FAILED:
             return HealthVerdict(0, self.state, ())
-        found: list[CutoffReached | FipsBlockResult] = []
+        found: list[CutoffReached | FipsBlockResult | FailingSpan] = []
         found += self.rct.feed(data)
+        found += self.rct.failing
         found += self.apt.feed(data)
+        found += self.apt.failing
+        if self.repeats is not None:
+            found += self.repeats.feed(data)
         if self.fips is not None:
             found += self.fips.feed(data)
-        found.sort(key=operator.attrgetter("end"))
+        found.sort(key=_order)
         self._events = []
         self._credit = 0
         self._tainted = False
+        self._stale_until = 0
         pos = 0
         for item in found:
+            if isinstance(item, FailingSpan):
+                # A span opens at its first failing sample; its crossing (same
+                # position, sorted first) has already quarantined the source,
+                # or did so in an earlier call.
+                if item.start > pos:
+                    self._advance(pos, item.start, now, before_failure=True)
+                    pos = item.start
+                self._startup_left = STARTUP_SAMPLES
+                self._stale_until = max(self._stale_until, item.end)
+                continue
             self._advance(pos, item.end, now, before_failure=True)
             pos = item.end
             if isinstance(item, FipsBlockResult):
@@ -330,35 +385,48 @@ class SourceHealth:
 
     def _advance(self, pos: int, end: int, now: float, *, before_failure: bool) -> None:
         """
-        Account for bytes ``pos:end`` tested without a failure among them.
+        Account for bytes ``pos:end`` with no new failure among them.
         """
         if self.state is HealthState.HEALTHY:
-            if not self._fips_suspect:
-                self._credit += end - pos
+            self._credit += end - pos
+            return
+        # Samples of a failing span are no start-up samples.
+        pos = max(pos, self._stale_until)
+        if end <= pos:
             return
         left = self._startup_left
         span = end - pos
         # A failure in the sample that ends at `end` belongs to the start-up
         # test if that sample is one of its last bytes.
         if left < span or (left == span and not before_failure):
-            self._startups += 1
-            self._move(
-                HealthState.HEALTHY,
-                f"start-up test passed ({STARTUP_SAMPLES} samples)",
-                now,
-                self._position + pos + left,
-            )
-            if not self._fips_suspect:
-                self._credit += span - left
-            self._startup_left = 0
+            if self._fips_suspect:
+                # Complete, but held until a FIPS block passes (`_on_fips`).
+                self._startup_left = 0
+                return
+            self._pass_startup(now, pos + left)
+            self._credit += span - left
         else:
             self._startup_left = left - span
 
+    def _pass_startup(self, now: float, end: int) -> None:
+        self._startups += 1
+        self._startup_left = 0
+        self._move(
+            HealthState.HEALTHY,
+            f"start-up test passed ({STARTUP_SAMPLES} samples)",
+            now,
+            self._position + end,
+        )
+
     def _on_fips(self, result: FipsBlockResult, now: float) -> None:
         self._fips_blocks += 1
-        self._fips_suspect = bool(result.failed)
         if not result.failed:
+            if self._fips_suspect:
+                self._fips_suspect = False
+                if self.state is not HealthState.HEALTHY and self._startup_left == 0:
+                    self._pass_startup(now, result.end)
             return
+        self._fips_suspect = True
         self._fips_failures += 1
         self._tainted = True
         if result.tripped:
@@ -369,8 +437,21 @@ class SourceHealth:
                 result.end,
                 permanent=False,
             )
+        else:
+            self._fail(
+                f"FIPS 140-2 block failed ({', '.join(result.failed)}): "
+                "nothing is credited until a block passes",
+                now,
+                result.end,
+                permanent=False,
+                counted=False,
+            )
 
     def _on_failure(self, failure: CutoffReached, now: float) -> None:
+        if failure.test == "repeat":
+            self._repeat_failures += 1
+            self._fail(failure.detail, now, failure.end, permanent=False)
+            return
         if failure.test == "rct":
             self._rct_failures += 1
         else:
@@ -383,12 +464,30 @@ class SourceHealth:
             permanent=failure.permanent,
         )
 
-    def _fail(self, reason: str, now: float, end: int, *, permanent: bool) -> None:
+    def _fail(
+        self,
+        reason: str,
+        now: float,
+        end: int,
+        *,
+        permanent: bool,
+        counted: bool = True,
+    ) -> None:
+        """
+        Quarantine (or fail) the source at byte ``end`` of the fed data.
+
+        ``counted=False`` is a hold, not a source failure: it quarantines but
+        counts neither towards `HealthConfig.permanent_failures` nor in
+        ``quarantines``.
+        """
         self._tainted = True
         at = self._position + end
-        # Only a new quarantine counts towards permanent failure: a stuck source
-        # trips the APT again in every window, which is one incident, not many.
-        if not permanent and self.state is not HealthState.QUARANTINED:
+        quarantined = self.state is HealthState.QUARANTINED
+        # Only the first failure of a quarantine counts towards permanent
+        # failure: a stuck source trips the APT again in every window, which
+        # is one incident, not many.
+        new_incident = counted and not (quarantined and self._counted)
+        if not permanent and new_incident:
             times = self._failure_times
             times.append(now)
             while times and times[0] < now - self.config.failure_window:
@@ -403,9 +502,9 @@ class SourceHealth:
             self.failed_at = now
             self._move(HealthState.FAILED, reason, now, at)
             return
-        if self.state is not HealthState.QUARANTINED:
-            self._quarantines += 1
+        if not quarantined:
             self._quarantined_since = now
+            self._counted = False
         elif now - self._quarantined_since > self.config.quarantine_limit:
             self.failed_at = now
             self._move(
@@ -420,8 +519,12 @@ class SourceHealth:
         # A failure while quarantined restarts the start-up test and is
         # reported as an event, but `reason` keeps saying why the source was
         # quarantined: a stuck source trips the APT in every window, and the
-        # status would otherwise trade the first cause for the latest echo.
-        keep = self.reason if self.state is HealthState.QUARANTINED else reason
+        # status would otherwise trade the first cause for the latest echo. A
+        # source failure does replace the reason of a FIPS hold, though.
+        keep = self.reason if quarantined and not new_incident else reason
+        if new_incident:
+            self._quarantines += 1
+            self._counted = True
         self._move(HealthState.QUARANTINED, reason, now, at)
         self.reason = keep
 
@@ -433,3 +536,13 @@ class SourceHealth:
         self.reason = reason
         self._events.append(event)
         return event
+
+
+def _order(item: CutoffReached | FipsBlockResult | FailingSpan) -> tuple[int, int]:
+    """
+    Stream order: each result at its last byte, each failing span at its first,
+    after the crossing that opens it.
+    """
+    if isinstance(item, FailingSpan):
+        return (item.start, 1)
+    return (item.end, 0)

@@ -41,6 +41,11 @@ class HealthConfig(StrictModel):
         "permanent_failures failures within failure_window, so a feeder glitch "
         "costs a quarantine, not the source",
     )
+    repeats: bool = Field(
+        default=True,
+        description="fail output that repeats itself at any period up to 64 KiB "
+        "(a counter, a replayed buffer); keeps the last 66 KiB of the source",
+    )
     fips: bool = Field(
         default=False, description="also run the FIPS 140-2 tests on 2500-byte blocks"
     )

@@ -9,6 +9,12 @@ count first reaches a cut-off; a run or window that keeps going past it is
 the same failure, not a new one. Each test may have a second, permanent
 cut-off, reported separately when reached. What a failure means for the
 source is `broker.health.SourceHealth`'s business.
+
+The samples of such a continuing run or window are still failing samples,
+though: a source stuck on one value keeps failing until its output changes.
+After each `feed`, ``failing`` lists the spans of failing samples in that
+data (`FailingSpan`), so that a start-up test can begin only after the last
+of them.
 """
 
 import operator
@@ -27,7 +33,7 @@ class CutoffReached:
     """
 
     test: str
-    """``"rct"`` or ``"apt"``."""
+    """``"rct"``, ``"apt"`` or ``"repeat"``."""
     end: int
     """Bytes of the fed data up to and including the failing sample."""
     count: int
@@ -35,6 +41,23 @@ class CutoffReached:
     permanent: bool
     """True when the permanent cut-off was reached."""
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class FailingSpan:
+    """
+    Consecutive failing samples of one test within the data of one `feed`.
+
+    A sample is failing when its run (RCT) or its window's count of the
+    window's first value (APT) is at or above the cut-off. Samples of other
+    values may lie between an APT span's failing samples.
+    """
+
+    test: str
+    start: int
+    """Bytes of the fed data up to and including the first failing sample."""
+    end: int
+    """Bytes of the fed data up to and including the last failing sample."""
 
 
 def _thresholds(cutoff: int, permanent: int | None) -> tuple[tuple[int, bool], ...]:
@@ -79,6 +102,8 @@ class RepetitionCountTest:
         self.samples = 0
         self.run = 0
         """Length of the current run (0 before the first sample)."""
+        self.failing: list[FailingSpan] = []
+        """Runs at or past the cut-off in the data of the last `feed`."""
         self._last = b""
         self._pending = b""
 
@@ -95,6 +120,7 @@ class RepetitionCountTest:
         start = len(last)
         usable = len(buf) - (len(buf) - start) % size
         fresh = (usable - start) // size
+        self.failing = []
         if fresh == 0:
             self._pending = buf[start:]
             return []
@@ -126,6 +152,17 @@ class RepetitionCountTest:
             run_end = ext.find(b"\x00", i)
             if run_end == -1:
                 run_end = len(ext)
+            # ext[j] stands for a sample whose run is j - i + 2 long, so the
+            # samples from ext[i + cutoff - 2] to the run's end are failing.
+            first = max(i + self.cutoff - 2, prefix)
+            if first < run_end:
+                self.failing.append(
+                    FailingSpan(
+                        "rct",
+                        (first - prefix + 1) * self.sample_bytes - pending,
+                        (run_end - prefix) * self.sample_bytes - pending,
+                    )
+                )
             for threshold, permanent in self._thresholds:
                 at = i + threshold - 2
                 if at < run_end and at >= prefix:
@@ -174,6 +211,8 @@ class AdaptiveProportionTest:
         Forget the stream: the next sample starts a new window.
         """
         self.samples = 0
+        self.failing: list[FailingSpan] = []
+        """Failing samples in each window of the data of the last `feed`."""
         self._filled = 0
         self._value = 0
         self._count = 0
@@ -186,6 +225,7 @@ class AdaptiveProportionTest:
             Every cut-off crossing in ``data``, in stream order.
         """
         out: list[CutoffReached] = []
+        self.failing = []
         size = len(data)
         window = self.window
         cutoff = self.cutoff
@@ -225,6 +265,16 @@ class AdaptiveProportionTest:
         out: list[CutoffReached],
     ) -> None:
         value = self._value
+        if after > before:
+            # The window's count passed the cut-off before this data, or
+            # crosses it here: its value is failing from the crossing on.
+            skip = max(self.cutoff - before, 1)
+            at = start - 1
+            for _ in range(skip):
+                at = data.find(value, at + 1, end)
+            self.failing.append(
+                FailingSpan("apt", at + 1, data.rfind(value, start, end) + 1)
+            )
         for threshold, permanent in self._thresholds:
             if before < threshold <= after:
                 at = start - 1

@@ -366,7 +366,8 @@ def test_healthy_data_never_trips() -> None:
 
 def test_healthy_data_with_fips_never_quarantines() -> None:
     """
-    With FIPS on, good data may fail a block now and then but is never quarantined.
+    With FIPS on, good data may fail a block now and then; each is a hold until
+    the next block passes, never a quarantine for a source failure.
     """
     health = SourceHealth(HealthConfig(fips=True), 8.0)
     data = random_bytes(4 << 20, 43)
@@ -504,31 +505,38 @@ def test_reset_restarts_the_startup_test() -> None:
     assert 3100 - 3024 == health.feed(data[3000:3100], 3.0).creditable
 
 
-def test_fips_failures_quarantine_only_past_the_threshold() -> None:
+def test_fips_failures_hold_then_quarantine_past_the_threshold() -> None:
     """
-    Failed FIPS blocks withhold credit; the source is quarantined at the limit.
+    A failed FIPS block quarantines the source with its reason until a block
+    passes, without counting as a source failure; at the limit the failures
+    are one.
     """
     health = SourceHealth(HealthConfig(fips=True, fips_max_failures=3), 8.0)
     good = random_bytes(4 * FIPS_BLOCK_BYTES, 31)
     assert HealthState.HEALTHY == health.feed(good, 0.0).state
     bad = monobit_failing_bytes(3 * FIPS_BLOCK_BYTES, 32)
     first = health.feed(bad[:FIPS_BLOCK_BYTES], 1.0)
-    assert (0, HealthState.HEALTHY, ()) == (first.creditable, first.state, first.events)
+    assert (0, HealthState.QUARANTINED) == (first.creditable, first.state)
+    [hold] = first.events
+    assert 5 * FIPS_BLOCK_BYTES == hold.position
+    assert health.reason.startswith("FIPS 140-2 block failed (monobit")
+    assert "nothing is credited until a block passes" in health.reason
+    assert 0 == health.counters.quarantines
     # After a failed block nothing is credited until a block passes.
-    assert (
-        0 == health.feed(bad[FIPS_BLOCK_BYTES : FIPS_BLOCK_BYTES + 100], 1.5).creditable
-    )
+    held = health.feed(bad[FIPS_BLOCK_BYTES : FIPS_BLOCK_BYTES + 100], 1.5)
+    assert (0, HealthState.QUARANTINED) == (held.creditable, held.state)
     rest = health.feed(bad[FIPS_BLOCK_BYTES + 100 :], 2.0)
     assert HealthState.QUARANTINED == rest.state
-    [event] = rest.events
-    assert "FIPS 140-2: 3 failed blocks (last: monobit" in event.reason
-    assert 4 * FIPS_BLOCK_BYTES + 3 * FIPS_BLOCK_BYTES == event.position
+    assert "FIPS 140-2: 3 failed blocks (last: monobit" in rest.events[-1].reason
+    assert 4 * FIPS_BLOCK_BYTES + 3 * FIPS_BLOCK_BYTES == rest.events[-1].position
+    assert health.reason.startswith("FIPS 140-2: 3 failed blocks")
     counters = health.counters
-    assert (7, 3, 0, 0) == (
+    assert (7, 3, 0, 0, 1) == (
         counters.fips_blocks,
         counters.fips_failures,
         counters.rct_failures,
         counters.apt_failures,
+        counters.quarantines,
     )
 
 
