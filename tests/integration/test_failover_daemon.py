@@ -243,8 +243,9 @@ async def test_silent_source_is_stalled_restarted_and_recovers(
     """
     A feeder that stops writing leaves the source silent: after its one-second
     watchdog it is reported stalled and reopened, tier 1 covers, and an EGD
-    client reading throughout is answered in full. When writing resumes the
-    source passes its start-up test and tier 0 feeds again.
+    client reading throughout is answered in full; a stalled source reports
+    a rate of 0. When writing resumes the source passes its start-up test and
+    tier 0 feeds again.
     """
     async with BrokerHttp(daemon) as http, EgdReader(daemon) as reader:
         await poll_until(lambda: http.source(FIFO), healthy_and_feeding)
@@ -253,6 +254,9 @@ async def test_silent_source_is_stalled_restarted_and_recovers(
         feeder.pause()
         stalled = await poll_until(lambda: http.source(FIFO), is_state("stalled"))
         assert "watchdog" in stalled["reason"]
+        # Closed by its watchdog, it delivers nothing: whatever it read in the
+        # last rate window does not count.
+        assert 0 == stalled["rate"]
         assert 1 == stalled["_tiers"]["active_tier"]
         await poll_until(lambda: http.source(FIFO), health_is("degraded"))
         restarted = await poll_until(
