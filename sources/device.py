@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Literal, Self
 
 from pydantic import Field
 
-from broker.configbase import Size, SourceConfigBase
+from broker.configbase import ByteRate, Size, SourceConfigBase
 from broker.errors import SourceError
 from sources.fdio import read_when_ready
 
@@ -60,7 +60,7 @@ class DeviceSourceConfig(SourceConfigBase):
         "absent, instead of reporting it failed; a path that exists but cannot be "
         "opened is reported failed all the same",
     )
-    nominal_rate: Size | None = Field(
+    nominal_rate: ByteRate | None = Field(
         default=None, description="bytes per second the device is expected to deliver"
     )
 
@@ -177,7 +177,9 @@ class DeviceSource:
         self.credit = config.credit
         self.path = config.path
         self._read_size = config.read_size
-        self._nominal_rate = config.nominal_rate
+        self._nominal_rate = (
+            config.nominal_rate.per_second if config.nominal_rate else None
+        )
         self._fd: int | None = None
         self._pollable = False
         self._pending: _ThreadRead | None = None

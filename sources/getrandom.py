@@ -13,7 +13,7 @@ from typing import Any, Literal, Self
 
 from pydantic import Field
 
-from broker.configbase import Size, SourceConfigBase
+from broker.configbase import ByteRate, Size, SourceConfigBase
 
 
 class GetrandomSourceConfig(SourceConfigBase):
@@ -25,9 +25,10 @@ class GetrandomSourceConfig(SourceConfigBase):
     read_size: Size = Field(
         default=4096, ge=1, le=1 << 20, description="bytes per read"
     )
-    rate: Size | None = Field(
+    rate: ByteRate | None = Field(
         default=None,
-        description="cap on bytes per second drawn from the kernel (unset: no cap)",
+        description="cap on bytes drawn from the kernel, e.g. '64 KiB/s' or a plain "
+        "number of bytes per second (unset: no cap)",
     )
 
 
@@ -43,7 +44,7 @@ class GetrandomSource:
         self.priority = config.priority
         self.credit = config.credit
         self._read_size = config.read_size
-        self._rate = config.rate
+        self._rate = config.rate.per_second if config.rate else None
         self._next_read = 0.0
 
     @property

@@ -68,6 +68,29 @@ def test_units_are_parsed() -> None:
 
 
 @pytest.mark.parametrize(
+    ("source", "key"),
+    [
+        ({"name": "g", "kind": "getrandom"}, "rate"),
+        ({"name": "d", "kind": "hwrng"}, "nominal_rate"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("written", "per_second"),
+    [("4 KiB/s", 4096.0), ("240 KiB/min", 4096.0), (4096, 4096.0)],
+)
+def test_source_rates_take_rate_units(
+    source: dict[str, Any], key: str, written: object, per_second: float
+) -> None:
+    """
+    A source's rate accepts the same units as a customer's: '4 KiB/s', other
+    periods, or a plain number of bytes per second.
+    """
+    config = parse_config(minimal(sources=[{**source, key: written}]))
+    [parsed] = config.sources
+    assert per_second == getattr(parsed, key).per_second
+
+
+@pytest.mark.parametrize(
     ("data", "expected"),
     [
         (minimal(brokr={}), "brokr: unknown key"),
