@@ -242,7 +242,9 @@ class Supervisor:
         return self.pool.capacity
 
     def has_room(self, runner: SourceRunner) -> bool:
-        return self.pool.level < self.fill_limit(runner)
+        # has_space, not a bare level check: the pool takes whole blocks, and
+        # credit offered while no block fits is dropped.
+        return self.pool.has_space and self.pool.level < self.fill_limit(runner)
 
     async def wait_for_room(self, runner: SourceRunner) -> None:
         """
@@ -251,7 +253,7 @@ class Supervisor:
         pool = self.pool
         while not self.has_room(runner) and not pool.closed:
             changed = self._changed
-            if self.fill_limit(runner) >= pool.capacity:
+            if not pool.has_space or self.fill_limit(runner) >= pool.capacity:
                 await _first_of(pool.wait_for_space(), changed.wait())
                 continue
             with contextlib.suppress(TimeoutError):

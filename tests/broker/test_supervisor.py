@@ -798,3 +798,24 @@ async def test_record_raw_tightens_a_file_others_could_read(
     assert [(str(path), "0644")] == [
         (entry["path"], entry["previous"]) for entry in tightened
     ]
+
+
+async def test_a_pool_without_room_for_a_block_pauses_its_source(
+    clock: FakeClock,
+) -> None:
+    """
+    A pool a few bytes short of full has no room for another block: the
+    source pauses there instead of reading on and losing the credit.
+    """
+    pool = EntropyPool(4096 + BLOCK_BYTES // 2)
+    supervisor, (source,) = make(pool, clock, 0)
+    supervisor.start()
+    try:
+        await pass_startup(source)
+        await fill(pool, source)
+        assert 0 < pool.level < pool.capacity
+        reads = source.reads
+        await deliver(source, source.random_block())
+        assert reads == source.reads
+    finally:
+        await supervisor.stop()
