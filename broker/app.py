@@ -358,7 +358,7 @@ class Broker:
             return False
         try:
             config = await asyncio.to_thread(load_config, self.config_path)
-            self.accounts.reload(config.customers)
+            summary = self.accounts.reload(config.customers)
         except ConfigError as exc:
             log.error("reload_refused", reason=str(exc), kept="previous configuration")
             return False
@@ -370,7 +370,13 @@ class Broker:
                 reason="only [[customers]] apply without a restart; other changes "
                 "take effect at the next start",
             )
-        log.info("reloaded", customers=len(config.customers))
+        log.info(
+            "reloaded",
+            customers=summary.customers,
+            added=list(summary.added),
+            removed=list(summary.removed),
+            changed=list(summary.changed),
+        )
         return True
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> None:

@@ -136,6 +136,10 @@ def start_daemon(tmp_path: Path, config_text: str) -> Daemon:
     state_dir = tmp_path / "state"
     config = tmp_path / "ebroker.toml"
     config.write_text(config_text)
+    listeners = state_dir / "listeners.json"
+    # A daemon killed by an earlier step of the test left its file behind; its
+    # ports are not this daemon's.
+    listeners.unlink(missing_ok=True)
     stderr_path = tmp_path / "stderr.log"
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(
@@ -146,7 +150,6 @@ def start_daemon(tmp_path: Path, config_text: str) -> Daemon:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     daemon = Daemon(process, state_dir, stderr_path)
-    listeners = state_dir / "listeners.json"
     try:
         wait_until(lambda: listeners.exists() or process.poll() is not None)
     except TimeoutError:
