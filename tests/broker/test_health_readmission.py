@@ -16,6 +16,7 @@ from broker.health import (
     AdaptiveProportionTest,
     FailingSpan,
     HealthConfig,
+    HealthEvent,
     HealthState,
     RepetitionCountTest,
     SourceHealth,
@@ -253,3 +254,36 @@ def test_source_failure_during_a_fips_hold_counts_and_takes_the_reason() -> None
     assert HealthState.QUARANTINED == health.state
     assert health.reason.startswith("RCT")
     assert 1 == health.counters.quarantines
+
+
+def _stream_part() -> st.SearchStrategy[bytes]:
+    return st.one_of(
+        st.integers(0, 2**32).map(lambda seed: random_bytes(1500, seed)),
+        st.integers(1, 600).map(bytes),
+        st.integers(0, 2**32).map(lambda seed: monobit_failing_bytes(900, seed)),
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    parts=st.lists(_stream_part(), min_size=1, max_size=10),
+    cuts=st.lists(st.integers(0, 15000), max_size=10),
+)
+def test_holds_and_spans_do_not_depend_on_the_split(
+    parts: list[bytes], cuts: list[int]
+) -> None:
+    """
+    With FIPS holds, stuck stretches and recoveries, feeding the stream whole
+    or in any pieces gives the same events, counters and state.
+    """
+    config = HealthConfig(fips=True, permanent_failures=50, quarantine_limit=1e9)
+    stream = b"".join(parts)
+    whole = SourceHealth(config, 8.0)
+    whole_events = whole.feed(stream, 0.0).events
+    split = SourceHealth(config, 8.0)
+    bounds = [0, *sorted({c for c in cuts if c <= len(stream)}), len(stream)]
+    events: list[HealthEvent] = []
+    for start, end in itertools.pairwise(bounds):
+        events += split.feed(stream[start:end], 0.0).events
+    assert list(whole_events) == events
+    assert (whole.counters, whole.state) == (split.counters, split.state)
