@@ -290,6 +290,7 @@ class EntropyPool:
         self._waiters: WaitPolicy = waiters if waiters is not None else WaitQueue()
         self._space = asyncio.Event()
         self._space.set()
+        self._below: list[tuple[int, asyncio.Future[None]]] = []
         self._closed = False
         self.bytes_in = 0
         self.credited_millibits_in = 0
@@ -386,6 +387,23 @@ class EntropyPool:
             self._space.clear()
             await self._space.wait()
 
+    async def wait_for_level_below(self, limit: int) -> None:
+        """
+        Return once the buffer holds fewer than ``limit`` bytes and has room
+        for a block (or the pool is closed): how a source that may fill only
+        part of the pool is paused.
+        """
+        if self._closed or (self.has_space and self.level < limit):
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (limit, future)
+        self._below.append(entry)
+        try:
+            await future
+        finally:
+            with contextlib.suppress(ValueError):
+                self._below.remove(entry)
+
     def _update_space(self) -> None:
         # Called whenever the level fell: a block the conditioner was holding
         # for want of room may fit now.
@@ -393,6 +411,10 @@ class EntropyPool:
             self._dispatch()
         if self.has_space:
             self._space.set()
+            level = self.level
+            for limit, future in self._below:
+                if level < limit and not future.done():
+                    future.set_result(None)
         else:
             self._space.clear()
 
@@ -565,6 +587,9 @@ class EntropyPool:
         """
         self._closed = True
         self._space.set()
+        for _, future in self._below:
+            if not future.done():
+                future.set_result(None)
         for waiter in self._waiters.drain():
             if not waiter.future.done():
                 waiter.future.set_exception(PoolClosedError("pool is closed"))

@@ -61,9 +61,6 @@ __all__ = ["Supervisor"]
 
 log = structlog.get_logger("ebroker.supervisor")
 
-# The pool signals only when it is no longer full, not when its level falls
-# below an arbitrary mark: a gated source looks again this often (seconds).
-_GATE_RECHECK = 0.05
 DEFAULT_LOW_WATERMARK = 4096
 
 
@@ -252,13 +249,12 @@ class Supervisor:
         """
         pool = self.pool
         while not self.has_room(runner) and not pool.closed:
-            changed = self._changed
-            if not pool.has_space or self.fill_limit(runner) >= pool.capacity:
-                await _first_of(pool.wait_for_space(), changed.wait())
-                continue
-            with contextlib.suppress(TimeoutError):
-                async with self.clock.timeout(_GATE_RECHECK):
-                    await changed.wait()
+            # A state change can move the fill limit either way: wait for the
+            # level to fall below today's limit, or for the limit to change.
+            await _first_of(
+                pool.wait_for_level_below(self.fill_limit(runner)),
+                self._changed.wait(),
+            )
 
     @property
     def best_tier(self) -> int | None:
