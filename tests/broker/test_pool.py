@@ -15,6 +15,7 @@ from broker.conditioner import RESEED_BLOCKS, SECRET_BYTES
 from broker.errors import PoolClosedError
 from broker.pool import BLOCK_BITS, BLOCK_BYTES, RESERVE_BITS, EntropyPool, Tier
 from tests.broker.test_conditioner import CountingSecret, fixed_secret
+from tests.helpers import DEADLINE
 
 
 def max_output(credited_bits: float) -> int:
@@ -214,6 +215,38 @@ async def test_full_pool_pauses_sources_until_drained() -> None:
     assert not waiter.done()
     pool.read_nowait(32)
     async with asyncio.timeout(1):
+        await waiter
+
+
+async def test_level_waiter_wakes_when_the_level_falls_below_its_mark() -> None:
+    """
+    A source allowed to fill only part of the pool sleeps until withdrawals
+    take the level below its mark, and not at the first withdrawal.
+    """
+    pool = EntropyPool(4096)
+    pool.add(os.urandom(40 * 64), 8)
+    assert 2048 == pool.level
+    waiter = asyncio.create_task(pool.wait_for_level_below(1024))
+    await asyncio.sleep(0)
+    pool.read_nowait(512)
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    pool.read_nowait(1024)
+    async with asyncio.timeout(DEADLINE):
+        await waiter
+    assert pool.level < 1024
+
+
+async def test_close_releases_level_waiters() -> None:
+    """
+    Closing the pool lets a source parked on a level mark go on to stop.
+    """
+    pool = EntropyPool(4096)
+    pool.add(os.urandom(40 * 64), 8)
+    waiter = asyncio.create_task(pool.wait_for_level_below(32))
+    await asyncio.sleep(0)
+    pool.close()
+    async with asyncio.timeout(DEADLINE):
         await waiter
 
 
