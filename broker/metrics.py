@@ -254,7 +254,7 @@ class BrokerCollector(Collector):
         )
         for source in self._broker.sources_status():
             health = source.health
-            for test in ("rct", "apt", "fips"):
+            for test in ("rct", "apt", "repeat", "fips"):
                 count = health.get(f"{test}_failures")
                 if isinstance(count, int):
                     failures.add_metric([source.name, source.kind, test], count)

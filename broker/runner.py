@@ -509,6 +509,7 @@ class SourceRunner:
             "samples_tested": counters.samples_tested,
             "rct_failures": counters.rct_failures,
             "apt_failures": counters.apt_failures,
+            "repeat_failures": counters.repeat_failures,
             "fips_blocks": counters.fips_blocks,
             "fips_failures": counters.fips_failures,
             "startups_passed": counters.startups_passed,

@@ -249,7 +249,12 @@ def test_tier_series_and_health_test_counters() -> None:
     """
     tested = dataclasses.replace(
         source("key1", "quarantined"),
-        health={"rct_failures": 2, "apt_failures": 1, "quarantines": 3},
+        health={
+            "rct_failures": 2,
+            "apt_failures": 1,
+            "repeat_failures": 5,
+            "quarantines": 3,
+        },
     )
     broker = FakeBroker(
         sources=[tested],
@@ -270,6 +275,8 @@ def test_tier_series_and_health_test_counters() -> None:
     assert (
         2 == found[("ebroker_source_test_failures_total", (*labels, ("test", "rct")))]
     )
+    repeat = (*labels, ("test", "repeat"))
+    assert 5 == found[("ebroker_source_test_failures_total", repeat)]
     assert 3 == found[("ebroker_source_quarantines_total", labels)]
     assert -1 == samples(render_metrics(FakeBroker())[0])[("ebroker_active_tier", ())]
 
