@@ -40,7 +40,8 @@ class BrokerSection(StrictModel):
     low_watermark: Size = Field(
         default=4096,
         description="below this many ready bytes, and with no healthy source, "
-        "/healthz reports the instance unhealthy",
+        "/healthz reports the instance unhealthy; also how much a fallback tier "
+        "keeps ready while a better tier runs its start-up test",
     )
     state_dir: Path = Field(
         default=Path("/var/lib/ebroker"),

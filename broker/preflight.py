@@ -92,11 +92,14 @@ def _writable_file(path: Path) -> str | None:
         if not os.access(target, os.W_OK):
             return f"{target} is not writable by {_uid()}"
         return None
-    parent = target.parent
-    if not parent.is_dir():
-        return f"directory {parent} does not exist"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"cannot create {target}: {parent} is not writable by {_uid()}"
+    # The broker creates missing directories (0700) on the way to the file.
+    existing = target.parent
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot create {target}: {existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot create {target}: {existing} is not writable by {_uid()}"
     return None
 
 

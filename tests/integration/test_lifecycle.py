@@ -283,8 +283,9 @@ def test_check_config_record_raw_and_state_dir(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """
-    A record_raw file in a directory that does not exist, and a state_dir that
-    cannot be created (a file is in the way), are errors with their key paths.
+    A record_raw file whose directory is missing passes (the broker creates
+    it, owner-only); one behind a file, and a state_dir that cannot be created
+    (a file is in the way), are errors with their key paths.
     """
     sources = f"""
         [[sources]]
@@ -293,9 +294,22 @@ def test_check_config_record_raw_and_state_dir(
         record_raw = "{tmp_path / "missing" / "raw.bin"}"
         """
     status, lines = check_config(tmp_path, capsys, sources)
+    assert 0 == status
+    assert [] == [line for line in lines if "record_raw" in line]
+
+    in_the_way = tmp_path / "plain-file"
+    in_the_way.write_text("")
+    sources = f"""
+        [[sources]]
+        name = "getrandom"
+        kind = "getrandom"
+        record_raw = "{in_the_way / "raw.bin"}"
+        """
+    status, lines = check_config(tmp_path, capsys, sources)
     assert 1 == status
     assert [
-        f"sources[0].record_raw: directory {tmp_path / 'missing'} does not exist"
+        f"sources[0].record_raw: cannot create {in_the_way / 'raw.bin'}: "
+        f"{in_the_way} is not a directory"
     ] == lines
 
     blocker = tmp_path / "file"

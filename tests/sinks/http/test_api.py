@@ -514,6 +514,8 @@ async def test_status_json_shape(
         "degraded": False,
         "failovers": 1,
         "tier_seconds": {"0": 12.5},
+        "served_by_tier": {},
+        "buffered_by_tier": {},
     } == body["tiers"]
     assert {"kind": "memory", "healthy": True} == body["accounts"]["backend"]
     assert {"default"} == body["accounts"]["customers"].keys()
