@@ -8,6 +8,7 @@ period, close connections and remove Unix sockets, stop sources, close the pool.
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -28,7 +29,14 @@ from broker.errors import BrokerError, ConfigError
 from broker.fdlimit import needed_for, raise_soft_limit
 from broker.health_policy import HealthInputs, assess
 from broker.pool import EntropyPool
-from broker.status import Health, Sink, SinkStatus, SourceStatus, TierStatus
+from broker.status import (
+    ConfigStatus,
+    Health,
+    Sink,
+    SinkStatus,
+    SourceStatus,
+    TierStatus,
+)
 from broker.supervisor import Supervisor
 from sinks.egd.config import EgdSinkConfig
 from sinks.egd.server import EgdSink
@@ -121,6 +129,18 @@ SINK_KINDS: dict[str, Callable[[SinkConfig, "Broker"], Sink]] = {
 }
 
 
+def fingerprint(config: Config, path: Path | None) -> str:
+    """
+    SHA-256 of the configuration file's bytes; without a file, of the
+    validated settings.
+    """
+    if path is not None:
+        with contextlib.suppress(OSError):
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+    settings = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(settings.encode()).hexdigest()
+
+
 class Broker:
     """
     One running broker: pool, supervised sources and sinks. Implements
@@ -170,6 +190,11 @@ class Broker:
         ]
         self._instance = socket.gethostname()
         self._started_at = clock.time()
+        self._config_status = ConfigStatus(
+            sha256=fingerprint(config, config_path),
+            loaded_at=self._started_at,
+            path=None if config_path is None else str(config_path),
+        )
         self._ready = False
         self._shutting_down = False
         self._started_sinks: list[Sink] = []
@@ -188,6 +213,9 @@ class Broker:
     @property
     def started_at(self) -> float:
         return self._started_at
+
+    def config_status(self) -> ConfigStatus:
+        return self._config_status
 
     def sources_status(self) -> list[SourceStatus]:
         return self.supervisor.statuses()
@@ -359,6 +387,11 @@ class Broker:
         try:
             config = await asyncio.to_thread(load_config, self.config_path)
             summary = self.accounts.reload(config.customers)
+            self._config_status = ConfigStatus(
+                sha256=fingerprint(config, self.config_path),
+                loaded_at=self.clock.time(),
+                path=str(self.config_path),
+            )
         except ConfigError as exc:
             log.error("reload_refused", reason=str(exc), kept="previous configuration")
             return False

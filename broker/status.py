@@ -110,6 +110,20 @@ class Health:
     reasons: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class ConfigStatus:
+    """
+    Which configuration is in force: an operator comparing brokers of a fleet,
+    or checking that a reload took, compares ``sha256``.
+    """
+
+    sha256: str
+    """Digest of the file as last loaded (or of the settings, without a file)."""
+    loaded_at: float
+    """Wall-clock time (Unix seconds) of the start or the last accepted reload."""
+    path: str | None
+
+
 class BrokerView(Protocol):
     """
     What a sink may know about the broker it serves.
@@ -136,6 +150,12 @@ class BrokerView(Protocol):
     def sinks_status(self) -> list[SinkStatus]: ...
 
     def health(self) -> Health: ...
+
+    def config_status(self) -> ConfigStatus:
+        """
+        The configuration in force: its digest and when it was loaded.
+        """
+        ...
 
     def ready(self) -> bool:
         """

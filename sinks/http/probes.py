@@ -100,6 +100,7 @@ def status_document(broker: BrokerView) -> dict[str, Any]:
             "serving": health.serving,
             "reasons": list(health.reasons),
         },
+        "config": dataclasses.asdict(broker.config_status()),
         "pool": dataclasses.asdict(broker.pool.stats()),
         "tiers": dataclasses.asdict(broker.tiers()),
         "accounts": dict(broker.accounts.snapshot()),

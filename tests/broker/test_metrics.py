@@ -18,7 +18,7 @@ from broker.metrics import (
     render_metrics,
 )
 from broker.pool import EntropyPool
-from broker.status import Health, SinkStatus, SourceStatus, TierStatus
+from broker.status import ConfigStatus, Health, SinkStatus, SourceStatus, TierStatus
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -80,6 +80,9 @@ class FakeBroker:
 
     def sinks_status(self) -> list[SinkStatus]:
         return list(self.sinks)
+
+    def config_status(self) -> ConfigStatus:
+        return ConfigStatus(sha256="0" * 64, loaded_at=0.0, path=None)
 
     def health(self) -> Health:
         return self.current_health

@@ -2,17 +2,21 @@
 The daemon's life: start, clean shutdown on signals, CLI errors without tracebacks.
 """
 
+import asyncio
+import hashlib
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from broker.cli import main
 from sources.entropykey.sim.keypairs import new_key_pair, write_keyring
 from tests.helpers import wait_until
+from tests.integration.clients import BrokerHttp, poll_until
 from tests.integration.daemon import REPO, Daemon, default_config, start_daemon
 
 
@@ -320,3 +324,36 @@ def test_check_config_record_raw_and_state_dir(
     assert [f"broker.state_dir: {blocker} is not a directory"] == (
         capsys.readouterr().err.splitlines()
     )
+
+
+def test_status_names_the_configuration_in_force(tmp_path: Path) -> None:
+    """
+    /v1/status carries the digest of the configuration file and when it was
+    loaded; an accepted reload moves both, so an operator can tell which
+    brokers of a fleet run which file.
+    """
+    config = default_config(tmp_path / "state")
+    daemon = start_daemon(tmp_path, config)
+    config_path = tmp_path / "ebroker.toml"
+
+    async def config_status() -> dict[str, Any]:
+        async with BrokerHttp(daemon) as http:
+            status = await http.status()
+        document: dict[str, Any] = status["config"]
+        return document
+
+    try:
+        first = asyncio.run(config_status())
+        assert hashlib.sha256(config_path.read_bytes()).hexdigest() == first["sha256"]
+        assert str(config_path) == first["path"]
+        config_path.write_text(
+            config + '\n[[customers]]\nid = "acme"\nnetworks = ["127.0.0.9/32"]\n'
+        )
+        daemon.process.send_signal(signal.SIGHUP)
+        digest = hashlib.sha256(config_path.read_bytes()).hexdigest()
+        second = asyncio.run(
+            poll_until(config_status, lambda status: status["sha256"] == digest)
+        )
+    finally:
+        daemon.stop()
+    assert second["loaded_at"] > first["loaded_at"]

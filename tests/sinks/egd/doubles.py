@@ -7,7 +7,7 @@ from pathlib import Path
 
 from broker.accounts import Accounts
 from broker.pool import EntropyPool
-from broker.status import Health, SinkStatus, SourceStatus, TierStatus
+from broker.status import ConfigStatus, Health, SinkStatus, SourceStatus, TierStatus
 
 
 @dataclass
@@ -27,6 +27,9 @@ class View:
 
     def sinks_status(self) -> list[SinkStatus]:
         return []
+
+    def config_status(self) -> ConfigStatus:
+        return ConfigStatus(sha256="0" * 64, loaded_at=0.0, path=None)
 
     def health(self) -> Health:
         return Health(serving=True, status="ok", reasons=())

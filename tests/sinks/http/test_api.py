@@ -25,7 +25,7 @@ from broker import __version__
 from broker.accounts import Accounts, hash_token
 from broker.errors import BrokerError
 from broker.pool import BLOCK_BYTES, EntropyPool
-from broker.status import Health, SinkStatus, SourceStatus, TierStatus
+from broker.status import ConfigStatus, Health, SinkStatus, SourceStatus, TierStatus
 from sinks.http.app import create_app
 from sinks.http.config import HttpSinkConfig
 from sinks.http.entropy import parse_entropy_query, retry_after
@@ -87,6 +87,9 @@ class FakeBroker:
 
     def sinks_status(self) -> list[SinkStatus]:
         return list(self.sinks)
+
+    def config_status(self) -> ConfigStatus:
+        return ConfigStatus(sha256="0" * 64, loaded_at=0.0, path=None)
 
     def health(self) -> Health:
         if self.health_error is not None:
