@@ -187,6 +187,9 @@ class HealthEvent:
     time: float
     position: int
     """Bytes fed (and tested) since the `SourceHealth` was made, at the event."""
+    hold: bool = False
+    """Entering or leaving a FIPS hold: expected now and then of a healthy
+    source (about one block in 1,270), so worth a note, not an alarm."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -531,7 +534,12 @@ class SourceHealth:
     def _move(
         self, to: HealthState, reason: str, now: float, position: int
     ) -> HealthEvent:
-        event = HealthEvent(self.state, to, reason, now, position)
+        # `_counted` is False for the whole of a quarantine that is only a hold.
+        hold = not self._counted and (
+            to is HealthState.QUARANTINED
+            or (self.state is HealthState.QUARANTINED and to is HealthState.HEALTHY)
+        )
+        event = HealthEvent(self.state, to, reason, now, position, hold)
         self.state = to
         self.reason = reason
         self._events.append(event)

@@ -470,7 +470,10 @@ class SourceRunner:
                 position=event.position,
             )
             return
-        self._log.warning(
+        # A FIPS hold comes and goes on a healthy source; a warning each time
+        # would teach operators to ignore the ones that matter.
+        emit = self._log.info if event.hold else self._log.warning
+        emit(
             "health_transition",
             previous=event.from_state.value,
             state=event.to_state.value,

@@ -226,6 +226,27 @@ def test_fips_hold_ends_with_a_passing_block_after_fresh_bytes() -> None:
     assert 2 == health.counters.startups_passed
 
 
+def test_a_fips_hold_is_marked_as_one_and_a_real_failure_is_not() -> None:
+    """
+    Entering and leaving a FIPS hold are marked as holds (the broker logs them
+    as routine), while a stuck source's quarantine and its re-admission are not.
+    """
+    health = SourceHealth(HealthConfig(fips=True), 8.0)
+    health.feed(random_bytes(FIPS_BLOCK_BYTES, 12), 0.0)
+    [entered] = health.feed(monobit_failing_bytes(FIPS_BLOCK_BYTES, 13), 1.0).events
+    [left] = health.feed(random_bytes(FIPS_BLOCK_BYTES, 14), 2.0).events
+    assert (HealthState.QUARANTINED, True) == (entered.to_state, entered.hold)
+    assert (HealthState.HEALTHY, True) == (left.to_state, left.hold)
+
+    stuck = health.feed(bytes(64), 3.0).events
+    assert [(HealthState.QUARANTINED, False)] == [
+        (event.to_state, event.hold) for event in stuck
+    ]
+    back = health.feed(random_bytes(2 * FIPS_BLOCK_BYTES, 15), 4.0).events
+    readmitted = next(e for e in back if e.to_state is HealthState.HEALTHY)
+    assert not readmitted.hold
+
+
 def test_fips_holds_never_fail_the_source() -> None:
     """
     Isolated failed blocks, many within an hour, are holds: they never add up
