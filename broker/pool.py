@@ -42,6 +42,14 @@ Waiters queue in a `WaitPolicy`. Each turn gives the waiter at the head at most
 skipped; the broker uses `broker.accounts.WeightedWaitQueue`, which orders turns
 weighted-fair across customers (the pool tells it each turn's size through
 ``charge``).
+
+A policy may *hold* output (`WaitPolicy.holding`): a weighted one does while a
+customer that is owed output has just been served and its next request is
+still on its way. The pool then stops the pass and looks again on the next
+event-loop turn, telling the policy a turn went by (``tick``) so a hold cannot
+last. Every blocked read goes through the policy, even when the buffer could
+answer it at once, so bytes held for one customer are not taken by another and
+every byte handed out to a blocked reader is charged to its customer.
 """
 
 import asyncio
@@ -131,6 +139,17 @@ class WaitQueue:
         account with it, plain turns need not.
         """
 
+    def holding(self) -> bool:
+        """
+        Plain turns never hold output back.
+        """
+        return False
+
+    def tick(self) -> None:
+        """
+        Told once per event-loop turn spent holding; plain turns never hold.
+        """
+
 
 class WaitPolicy(Protocol):
     """
@@ -152,6 +171,10 @@ class WaitPolicy(Protocol):
     def drain(self) -> list[Waiter]: ...
 
     def charge(self, waiter: Waiter, nbytes: int) -> None: ...
+
+    def holding(self) -> bool: ...
+
+    def tick(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -292,6 +315,7 @@ class EntropyPool:
         self._space.set()
         self._below: list[tuple[int, asyncio.Future[None]]] = []
         self._closed = False
+        self._retry: asyncio.Handle | None = None
         self.bytes_in = 0
         self.credited_millibits_in = 0
         self.uncredited_bytes_in = 0
@@ -524,8 +548,10 @@ class EntropyPool:
             raise PoolClosedError("pool is closed")
         if count <= 0:
             return b""
-        if not len(self._waiters) and (self.level >= count or (partial and self.level)):
-            return self.read_nowait(count)
+        # No shortcut past the policy when bytes are ready: they may be held
+        # for another customer, and a weighted policy must charge every turn.
+        # A waiter served at once has a done future, so awaiting it does not
+        # give up the loop.
         loop = asyncio.get_running_loop()
         waiter = Waiter(count, partial, loop.create_future(), key)
         self._waiters.push(waiter)
@@ -556,6 +582,11 @@ class EntropyPool:
 
     def _serve_waiters(self) -> None:
         while len(self._waiters) and self.level:
+            if self._waiters.holding():
+                if self._retry is None:
+                    loop = self._waiters.peek().future.get_loop()
+                    self._retry = loop.call_soon(self._serve_held)
+                return
             waiter = self._waiters.peek()
             if waiter.future.done():
                 self._waiters.pop()
@@ -579,6 +610,13 @@ class EntropyPool:
                 self._count_out(waiter.provenance)
                 waiter.future.set_result(bytes(waiter.collected))
 
+    def _serve_held(self) -> None:
+        self._retry = None
+        if self._closed:
+            return
+        self._waiters.tick()
+        self._dispatch()
+
     # ---- lifecycle and reporting ----------------------------------------------------
 
     def close(self) -> None:
@@ -587,6 +625,9 @@ class EntropyPool:
         """
         self._closed = True
         self._space.set()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         for _, future in self._below:
             if not future.done():
                 future.set_result(None)

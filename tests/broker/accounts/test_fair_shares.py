@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from broker.accounts.fairqueue import WeightedWaitQueue
-from broker.pool import BLOCK_BYTES, EntropyPool, WaitQueue
+from broker.pool import BLOCK_BYTES, EntropyPool
 
 CAPACITY = 4096
 CHUNK = 256
@@ -26,15 +26,6 @@ READERS = 2
 MEASURED = 120_000
 TOLERANCE = 0.10
 READ_SIZES = [64, 256, 1024, 4096]
-
-# The pool must ask the policy before each turn; until it does, output goes to
-# whoever is queued when a source read lands, and shares follow the read size
-# (small reads happen to pass, hence not strict).
-needs_holding_pool = pytest.mark.xfail(
-    not hasattr(WaitQueue, "holding"),
-    reason="the pool does not yet let its wait policy hold output",
-    strict=False,
-)
 
 
 @dataclass(eq=False)
@@ -146,7 +137,6 @@ async def measure(
     return run.received - before
 
 
-@needs_holding_pool
 @pytest.mark.parametrize("read_size", READ_SIZES)
 @pytest.mark.parametrize(
     "weights",
@@ -164,7 +154,6 @@ async def test_shares_hold_for_any_read_size(
     assert_shares(weights, received)
 
 
-@needs_holding_pool
 @pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize(
     "weights",
@@ -186,7 +175,6 @@ async def test_shares_hold_for_a_bursty_source(
     assert_shares(weights, received)
 
 
-@needs_holding_pool
 @pytest.mark.parametrize("read_size", [*READ_SIZES, 0])
 async def test_customer_arriving_and_leaving(read_size: int) -> None:
     """
