@@ -54,6 +54,7 @@ every byte handed out to a blocked reader is charged to its customer.
 
 import asyncio
 import contextlib
+import math
 import os
 from collections import deque
 from collections.abc import Hashable, Iterable
@@ -341,7 +342,9 @@ class EntropyPool:
         if not 0.0 <= bits_per_byte <= 8.0:
             raise ValueError("credit must be between 0 and 8 bits per byte")
         self.bytes_in += len(data)
-        rate = round(bits_per_byte * _MILLI)
+        # Down, never up: a claimed 0.0015 bits per byte must not become 2
+        # millibits, and many bytes at a tiny claim must not add up to a block.
+        rate = math.floor(bits_per_byte * _MILLI)
         if rate == 0:
             self.uncredited_bytes_in += len(data)
             self._conditioner.absorb(data)

@@ -563,3 +563,13 @@ def test_bytes_out_by_tier_follows_the_blocks_read() -> None:
     stats = pool.stats()
     assert {0: 32, 1: 8} == stats.bytes_out_by_tier
     assert {1: 24} == stats.level_by_tier
+
+
+def test_tiny_credits_are_rounded_down_never_up() -> None:
+    """
+    Credit claimed per byte is rounded down to the thousandth of a bit: 500,000
+    bytes claiming 319 bits in all never release a block, which needs 320.
+    """
+    pool = EntropyPool(4096)
+    pool.add(bytes(500_000), 319 / 500_000)
+    assert 0 == pool.level
