@@ -236,6 +236,7 @@ class SourceRunner:
         self._clock = clock
         self._optional = optional
         self._record_path = record_raw
+        self._record: BinaryIO | None = None
         self.state = SourceState.STARTING
         self.reason = "starting"
         self.since = clock.time()
@@ -285,11 +286,10 @@ class SourceRunner:
         cancelled (the cancellation propagates once the driver is closed).
         """
         first_attempt = True
-        record: BinaryIO | None = None
         try:
             if self._record_path is not None:
                 try:
-                    record = self._open_record(self._record_path)
+                    self._record = self._open_record(self._record_path)
                 except OSError as exc:
                     # The source's data is still good: serve it, unrecorded.
                     self._log.error(
@@ -297,7 +297,7 @@ class SourceRunner:
                     )
             while True:
                 try:
-                    await self._run_once(record)
+                    await self._run_once()
                 except SourceFailedForGood:
                     return
                 except SourceQuarantined as exc:
@@ -321,8 +321,7 @@ class SourceRunner:
                 await self._clock.sleep(delay)
                 self.restarts += 1
         finally:
-            if record is not None:
-                record.close()
+            self._stop_recording(None)
             if not self.skipped and self.state != SourceState.FAILED:
                 self.set_state(SourceState.STOPPED, "stopped")
 
@@ -367,7 +366,7 @@ class SourceRunner:
             os.close(fd)
             raise
 
-    async def _run_once(self, record: BinaryIO | None) -> None:
+    async def _run_once(self) -> None:
         async with self.source as source:
             if self._opened_once:
                 self._log_health_event(self.health.reset(self._clock.time()))
@@ -392,7 +391,7 @@ class SourceRunner:
                     ) from None
                 if not data:
                     raise SourceError("driver returned no data")
-                self._absorb(data, record, probe=probe)
+                self._absorb(data, probe=probe)
 
     async def _room_or_probe(self) -> bool:
         """
@@ -415,14 +414,32 @@ class SourceRunner:
             return self._tiers.has_room(self)
         return True
 
-    def _absorb(
-        self, data: bytes, record: BinaryIO | None, *, probe: bool = False
-    ) -> None:
+    def _stop_recording(self, error: OSError | None) -> None:
+        record, self._record = self._record, None
+        if record is None:
+            return
+        try:
+            record.close()
+        except OSError as exc:
+            error = error or exc
+        if error is not None:
+            # A full or failing disk costs the recording, never the source.
+            self._log.error(
+                "record_raw_failed",
+                path=str(self._record_path),
+                error=str(error),
+                kept="serving, unrecorded",
+            )
+
+    def _absorb(self, data: bytes, *, probe: bool = False) -> None:
         pool = self._tiers.pool
         self.bytes_in += len(data)
         self._meter.add(self._clock.monotonic(), len(data))
-        if record is not None:
-            record.write(data)
+        if self._record is not None:
+            try:
+                self._record.write(data)
+            except OSError as exc:
+                self._stop_recording(exc)
         verdict = self.health.feed(data, self._clock.time())
         for event in verdict.events:
             self._log_health_event(event)

@@ -800,6 +800,31 @@ async def test_record_raw_tightens_a_file_others_could_read(
     ]
 
 
+async def test_a_failing_recording_costs_the_recording_not_the_source(
+    clock: FakeClock,
+) -> None:
+    """
+    When the recording's disk is full (``/dev/full`` fails every flush), the
+    recording stops with one logged error and the source goes on being
+    tested and credited.
+    """
+    supervisor = Supervisor(EntropyPool(1 << 20), clock=clock)
+    source = FakeSource()
+    runner = supervisor.add(source, record_raw=Path("/dev/full"))
+    with capture_logs() as logs:
+        supervisor.start()
+        try:
+            for _ in range(6):
+                await deliver(source, source.random_block(4096))
+            assert SourceState.HEALTHY == runner.state
+            assert runner.credited_bits > 0
+        finally:
+            await supervisor.stop()
+    failed = [entry for entry in logs if entry["event"] == "record_raw_failed"]
+    assert 1 == len(failed)
+    assert "/dev/full" == failed[0]["path"]
+
+
 async def test_a_pool_without_room_for_a_block_pauses_its_source(
     clock: FakeClock,
 ) -> None:
