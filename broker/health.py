@@ -288,6 +288,13 @@ class SourceHealth:
         self._quarantined_since = 0.0
 
     @property
+    def holding(self) -> bool:
+        """
+        Quarantined by a failed FIPS block alone (a hold), not by a failure.
+        """
+        return self.state is HealthState.QUARANTINED and not self._counted
+
+    @property
     def counters(self) -> HealthCounters:
         """
         A snapshot of the totals.

@@ -280,6 +280,14 @@ class SourceRunner:
     def healthy(self) -> bool:
         return self.state == SourceState.HEALTHY
 
+    @property
+    def holding(self) -> bool:
+        """
+        Quarantined only by a FIPS hold: uncredited until its next block
+        passes, yet still the device its tier relies on.
+        """
+        return self.state == SourceState.QUARANTINED and self.health.holding
+
     async def run(self) -> None:
         """
         Run the source until it fails for good, is skipped, or the task is

@@ -183,7 +183,14 @@ class Supervisor:
         # Any change may open or close a gate, even when the tier stays.
         self._changed.set()
         self._changed = asyncio.Event()
-        healthy_tiers = [runner.priority for runner in self.runners if runner.healthy]
+        # A FIPS hold lasts one block: handing the tier to a fallback for it
+        # (every few seconds on a fast source) would credit the fallback and
+        # count a failover each time.
+        healthy_tiers = [
+            runner.priority
+            for runner in self.runners
+            if runner.healthy or runner.holding
+        ]
         tier = min(healthy_tiers) if healthy_tiers else None
         if tier == self.active_tier:
             return

@@ -19,12 +19,14 @@ import pytest
 from structlog.testing import capture_logs
 
 from broker.errors import SourceError
-from broker.health import STARTUP_SAMPLES
+from broker.health import FIPS_BLOCK_BYTES, STARTUP_SAMPLES
+from broker.health_config import HealthConfig
 from broker.pool import BLOCK_BYTES, EntropyPool
-from broker.runner import Backoff
+from broker.runner import Backoff, SourceRunner
 from broker.status import SourceState
 from broker.supervisor import Supervisor
 from sources.device import DeviceSource, DeviceSourceConfig
+from tests.broker.test_health_readmission import monobit_failing_bytes, random_bytes
 from tests.fakeclock import START_WALL, FakeClock, settle
 
 STANDBY_PROBE = 10.0
@@ -798,6 +800,41 @@ async def test_record_raw_tightens_a_file_others_could_read(
     assert [(str(path), "0644")] == [
         (entry["path"], entry["previous"]) for entry in tightened
     ]
+
+
+def state_of(runner: SourceRunner) -> SourceState:
+    """
+    Read the state afresh (mypy would keep an earlier narrowing of it).
+    """
+    return runner.state
+
+
+async def test_a_fips_hold_keeps_its_tier_active(clock: FakeClock) -> None:
+    """
+    A failed FIPS block holds the hardware source (quarantined, uncredited)
+    until its next block passes, but its tier stays the active one: the
+    fallback is not credited and no failover is counted for a routine hold.
+    """
+    supervisor = Supervisor(EntropyPool(1 << 20), clock=clock)
+    hardware, fallback = FakeSource("hw", 0), FakeSource("fallback", 1)
+    held = supervisor.add(hardware, health=HealthConfig(fips=True))
+    standby = supervisor.add(fallback)
+    supervisor.start()
+    try:
+        await deliver(hardware, random_bytes(2 * FIPS_BLOCK_BYTES, 1))
+        await pass_startup(fallback)
+        assert (0, SourceState.HEALTHY) == (supervisor.active_tier, state_of(held))
+        failovers, fallback_credit = supervisor.failovers, standby.credited_bits
+        await deliver(hardware, monobit_failing_bytes(FIPS_BLOCK_BYTES, 2))
+        assert SourceState.QUARANTINED == state_of(held)
+        assert 0 == supervisor.active_tier
+        await deliver(fallback, fallback.random_block(BLOCK))
+        assert fallback_credit == standby.credited_bits
+        await deliver(hardware, random_bytes(FIPS_BLOCK_BYTES, 3))
+        assert SourceState.HEALTHY == state_of(held)
+        assert failovers == supervisor.failovers
+    finally:
+        await supervisor.stop()
 
 
 async def test_a_failing_recording_costs_the_recording_not_the_source(
