@@ -5,35 +5,50 @@ Every check-and-charge is one Lua script, atomic in Redis. The caller's clock
 is passed in: scripts must not read the server clock to stay replicable, and
 quota periods are named by the caller, so all brokers agree on them. Key TTLs
 are relative to the caller's ``now`` for the same reason. A customer's keys
-share a ``{customer}`` hash tag, so the scripts also work on Redis Cluster.
+(bucket, quota counters, restore markers, epoch) share a ``{customer}`` hash
+tag and every script touches one customer only, so they work on Redis Cluster.
 
 Outages: any Redis error marks the backend unhealthy (logged once as
 ``redis_unavailable``). Per policy it then serves from a local `MemoryBackend`
 seeded with the last counts it saw (``fail_open``), or grants nothing
 (``fail_closed``). Every ``retry_interval`` seconds a call (or `probe`) tries
-Redis again; on success the quota charged locally during the outage is pushed
-back (``redis_resynced``): each counter becomes ``max(redis value, last value
-seen) + local charges``, which is right whether Redis kept its data (other
-brokers' charges are kept) or restarted empty (ours are restored).
+Redis again; on success the quota charged locally during the outage is added
+to what Redis holds (``redis_resynced``), after the restore below if Redis
+lost its data meanwhile.
 
-Redis that lost its data (restarted without persistence, flushed, evicted):
-every broker remembers the last count it saw of every customer's current
-period (from its own charges and from `usage`, which housekeeping calls for
-every customer each round), and detects the loss two ways:
+Redis that lost its data (restarted without persistence, flushed, a Cluster
+shard failed over to an empty replica). Every broker remembers the last count
+it saw of every customer's current period (from its own charges and from
+`usage`, which housekeeping calls for every customer each round), tagged with
+the customer's *epoch*: a random value in ``<prefix>{customer}:epoch``, created
+by the first script that finds it missing and never deleted. Every take,
+give-back and usage read passes the epoch this broker last saw and the script
+compares it atomically: if the key is missing or differs, the script changes
+nothing and answers -1, and the broker first *restores* that customer, then
+retries. A counter that is missing while the epoch matches is a new period
+(count 0). The fleet-wide ``<prefix>epoch`` marker, checked at start, at every
+`probe` and on recovery, additionally makes a broker restore every customer it
+knows as soon as it sees Redis emptied, not only those it is asked about.
 
-- the fleet's *epoch* marker (``<prefix>epoch``, a random value the first
-  broker sets) is missing or different from the one it saw, checked at start,
-  at every `probe` and on recovery from an outage;
-- a script finds a quota counter missing that this broker saw above zero
-  (counters are never deleted within their period, and a refund to zero keeps
-  the key), checked atomically in every take and give-back, so no grant is
-  ever made against an emptied counter.
+A restore is one script per customer, additive and idempotent per epoch: each
+counter keeps a marker ``<prefix>{customer}:restored:<period>`` of the count
+already restored in this epoch; a broker whose known count exceeds it adds the
+difference and raises the marker. So the counter holds the highest count any
+restoring broker knew plus every charge made since the loss, whatever the
+order; charges made since the loss are never hidden (as ``max`` would) and two
+brokers knowing the same count do not double it. A broker contributes once
+per epoch: its counts seen in the new epoch already include the restore.
 
-Either way it writes back every count it knows as ``max(redis value, known)``
-(``redis_restored``), including customers that did not draw meanwhile, and
-only then charges. Counts never go down; charges made on another broker
-between the loss and this broker's restore may be counted twice (the customer
-loses, never gains).
+Guarantee, and what is still lost: once every broker that knew a counter has
+restored it (at its next call for that customer or its next `probe`), the
+counter is at least the highest count any broker saw before the loss plus
+everything charged since, and no more is granted past the quota. Before that,
+a broker grants against what has been restored so far: the customer can gain
+at most the charges other brokers made that this broker never saw and whose
+brokers have not restored yet, plus any charge whose reply never reached its
+broker (lost with the server). The customer can lose (count too high) by
+refunds made after the highest look, or if an eviction policy removes an epoch
+key but keeps its counters (run Redis without ``allkeys-*`` eviction).
 """
 
 import asyncio
@@ -54,16 +69,16 @@ log = structlog.get_logger("ebroker.accounts")
 # Quota keys outlive their period a little so status can still read them.
 _QUOTA_KEY_GRACE = 3600
 
-# KEYS[1] customer bucket (hash: tokens, ts), KEYS[2] quota counter.
+# KEYS[1] customer bucket (hash: tokens, ts), KEYS[2] quota counter,
+# KEYS[3] the customer's epoch.
 # ARGV: amount, now, rate (<0: no bucket), burst, limit (<0: no quota),
 #       quota key ttl (s), bucket ttl (s). TTLs are relative so that the Redis
 #       server's clock never decides when a quota period ends.
-#       ARGV[8]: the count this broker last saw; a missing counter when it saw
-#       one above zero means Redis lost data: the script changes nothing and
-#       returns grant -1 so the broker restores first.
+#       ARGV[8]: the customer's epoch as this broker last saw it; with a quota,
+#       a missing or different epoch changes nothing and returns grant -1 so
+#       the broker restores that customer first.
 _TAKE = """
-if tonumber(ARGV[5]) >= 0 and tonumber(ARGV[8]) > 0
-    and redis.call('EXISTS', KEYS[2]) == 0 then
+if tonumber(ARGV[5]) >= 0 and redis.call('GET', KEYS[3]) ~= ARGV[8] then
   return {-1, '-1', 0}
 end
 local amount = tonumber(ARGV[1])
@@ -107,12 +122,11 @@ end
 return {grant, tostring(tokens), used}
 """
 
-# KEYS[1] bucket, KEYS[2] quota. ARGV: amount, burst (<0: no bucket),
-# '1' if there is a quota, the count this broker last saw (as in _TAKE: -1
-# back and nothing changed when that counter is gone).
+# KEYS[1] bucket, KEYS[2] quota, KEYS[3] the customer's epoch. ARGV: amount,
+# burst (<0: no bucket), '1' if there is a quota, the epoch this broker last
+# saw (as in _TAKE: -1 back and nothing changed when it is missing or differs).
 _GIVE_BACK = """
-if ARGV[3] == '1' and tonumber(ARGV[4]) > 0
-    and redis.call('EXISTS', KEYS[2]) == 0 then
+if ARGV[3] == '1' and redis.call('GET', KEYS[3]) ~= ARGV[4] then
   return -1
 end
 local amount = tonumber(ARGV[1])
@@ -136,30 +150,55 @@ end
 return used
 """
 
-# KEYS[1] quota. ARGV: base (last value this broker saw), local delta, ttl (s).
-_RESYNC = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-local base = tonumber(ARGV[1])
-if current < base then current = base end
-current = math.max(0, current + tonumber(ARGV[2]))
-redis.call('SET', KEYS[1], string.format('%d', current))
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-return current
+# KEYS[1] quota counter, KEYS[2] the customer's epoch: both read at once, so a
+# count is always read together with the epoch it belongs to.
+_READ = """
+return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2])}
 """
 
-# KEYS[1] quota. ARGV: the count this broker knows, ttl (s). Raises a counter
-# to what this broker saw, never lowers it.
-_RESTORE = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-local known = tonumber(ARGV[1])
-if current >= known then return current end
-redis.call('SET', KEYS[1], string.format('%d', known))
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
-return known
+# One customer's restore and resync. KEYS[1] the customer's epoch, then per
+# counter two keys: the counter and its restore marker. ARGV: the epoch this
+# broker last saw ('' if none), a fresh epoch to set if the key is missing,
+# then per counter three values: the count this broker knows, its local
+# charges to add (resync after an outage), the key ttl (s).
+# If the epoch is not the one this broker saw, its known counts were never
+# part of this epoch: each adds what passes the marker (the most any broker
+# has restored into this counter in this epoch) and raises the marker, so a
+# count is restored once whoever restores it, and charges made since the loss
+# stay on top. Returns {epoch, count after, ...}.
+_SYNC = """
+local epoch = redis.call('GET', KEYS[1])
+local foreign = epoch ~= ARGV[1]
+if not epoch then
+  epoch = ARGV[2]
+  redis.call('SET', KEYS[1], epoch)
+  for i = 3, #KEYS, 2 do redis.call('DEL', KEYS[i]) end
+end
+local out = {epoch}
+for i = 2, #KEYS, 2 do
+  local at = 3 + (i - 2) / 2 * 3
+  local known = tonumber(ARGV[at])
+  local add = tonumber(ARGV[at + 1])
+  local ttl = tonumber(ARGV[at + 2])
+  if foreign then
+    local done = tonumber(redis.call('GET', KEYS[i + 1]) or '0')
+    if known > done then
+      add = add + known - done
+      redis.call('SET', KEYS[i + 1], string.format('%d', known), 'EX', ttl)
+    end
+  end
+  local current = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if add ~= 0 then
+    current = math.max(0, current + add)
+    redis.call('SET', KEYS[i], string.format('%d', current), 'EX', ttl)
+  end
+  out[#out + 1] = current
+end
+return out
 """
 
-# A script answered "a counter this broker saw is gone"; after restoring, the
-# call is tried this many times more before it counts as an outage.
+# A script answered "not the epoch you saw"; after restoring, the call is
+# tried this many times more before it counts as an outage.
 _RESTORE_ATTEMPTS = 2
 
 # Everything that means "Redis is not answering properly right now".
@@ -195,11 +234,15 @@ class RedisBackend:
         self.retry_interval = retry_interval
         self._take_script = self._redis.register_script(_TAKE)
         self._give_script = self._redis.register_script(_GIVE_BACK)
-        self._resync_script = self._redis.register_script(_RESYNC)
-        self._restore_script = self._redis.register_script(_RESTORE)
+        self._read_script = self._redis.register_script(_READ)
+        self._sync_script = self._redis.register_script(_SYNC)
         self._epoch: str | None = None
         """The fleet's epoch marker as this broker last saw it."""
+        self._epochs: dict[str, str] = {}
+        """Each customer's epoch as this broker last saw it; every count in
+        `_known` was read in it."""
         self._epoch_lock = asyncio.Lock()
+        """Held around every restore, so one broker contributes once per epoch."""
         self._ends: dict[tuple[str, str], float] = {}
         """When each known counter's period ends (for its key's TTL)."""
         self._local = MemoryBackend()
@@ -217,6 +260,8 @@ class RedisBackend:
         self.resyncs = 0
         self.restores = 0
         """Times this broker found Redis had lost data and wrote counts back."""
+        self.first_seen = 0
+        """Customers whose epoch this broker read for the first time."""
 
     # ---- keys ------------------------------------------------------------------
 
@@ -227,6 +272,12 @@ class RedisBackend:
 
     def _quota_key(self, customer_id: str, period_key: str) -> str:
         return f"{self._prefix}{{{customer_id}}}:quota:{period_key}"
+
+    def _marker_key(self, customer_id: str, period_key: str) -> str:
+        return f"{self._prefix}{{{customer_id}}}:restored:{period_key}"
+
+    def _customer_epoch_key(self, customer_id: str) -> str:
+        return f"{self._prefix}{{{customer_id}}}:epoch"
 
     @property
     def _epoch_key(self) -> str:
@@ -242,50 +293,90 @@ class RedisBackend:
         if end is not None and not math.isinf(end):
             self._ends[slot] = end
 
-    async def _check_epoch(self, now: float, *, lost: bool = False) -> None:
+    async def _check_epoch(self, now: float) -> None:
         """
-        Read the fleet's epoch marker (setting it if absent) and restore every
-        count this broker knows if it changed, or if ``lost`` (a script found
-        a known counter gone).
+        Read the fleet's epoch marker (setting it if absent) and, if it
+        changed, restore every customer this broker knows.
 
         Raises:
             RedisError, OSError, TimeoutError: Redis did not answer.
         """
+        self._latest_now = max(self._latest_now, now)
         async with self._epoch_lock:
             raw = await self._redis.get(self._epoch_key)
             if raw is None:
                 fresh = secrets.token_hex(8)
                 await self._redis.set(self._epoch_key, fresh, nx=True)
                 raw = await self._redis.get(self._epoch_key)
-            epoch = raw.decode() if isinstance(raw, bytes) else str(raw)
-            changed = self._epoch is not None and epoch != self._epoch
-            if changed or lost:
-                await self._restore(now, epoch if changed else None)
+            epoch = _text(raw)
+            if self._epoch is not None and epoch != self._epoch:
+                self._drop_ended()
+                restored = 0
+                for customer_id in sorted({slot[0] for slot in self._known}):
+                    if await self._sync_locked(customer_id, {}):
+                        restored += 1
+                self._report_restore("fleet epoch changed", restored)
             self._epoch = epoch
 
-    async def _restore(self, now: float, epoch: str | None) -> None:
+    async def _restore_customer(self, customer_id: str, now: float) -> None:
+        """
+        Bring this broker's counts of one customer into the customer's current
+        epoch (a script said the epoch it passed is not current).
+
+        Raises:
+            RedisError, OSError, TimeoutError: Redis did not answer.
+        """
         self._latest_now = max(self._latest_now, now)
-        restored = 0
-        for slot, known in list(self._known.items()):
+        async with self._epoch_lock:
+            self._drop_ended()
+            seen = customer_id in self._epochs
+            if await self._sync_locked(customer_id, {}):
+                self._report_restore("customer epoch changed", 1)
+            elif not seen:
+                self.first_seen += 1
+
+    async def _sync_locked(
+        self, customer_id: str, deltas: dict[tuple[str, str], int]
+    ) -> bool:
+        """
+        Run the sync script for one customer: restore what this broker knows
+        if the customer's epoch is not the one it saw, and add ``deltas``
+        (local charges from an outage). Hold `_epoch_lock`.
+
+        Returns:
+            True if the epoch had changed since this broker last saw it.
+        """
+        slots = sorted({s for s in self._known if s[0] == customer_id} | set(deltas))
+        seen = self._epochs.get(customer_id, "")
+        keys = [self._customer_epoch_key(customer_id)]
+        args: list[str | int] = [seen, secrets.token_hex(8)]
+        for slot in slots:
             end = self._ends.get(slot, math.inf)
-            if end <= self._latest_now:
+            keys += [self._quota_key(*slot), self._marker_key(*slot)]
+            args += [
+                self._known.get(slot, 0),
+                deltas.get(slot, 0),
+                _quota_ttl(end, self._latest_now),
+            ]
+        reply = await self._sync_script(keys=keys, args=args)
+        epoch = _text(reply[0])
+        self._epochs[customer_id] = epoch
+        for slot, used in zip(slots, reply[1:], strict=True):
+            self._known[slot] = int(used)
+        return bool(seen) and epoch != seen
+
+    def _drop_ended(self) -> None:
+        for slot in list(self._known):
+            if self._ends.get(slot, math.inf) <= self._latest_now:
                 self._known.pop(slot, None)
                 self._ends.pop(slot, None)
-                continue
-            if known <= 0:
-                continue
-            customer_id, period_key = slot
-            used = await self._restore_script(
-                keys=[self._quota_key(customer_id, period_key)],
-                args=[known, _quota_ttl(end, self._latest_now)],
-            )
-            self._known[slot] = int(used)
-            restored += 1
+
+    def _report_restore(self, reason: str, customers: int) -> None:
         self.restores += 1
         log.warning(
             "redis_restored",
-            reason="epoch changed" if epoch is not None else "counter missing",
-            counters=restored,
+            reason=reason,
+            customers=customers,
             hint="Redis lost its data (restarted without persistence?); "
             "run it with appendonly yes",
         )
@@ -323,8 +414,8 @@ class RedisBackend:
                 return True
             try:
                 await self._redis.ping()
-                # Before pending charges are added: they add to what Redis
-                # should hold, which after a restart is what we knew.
+                # Restores every known customer if Redis was emptied, so the
+                # pending charges below add to what it held before.
                 await self._check_epoch(now)
                 while self._pending:
                     # Charges made while we resync land in a fresh map; loop until
@@ -350,24 +441,32 @@ class RedisBackend:
             return True
 
     async def _resync(self, pending: dict[tuple[str, str], list[float]]) -> None:
-        for slot in list(pending):
-            delta, end = pending[slot]
-            customer_id, period_key = slot
-            base = self._known.get(slot, 0)
-            used = await self._resync_script(
-                keys=[self._quota_key(customer_id, period_key)],
-                args=[base, int(delta), _quota_ttl(end, self._latest_now)],
-            )
-            self._learn(customer_id, period_key, int(used), end)
-            del pending[slot]
-            self.resyncs += 1
-            log.info(
-                "redis_resynced",
-                customer=customer_id,
-                period=period_key,
-                local_bytes=int(delta),
-                used=int(used),
-            )
+        """
+        Add the local charges of an outage, one customer (one script) at a
+        time; a customer whose epoch changed meanwhile is restored first, in
+        the same script. Done slots leave ``pending``.
+        """
+        for customer_id in sorted({slot[0] for slot in pending}):
+            slots = [slot for slot in pending if slot[0] == customer_id]
+            deltas: dict[tuple[str, str], int] = {}
+            for slot in slots:
+                delta, end = pending[slot]
+                deltas[slot] = int(delta)
+                if not math.isinf(end):
+                    self._ends[slot] = end
+            async with self._epoch_lock:
+                if await self._sync_locked(customer_id, deltas):
+                    self._report_restore("customer epoch changed", 1)
+            for slot in slots:
+                del pending[slot]
+                self.resyncs += 1
+                log.info(
+                    "redis_resynced",
+                    customer=customer_id,
+                    period=slot[1],
+                    local_bytes=deltas[slot],
+                    used=self._known.get(slot, 0),
+                )
 
     async def start(self, now: float) -> None:
         self._latest_now = max(self._latest_now, now)
@@ -459,10 +558,10 @@ class RedisBackend:
             for _ in range(_RESTORE_ATTEMPTS):
                 if int(reply[0]) >= 0:
                     break
-                await self._check_epoch(now, lost=True)
+                await self._restore_customer(customer_id, now)
                 reply = await self._take_once(customer_id, amount, now, bucket, quota)
             if int(reply[0]) < 0:
-                raise RedisError("quota counter lost again right after restoring")
+                raise RedisError("customer epoch changed again right after restoring")
         except _UNAVAILABLE as exc:
             self._mark_down(now, exc)
             return self._fallback_take(customer_id, amount, now, bucket, quota)
@@ -483,11 +582,6 @@ class RedisBackend:
         bucket: BucketLimit | None,
         quota: QuotaLimit | None,
     ) -> Any:
-        known = (
-            self._known.get((customer_id, quota.period_key), 0)
-            if quota is not None
-            else 0
-        )
         return await self._take_script(
             keys=self._script_keys(customer_id, quota),
             args=[
@@ -498,15 +592,19 @@ class RedisBackend:
                 quota.limit if quota is not None else -1,
                 _quota_ttl(quota.expires_at, now) if quota is not None else 1,
                 _bucket_ttl(bucket),
-                known,
+                self._epochs.get(customer_id, ""),
             ],
         )
 
     def _script_keys(self, customer_id: str, quota: QuotaLimit | None) -> list[str]:
-        # The take and give-back scripts touch the same two keys; "-" stands
-        # for "no quota" (the scripts then leave that key alone).
+        # The take and give-back scripts touch the same three keys; "-" stands
+        # for "no quota" (the scripts then leave that key and the epoch alone).
         period_key = quota.period_key if quota is not None else "-"
-        return [self._bucket_key(customer_id), self._quota_key(customer_id, period_key)]
+        return [
+            self._bucket_key(customer_id),
+            self._quota_key(customer_id, period_key),
+            self._customer_epoch_key(customer_id),
+        ]
 
     async def give_back(
         self,
@@ -528,19 +626,18 @@ class RedisBackend:
         used: Any = -1
         try:
             for _ in range(_RESTORE_ATTEMPTS + 1):
-                known = self._known.get(slot, 0) if slot is not None else 0
                 used = await self._give_script(
                     keys=self._script_keys(customer_id, quota),
                     args=[
                         amount,
                         bucket.burst if bucket is not None else -1,
                         "1" if quota is not None else "0",
-                        known,
+                        self._epochs.get(customer_id, ""),
                     ],
                 )
                 if int(used) >= 0:
                     break
-                await self._check_epoch(self._latest_now, lost=True)
+                await self._restore_customer(customer_id, self._latest_now)
         except _UNAVAILABLE as exc:
             # A lost refund only ever under-serves the customer; not worth a retry.
             self._mark_down(self._latest_now, exc)
@@ -573,14 +670,24 @@ class RedisBackend:
         if expires_at is not None and not math.isinf(expires_at):
             self._ends[slot] = expires_at
         if self._healthy:
-            key = self._quota_key(customer_id, period_key)
+            keys = [
+                self._quota_key(customer_id, period_key),
+                self._customer_epoch_key(customer_id),
+            ]
+            value: Any = None
             try:
-                value = await self._redis.get(key)
-                if value is None and self._known.get(slot, 0) > 0:
-                    # Gone although we saw it: Redis lost data; never report
-                    # (or remember) it as unused.
-                    await self._check_epoch(self._latest_now, lost=True)
-                    value = await self._redis.get(key)
+                for attempt in range(_RESTORE_ATTEMPTS + 1):
+                    value, epoch = await self._read_script(keys=keys)
+                    if epoch is not None and _text(epoch) == self._epochs.get(
+                        customer_id
+                    ):
+                        break
+                    if attempt == _RESTORE_ATTEMPTS:
+                        raise RedisError("customer epoch keeps changing")
+                    # Not the epoch our counts belong to (Redis lost data, or
+                    # a customer new to us): never report a lost count as
+                    # unused, and remember counts only with their epoch.
+                    await self._restore_customer(customer_id, self._latest_now)
             except _UNAVAILABLE as exc:
                 self._mark_down(self._latest_now, exc)
             else:
@@ -591,6 +698,10 @@ class RedisBackend:
 
 
 _LONGEST_TTL = 400 * 86400  # longer than any calendar period
+
+
+def _text(raw: object) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 def _quota_ttl(end: float, now: float) -> int:
