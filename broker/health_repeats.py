@@ -1,6 +1,7 @@
 """
 A continuous test for periodic output: a source that repeats what it emitted
-up to 64 KiB earlier, at any period and any alignment.
+up to 64 KiB earlier, at any period and any alignment, even when each copy
+carries a changing sequence number or counter.
 
 SP 800-90B's RCT and APT only see runs and skewed value counts. A counter, a
 replayed buffer or a driver returning the same block over and over passes both
@@ -9,48 +10,71 @@ This test catches those.
 
 How it works
 ------------
-At every `PROBE_EVERY`-th byte of the stream (stream offsets 0, 512, 1024, ...)
-the next ``probe_bytes`` bytes are the *probe*. When the probe is complete it
-is searched for in the `DEFAULT_WINDOW` bytes before it (`bytes.find`, one C
-pass over the window, not a Python loop per byte). Finding it anywhere there,
-overlapping the probe itself included, is a failure: the stream repeats
-itself. A stream with period P ≤ W (from some point on) contains every probe
-again P bytes earlier, so the first probe starting P bytes into the periodic
-part fails, whatever P and whatever its alignment; periods shorter than the
-probe are found overlapping it. Nothing is hashed, so no alignment, lcm or
-hash collision enters into it.
+Every `PROBE_EVERY` bytes of the stream (stream offsets 0, 512, 1024, ...) a
+*probe group* starts: four *sub-probes* of L bytes at offsets 0, L+3, 2(L+3)
+and 3(L+3) within the group (``GROUP_SUB_PROBES``; at the default credit
+L = 29, so offsets 0, 32, 64 and 96 and a group of 125 bytes). The first two
+are *anchors*. When the group is complete, each anchor is searched for in the
+`DEFAULT_WINDOW` bytes before it (`bytes.find`, one C pass over the window);
+its first occurrence there gives a distance d. The group fails when at least
+two of its four sub-probes, the anchor included, equal the bytes d earlier:
+the stream repeats itself at distance d. Comparing the other sub-probes is a
+slice comparison, not a search, so a group costs two searches.
 
-Probes sit at fixed stream offsets and the window is the stream itself, so the
-outcome depends only on the byte stream, never on how it was split into
-`feed` calls. Each failing probe is one `CutoffReached` at its last byte; a
-source that keeps repeating fails at every probe. Because probes start every
-512 bytes and are at most 512 bytes long, every 1,024 consecutive bytes hold
-a whole probe: a start-up test (1,024 samples) never passes on output that
+What is caught: a stream that repeats itself at some distance P ≤ W except
+for *changed fields* of at most 4 bytes with at least 60 unchanged bytes
+between them (a sequence number in every 64-byte USB packet, 128-byte frame
+or 512-byte record; one changing byte every 100 bytes) fails at the first
+group lying wholly in the repeating part, whatever P and the fields'
+alignment. A field of at most 4 bytes cannot touch both anchors (3 bytes lie
+between them), and fields 60 unchanged bytes apart cannot touch both either
+(the anchors cover 61 bytes); the same spacing leaves a second clean
+sub-probe among the other three. Shortest clean run committed to: **60
+unchanged bytes between changed fields of at most 4 bytes** at the default
+credit (where L ≤ 29). Periods shorter than L are found overlapping the
+anchor. Nothing is hashed, so no alignment, lcm or hash collision enters
+into it.
+
+When L is too long for four sub-probes to fit in 512 bytes (credit below
+about 0.45 bit/byte), the group is one probe of L bytes and fails on any
+match, as a plain repeat search; it then needs the copy to be unchanged over
+those L bytes.
+
+Groups sit at fixed stream offsets and the window is the stream itself, so
+the outcome depends only on the byte stream, never on how it was split into
+`feed` calls. Each failing group is one `CutoffReached` at its last byte; a
+source that keeps repeating fails at every group. Groups start every 512
+bytes and are at most 512 bytes long, so every 1,024 consecutive bytes hold a
+whole group: a start-up test (1,024 samples) never passes on output that
 still repeats within the window.
 
 Cost: the last W + 512 bytes of the stream are kept (66 KiB per source at the
-default window) and each probe scans them once.
+default window) and each group scans them twice (once with one probe at low
+credit).
 
 False alarms
 ------------
-On output with H bits of min-entropy per byte, one probe of L bytes matches a
-given earlier position with probability at most 2^(-L·H), and there are
-W = 2^16 earlier positions, so one probe raises a false alarm with
-probability at most ``2^(16 - L·H)``. `probe_length` picks L as the smallest
-length with ``16 - L·H ≤ alpha_log2`` (the APT's alpha, 2^-40 by default),
-but never below 128 bytes (a longer needle makes `bytes.find` skip faster) nor
-above 512. Probes per year (one year = 3.156e7 s): 2.5e8 at 4 KiB/s, 6.5e10
-at 1 MiB/s.
+On output with H bits of min-entropy per byte, L given bytes equal the L
+bytes d earlier with probability at most 2^(-L·H), overlapping or not (each
+byte has H bits given all before it). Four sub-probes: a failure needs an
+anchor and one other sub-probe to match at the same d: 5 such pairs, W = 2^16
+distances, 2L bytes per pair, so a group raises a false alarm with
+probability at most ``5 · 2^(16 - 2·L·H)``. One probe: ``2^(16 - L·H)``.
+`probe_length` picks L as the smallest length with ``16 - L·H ≤ alpha_log2``
+(the APT's alpha, 2^-40 by default), so each sub-probe alone already meets
+the APT's rate, but never below 29 bytes (shorter needles make `bytes.find`
+slower) nor above 512. Groups per year (one year = 3.156e7 s): 2.5e8 at
+4 KiB/s, 6.5e10 at 1 MiB/s.
 
 ==================== ===== ============= ================ ================
-credit (bits/byte)    L     per probe     per year 4 KiB/s per year 1 MiB/s
+credit (bits/byte)    L     per group     per year 4 KiB/s per year 1 MiB/s
 ==================== ===== ============= ================ ================
-8 (the default)       128   2^-1008       < 1e-290         < 1e-290
-1                     128   2^-112        5e-26            1.3e-23
+8 (the default)       29    5 · 2^-448    < 1e-120         < 1e-120
+1                     56    5 · 2^-96     1.6e-20          4.1e-18
 0.125 (the floor)     448   2^-40         2.3e-4           0.059
 ==================== ===== ============= ================ ================
 
-At the default credit a false alarm is as likely as guessing a 1,000-bit key;
+At the default credit a false alarm is as likely as guessing a 440-bit key;
 only a source credited near zero comes close to the APT's own rate.
 """
 
@@ -59,16 +83,26 @@ import math
 from broker.health_tests import CutoffReached
 
 DEFAULT_WINDOW = 1 << 16
-"""Bytes searched behind each probe: the longest period caught (64 KiB)."""
+"""Bytes searched behind each anchor: the longest period caught (64 KiB)."""
 PROBE_EVERY = 512
-"""Stream bytes between the starts of two probes."""
-MIN_PROBE_BYTES = 128
+"""Stream bytes between the starts of two probe groups."""
+MIN_PROBE_BYTES = 29
+"""Shortest sub-probe: two fit, 3 bytes apart, in 61 unchanged bytes."""
 MAX_PROBE_BYTES = 512
+GROUP_SUB_PROBES = 4
+"""Sub-probes in a group when they fit in `PROBE_EVERY` bytes."""
+GROUP_ANCHORS = 2
+"""Sub-probes searched for; the others are compared at the distance found."""
+GROUP_MATCHES = 2
+"""Sub-probes, the anchor included, that must repeat at one distance."""
+FIELD_GAP = 3
+"""Bytes between two sub-probes: a changed field of 4 bytes spoils only one."""
 
 
 def probe_length(h: float, alpha_log2: float, window: int = DEFAULT_WINDOW) -> int:
     """
-    The probe length L with at most ``2^alpha_log2`` false alarms per probe.
+    The (sub-)probe length L: one probe alone has at most ``2^alpha_log2``
+    false alarms.
 
     Args:
         h: min-entropy per byte, in bits (> 0).
@@ -76,7 +110,7 @@ def probe_length(h: float, alpha_log2: float, window: int = DEFAULT_WINDOW) -> i
         window: W, the bytes searched behind each probe.
 
     Returns:
-        ``ceil((log2(W) - alpha_log2) / h)``, kept within 128..512 bytes.
+        ``ceil((log2(W) - alpha_log2) / h)``, kept within 29..512 bytes.
 
     Raises:
         ValueError: an argument is out of range.
@@ -91,13 +125,34 @@ def probe_length(h: float, alpha_log2: float, window: int = DEFAULT_WINDOW) -> i
     return min(max(needed, MIN_PROBE_BYTES), MAX_PROBE_BYTES)
 
 
-class RepeatTest:
+def group_layout(probe_bytes: int) -> tuple[tuple[int, ...], int, int]:
     """
-    Fails when a probe of the stream occurs within the window before it.
+    Where a group's sub-probes sit.
 
     Args:
-        probe_bytes: L, the probe length (see `probe_length`).
-        window: W, bytes searched behind each probe; periods up to W are caught.
+        probe_bytes: L, the sub-probe length.
+
+    Returns:
+        The sub-probes' offsets within the group, how many of them (the
+        first ones) are anchors, and how many must repeat at one distance:
+        four sub-probes, two anchors, two matches when they fit in
+        `PROBE_EVERY` bytes, else one probe that fails on any match.
+    """
+    stride = probe_bytes + FIELD_GAP
+    if (GROUP_SUB_PROBES - 1) * stride + probe_bytes <= PROBE_EVERY:
+        offsets = tuple(i * stride for i in range(GROUP_SUB_PROBES))
+        return offsets, GROUP_ANCHORS, GROUP_MATCHES
+    return (0,), 1, 1
+
+
+class RepeatTest:
+    """
+    Fails when a probe group of the stream repeats within the window before it.
+
+    Args:
+        probe_bytes: L, the sub-probe length (see `probe_length`).
+        window: W, bytes searched behind each anchor; periods up to W are
+            caught.
     """
 
     def __init__(
@@ -109,12 +164,15 @@ class RepeatTest:
             raise ValueError("the window holds at least one byte")
         self.probe_bytes = probe_bytes
         self.window = window
+        self.offsets, self.anchors, self.matches = group_layout(probe_bytes)
+        self.group_bytes = self.offsets[-1] + probe_bytes
+        """Bytes from the start of a group to the end of its last sub-probe."""
         self.samples = 0
         """Bytes fed so far (the stream offset of the next byte)."""
         self._history = bytearray()
         self._base = 0
         """Stream offset of ``_history[0]``."""
-        self._next_probe = 0
+        self._next_group = 0
 
     @property
     def held_bytes(self) -> int:
@@ -123,43 +181,70 @@ class RepeatTest:
         """
         return len(self._history)
 
+    def _repeat_distance(self, at: int) -> int | None:
+        """
+        The distance at which the group starting at ``_history[at]`` repeats.
+        """
+        history = self._history
+        size = self.probe_bytes
+        for anchor in self.offsets[: self.anchors]:
+            start = at + anchor
+            # The range stops one byte short of the anchor's end, so it can
+            # only match an earlier position, possibly overlapping itself.
+            found = history.find(
+                history[start : start + size],
+                max(start - self.window, 0),
+                start + size - 1,
+            )
+            if found == -1:
+                continue
+            distance = start - found
+            same = 0
+            for offset in self.offsets:
+                mine = at + offset
+                earlier = mine - distance
+                if earlier >= 0 and (
+                    history[earlier : earlier + size] == history[mine : mine + size]
+                ):
+                    same += 1
+            if same >= self.matches:
+                return distance
+        return None
+
     def feed(self, data: bytes) -> list[CutoffReached]:
         """
-        Test every probe completed by ``data``.
+        Test every probe group completed by ``data``.
 
         Returns:
-            One failure per repeated probe, in stream order.
+            One failure per repeated group, in stream order.
         """
         start = self.samples
-        history = self._history
-        history += data
+        self._history += data
         stream_end = start + len(data)
-        size = self.probe_bytes
+        span = self.group_bytes
         out: list[CutoffReached] = []
-        probe = self._next_probe
-        while probe + size <= stream_end:
-            at = probe - self._base
-            lo = max(at - self.window, 0)
-            # The range stops one byte short of the probe's end, so the
-            # probe can only match an earlier position, possibly overlapping.
-            found = history.find(history[at : at + size], lo, at + size - 1)
-            if found != -1:
-                distance = at - found
+        group = self._next_group
+        while group + span <= stream_end:
+            distance = self._repeat_distance(group - self._base)
+            if distance is not None:
                 out.append(
                     CutoffReached(
                         "repeat",
-                        probe + size - start,
+                        group + span - start,
                         distance,
                         False,
-                        f"repeat: {size} bytes at offset {probe} already "
+                        f"repeat: {span} bytes at offset {group} already "
                         f"seen {distance} bytes earlier",
                     )
                 )
-            probe += PROBE_EVERY
-        self._next_probe = probe
-        drop = probe - self.window - self._base
+            group += PROBE_EVERY
+        self._next_group = group
+        # Anchors look back W bytes and the other sub-probes are compared at
+        # most W bytes back, so nothing before the next group's start - W is
+        # needed again.
+        drop = group - self.window - self._base
         if drop > 0:
-            del history[:drop]
+            del self._history[:drop]
             self._base += drop
         self.samples = stream_end
         return out
