@@ -17,9 +17,11 @@ Each source has one `SourceHealth`. Every byte the source yields goes through
 
 * the RCT on 64-bit words (8-byte samples, aligned to the start of the stream),
 * the APT on bytes with a window of 512,
-* the repeat test (`RepeatTest`, on unless ``repeats = false``): a probe every
-  512 bytes searched for in the 64 KiB before it, so a counter or a replayed
-  block fails at any period up to 64 KiB,
+* the repeat test (`RepeatTest`, on unless ``repeats = false``): every 512
+  bytes a group of four short sub-probes, two of them searched for in the
+  64 KiB before it; two sub-probes repeating at one distance fail, so a
+  counter or a replayed block fails at any period up to 64 KiB, even when each
+  copy carries a sequence number,
 * optionally the FIPS 140-2 tests on 2,500-byte blocks (`Fips140Tester`).
 
 The tests are continuous: their state (the current run, the current window,
@@ -60,8 +62,8 @@ past the RCT cut-off, or an APT window whose value keeps recurring past the
 cut-off, is one failure but every sample of it is failing (`FailingSpan`),
 so stuck output after the failure point never counts towards re-admission.
 Because 1,024 ≥ 2*512 - 1 a start-up test always contains a full APT window,
-and because probes start every 512 bytes and are at most 512 long, a whole
-repeat-test probe.
+and because probe groups start every 512 bytes and are at most 512 long, a
+whole repeat-test group.
 
 Cut-offs from the credit
 ------------------------
@@ -93,10 +95,11 @@ Ideal random input, H = 8 (the default credit), exact binomial arithmetic:
     would raise false alarms weekly.
   - permanent alpha = 2^-60 → C = 25: 2.4e-18 per window, never in practice.
 
-* Repeat test: one probe of at least 128 bytes every 512 bytes, searched for
-  in the 64 KiB before it: at most 2^(16 - 8·128) = 2^-1008 per probe at
+* Repeat test: a group of four 29-byte sub-probes every 512 bytes, two
+  searched for in the 64 KiB before it; a failure needs two sub-probes to
+  match at one distance: at most 5·2^(16 - 2·8·29) = 5·2^-448 per group at
   H = 8, never in practice; `broker.health_repeats` has the table for lower
-  credits (at most 2^apt_alpha_log2 per probe).
+  credits (at most 2^apt_alpha_log2 per group).
 * FIPS 140-2 (optional): a healthy source's failed blocks are forgiven by a
   leaky count; `broker.fips` gives the false-quarantine rates behind the
   default ``fips_max_failures = 40``.
