@@ -23,11 +23,24 @@ therefore first a `GuardedConnection`, which moves through three phases:
     Bytes are relayed untouched. aiohttp's keep-alive timer bounds the gap
     between one response and the next complete request.
 
-``header_timeout`` runs from accept until the first blank line, across
-``GATE`` and ``HEADERS``. A connection whose client stops reading its
-responses for ``write_timeout`` is dropped. Every refusal is counted by reason
-and logged through `broker.ratelog.RateLimitedLog`, so a flood of them costs
-one log line per reason per interval.
+``header_timeout`` runs from accept until the blank line that ends the first
+request's headers, across ``GATE`` and ``HEADERS``; blank lines before the
+request line (which aiohttp skips) do not end it.
+
+Every admitted connection's transport is wrapped in a `GuardedTransport`,
+which counts what aiohttp writes. Whenever bytes wait in the transport's
+buffer, a timer checks every ``write_timeout`` that some of them reached the
+socket since the last check, and aborts the connection if none did. This holds
+below the buffer's high-water mark too: a client that stops reading with a few
+hundred bytes unsent never makes asyncio call ``pause_writing``, and a
+``close()`` waits for a drain that never comes, holding the slot and the file
+descriptor for good. For the same reason every close the guard or aiohttp asks
+for is turned into an abort if the connection is still open ``write_timeout``
+later.
+
+Every refusal is counted by reason and logged through
+`broker.ratelog.RateLimitedLog`, so a flood of them costs one log line per
+reason per interval.
 """
 
 import asyncio
@@ -168,9 +181,13 @@ class GuardedConnection(asyncio.Protocol):
         self._client: str | None = None
         self._peer = "?"
         self._tail = b""
+        self._request_started = False
         self._header_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
         self._writing_paused = False
+        self._written = 0
+        self._sent_at_check = 0
 
     # ---- asyncio.Protocol ----------------------------------------------------
 
@@ -214,16 +231,12 @@ class GuardedConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._writing_paused = True
-        loop = asyncio.get_running_loop()
-        self._write_timer = loop.call_later(
-            self._guard.limits.write_timeout, self._write_expired
-        )
+        self._watch_writes()
         if self._inner is not None:
             self._inner.pause_writing()
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        self._stop_write_timer()
         if self._inner is not None:
             self._inner.resume_writing()
 
@@ -231,6 +244,9 @@ class GuardedConnection(asyncio.Protocol):
         self._phase = _Phase.CLOSED
         self._stop_header_timer()
         self._stop_write_timer()
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
         self._guard.forget(self, self._client)
         inner, self._inner = self._inner, None
         if inner is not None:
@@ -261,11 +277,12 @@ class GuardedConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return b""
+        peername: tuple[str, int] | None = None
         if outcome.proxied:
             self._peer = outcome.host
-            transport = ProxiedTransport(transport, (outcome.host, outcome.port))
+            peername = (outcome.host, outcome.port)
         self._inner = self._guard.make_handler()
-        self._inner.connection_made(transport)
+        self._inner.connection_made(GuardedTransport(transport, self, peername))
         if self._writing_paused:
             self._inner.pause_writing()
         return outcome.rest
@@ -279,6 +296,13 @@ class GuardedConnection(asyncio.Protocol):
         return True
 
     def _watch_headers(self, data: bytes) -> None:
+        if not self._request_started:
+            # aiohttp skips empty lines before a request line; they must not
+            # count as the end of headers not yet sent.
+            data = data.lstrip(b"\r\n")
+            if not data:
+                return
+            self._request_started = True
         # Either line ending counts: a false end only hands the connection to
         # aiohttp's own keep-alive deadline sooner.
         seen = self._tail + data
@@ -293,30 +317,94 @@ class GuardedConnection(asyncio.Protocol):
         self._header_timer = None
         if self._phase not in (_Phase.GATE, _Phase.HEADERS):
             return
-        transport = self._transport
-        if transport is not None and self._phase is _Phase.HEADERS:
-            transport.write(_TIMEOUT_ANSWER)
+        if self._phase is _Phase.HEADERS:
+            self.write(_TIMEOUT_ANSWER)
         self._refuse("header_timeout")
 
-    def _write_expired(self) -> None:
+    # ---- writes --------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """
+        Write to the socket, watching that the bytes leave the buffer.
+        """
+        if self._transport is None:
+            return
+        self._written += len(data)
+        self._transport.write(data)
+        self._watch_writes()
+
+    def writelines(self, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
+        """
+        `write` for several buffers at once.
+        """
+        if self._transport is None:
+            return
+        self._written += sum(len(chunk) for chunk in chunks)
+        self._transport.writelines(chunks)
+        self._watch_writes()
+
+    def _watch_writes(self) -> None:
+        """
+        Start the write-progress timer if bytes wait in the buffer.
+        """
+        if self._write_timer is not None or self._phase is _Phase.CLOSED:
+            return
+        transport = self._transport
+        if transport is None or transport.get_write_buffer_size() == 0:
+            return
+        self._sent_at_check = self._written - transport.get_write_buffer_size()
+        self._write_timer = asyncio.get_running_loop().call_later(
+            self._guard.limits.write_timeout, self._check_writes
+        )
+
+    def _check_writes(self) -> None:
         self._write_timer = None
-        if self._writing_paused and self._phase is not _Phase.CLOSED:
+        transport = self._transport
+        if transport is None or self._phase is _Phase.CLOSED:
+            return
+        pending = transport.get_write_buffer_size()
+        if pending == 0:
+            return
+        if self._written - pending <= self._sent_at_check:
             self._refuse("write_timeout", abort=True)
+            return
+        self._watch_writes()
+
+    def close(self) -> None:
+        """
+        Close once the buffer drains, or abort if it has not after
+        ``write_timeout``.
+        """
+        transport = self._transport
+        if transport is None:
+            return
+        transport.close()
+        if self._close_timer is None and self._phase is not _Phase.CLOSED:
+            self._close_timer = asyncio.get_running_loop().call_later(
+                self._guard.limits.write_timeout, self._close_expired
+            )
+
+    def _close_expired(self) -> None:
+        self._close_timer = None
+        if self._transport is not None:
+            self._guard.refusals("close_timeout", peer=self._peer)
+            self._transport.abort()
 
     def close_if_unserved(self) -> None:
         if self._phase in (_Phase.GATE, _Phase.HEADERS) and self._transport:
+            self.close()
             self._phase = _Phase.CLOSED
-            self._transport.close()
 
     def _refuse(self, reason: str, *, abort: bool = False, **fields: Any) -> None:
         self._guard.refusals(reason, peer=self._peer, **fields)
-        self._phase = _Phase.CLOSED
         self._stop_header_timer()
+        self._stop_write_timer()
         if self._transport is not None:
             if abort:
                 self._transport.abort()
             else:
-                self._transport.close()
+                self.close()
+        self._phase = _Phase.CLOSED
 
     def _stop_header_timer(self) -> None:
         if self._header_timer is not None:
@@ -329,19 +417,26 @@ class GuardedConnection(asyncio.Protocol):
             self._write_timer = None
 
 
-class ProxiedTransport(asyncio.Transport):
+class GuardedTransport(asyncio.Transport):
     """
-    The connection's transport as aiohttp sees it behind a trusted proxy:
-    ``peername`` is the client the proxy named; everything else is the socket's.
+    The connection's transport as aiohttp sees it: writes and closes go
+    through the `GuardedConnection`, which watches that they complete; behind
+    a trusted proxy, ``peername`` is the client the proxy named.
     """
 
-    def __init__(self, transport: asyncio.Transport, peername: tuple[str, int]):
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        connection: GuardedConnection,
+        peername: tuple[str, int] | None = None,
+    ):
         super().__init__()
         self._transport = transport
+        self._connection = connection
         self._peername = peername
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "peername":
+        if name == "peername" and self._peername is not None:
             return self._peername
         return self._transport.get_extra_info(name, default)
 
@@ -349,7 +444,7 @@ class ProxiedTransport(asyncio.Transport):
         return self._transport.is_closing()
 
     def close(self) -> None:
-        self._transport.close()
+        self._connection.close()
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._transport.set_protocol(protocol)
@@ -378,10 +473,10 @@ class ProxiedTransport(asyncio.Transport):
         return self._transport.get_write_buffer_limits()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._transport.write(data)
+        self._connection.write(data)
 
     def writelines(self, list_of_data: Any) -> None:
-        self._transport.writelines(list_of_data)
+        self._connection.writelines(list(list_of_data))
 
     def write_eof(self) -> None:
         self._transport.write_eof()
