@@ -23,6 +23,24 @@ address in it. A trusted proxy's connection is identified only once the header
 is complete, within `HEADER_TIMEOUT`; any other peer is identified at once by
 its own address, so a client that stays silent for life (ekeyd-egd-linux on a
 current kernel) is never timed out.
+
+``max_connections_per_client`` counts the client's open connections to every
+EGD sink of the broker (``Client.connections`` lives in the shared accounts),
+so one host cannot multiply its share by connecting to each listener.
+
+Counting: a connection turned away before it is served (sink full, shutting
+down, client denied or over its cap, a bad or missing PROXY header from a
+trusted proxy) is a refusal (``EgdSink.refused``); a connection that was
+served and is then closed for what its peer sent (a malformed request, a PROXY
+header from an untrusted peer) is counted in ``EgdSink.closed`` instead, so
+the two never count the same connection.
+
+Once a connection is closed (by its peer, a protocol error, or the sink's
+shutdown) it is never served again: its worker stops, queued requests are
+dropped, and nothing more is withdrawn for it. A read cut short by the close
+gives its bytes back to the pool (a pending ``pool.read``) or at least its
+quota back to the client's accounts (bytes already withdrawn but not
+written); none of them counts in ``bytes_out``.
 """
 
 import asyncio
@@ -106,9 +124,11 @@ class ConnectionHost(Protocol):
     bytes_out: int
     requests: int
 
-    def admit(self, connection: "EgdConnection") -> bool: ...
+    def admit(self, connection: "EgdConnection") -> str | None: ...
 
     def refuse(self, reason: str, *, peer: str, detail: str) -> None: ...
+
+    def count_closed(self, reason: str, *, peer: str, detail: str) -> None: ...
 
     def forget(self, connection: "EgdConnection") -> None: ...
 
@@ -129,6 +149,7 @@ class EgdConnection(asyncio.Protocol):
         self._pending_bytes = 0
         self._reading_paused = False
         self._closing = False
+        self._stopped = False
         self._busy = False
         self._eof_deadline: float | None = None
         self._answering: asyncio.Timeout | None = None
@@ -151,8 +172,9 @@ class EgdConnection(asyncio.Protocol):
         )
         self._peer = _peer_text(peer)
         self._log = log.bind(sink=self._sink.name, peer=self._peer)
-        if not self._sink.admit(self):
-            self._refuse("max_connections", "max_connections reached")
+        refusal = self._sink.admit(self)
+        if refusal is not None:
+            self._refuse(refusal, f"{refusal} (sink not admitting)")
             return
         sock = transport.get_extra_info("socket")
         fd = sock.fileno() if sock is not None else -1
@@ -180,12 +202,11 @@ class EgdConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._stop("client went away")
         self._cancel_header_timer()
         if self._client is not None:
             self._client.connections -= 1
             self._client = None
-        if self._worker is not None:
-            self._worker.cancel(msg="client went away")
         self._output.close()
         self._sink.forget(self)
         self._log.debug("client_disconnected", error=str(exc) if exc else None)
@@ -289,8 +310,14 @@ class EgdConnection(asyncio.Protocol):
         return True
 
     def _refuse(self, reason: str, detail: str) -> None:
-        self._sink.refuse(reason, peer=self._peer, detail=detail)
+        if self._client is None:
+            self._sink.refuse(reason, peer=self._peer, detail=detail)
+        else:
+            # Already counted in connections_total (an untrusted peer is
+            # served at once): closed, not refused.
+            self._sink.count_closed(reason, peer=self._peer, detail=detail)
         self._closing = True
+        self._stop("connection refused")
         self._cancel_header_timer()
         if self._transport is not None:
             # Nothing was read or promised: no reply to flush.
@@ -328,7 +355,7 @@ class EgdConnection(asyncio.Protocol):
             transport.resume_reading()
 
     def _protocol_error(self, exc: Exception) -> None:
-        self._sink.refuse("malformed_request", peer=self._peer, detail=str(exc))
+        self._sink.count_closed("malformed_request", peer=self._peer, detail=str(exc))
         self._closing = True
         self._queue.append(_CLOSE)
         self._wakeup.set()
@@ -336,9 +363,11 @@ class EgdConnection(asyncio.Protocol):
     async def _serve(self) -> None:
         try:
             while True:
-                while not self._queue:
+                while not self._queue and not self._stopped:
                     self._wakeup.clear()
                     await self._wakeup.wait()
+                if self._stopped:
+                    return
                 item = self._queue.popleft()
                 if isinstance(item, _Close):
                     self._close_transport()
@@ -369,6 +398,8 @@ class EgdConnection(asyncio.Protocol):
         except Exception:  # noqa: BLE001 - one connection's failure never reaches the server
             self._log.error("connection_failed", exc_info=True)
             self._close_transport()
+        finally:
+            self._busy = False
 
     async def _answer(self, event: Event) -> None:
         pool = self._sink.pool
@@ -378,15 +409,23 @@ class EgdConnection(asyncio.Protocol):
                 self._write(encode_level(pool.level * 8))
             case ReadNonBlocking(count=count):
                 await self._output.room()
-                self._write(encode_nonblocking(await self._read_now(count)))
+                if self._stopped:
+                    return
+                data, granted_at = await self._read_now(count)
+                if not self._write(encode_nonblocking(data)):
+                    self._unserved(len(data), granted_at)
             case ReadBlocking(count=count):
                 remaining = count
                 while remaining:
                     await self._output.room()
-                    data = await self._read_blocking(
+                    if self._stopped:
+                        return
+                    data, granted_at = await self._read_blocking(
                         min(remaining, self._sink.config.chunk_size)
                     )
-                    self._write(data)
+                    if not self._write(data):
+                        self._unserved(len(data), granted_at)
+                        return
                     remaining -= len(data)
                     if remaining:
                         await self._turn.yield_if_spent()
@@ -396,16 +435,21 @@ class EgdConnection(asyncio.Protocol):
                 await self._output.room()
                 self._write(encode_pid(os.getpid()))
 
-    async def _read_now(self, count: int) -> bytes:
+    async def _read_now(self, count: int) -> tuple[bytes, float]:
         # Limits shorten a non-blocking read; EGD has no way to say why.
+        # Returns the bytes and the grant's time, for a refund if unsent.
         accounts, client = self._sink.accounts, self._require_client()
         now = accounts.clock.time()
         grant = await accounts.grant(client, count, now)
+        if self._stopped:
+            # Closed while the grant was decided: withdraw nothing.
+            accounts.refund(client, grant.granted, now)
+            return b"", now
         data = self._sink.pool.read_nowait(grant.granted)
         accounts.refund(client, grant.granted - len(data), now)
-        return data
+        return data, now
 
-    async def _read_blocking(self, count: int) -> bytes:
+    async def _read_blocking(self, count: int) -> tuple[bytes, float]:
         # Limits delay a blocking read: the client simply sees the allowed rate.
         accounts, client = self._sink.accounts, self._require_client()
         allowed = await accounts.wait_grant(client, count)
@@ -413,10 +457,18 @@ class EgdConnection(asyncio.Protocol):
         granted_at = client.last_seen
         data = b""
         try:
-            data = await self._sink.pool.read(allowed, partial=True, key=client)
+            if not self._stopped:
+                data = await self._sink.pool.read(allowed, partial=True, key=client)
         finally:
             accounts.refund(client, allowed - len(data), granted_at)
-        return data
+        return data, granted_at
+
+    def _unserved(self, count: int, granted_at: float) -> None:
+        # Withdrawn but never written: the pool has no way to take returned
+        # bytes back, so they are dropped (never served, never repeated) and
+        # only the client's accounts get them back.
+        if count and self._client is not None:
+            self._sink.accounts.refund(self._client, count, granted_at)
 
     def _require_client(self) -> Client:
         if self._client is None:
@@ -432,15 +484,32 @@ class EgdConnection(asyncio.Protocol):
         else:
             pool.mix(data)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes) -> bool:
+        # False when the connection is closing and ``data`` was not sent.
         self._turn.wrote(len(data))
-        if self._transport is None or self._transport.is_closing():
-            return
-        self._transport.write(data)
+        transport = self._transport
+        if self._stopped or transport is None or transport.is_closing():
+            return False
+        transport.write(data)
         self._sink.bytes_out += len(data)
+        return True
+
+    def _stop(self, why: str) -> None:
+        # Serve nothing more: drop queued requests and stop the worker. A
+        # worker waiting on the pool gives its bytes back as it is cancelled.
+        if self._stopped:
+            return
+        self._stopped = True
+        self._queue.clear()
+        self._pending_bytes = 0
+        self._wakeup.set()
+        worker = self._worker
+        if worker is not None and worker is not asyncio.current_task():
+            worker.cancel(msg=why)
 
     def _close_transport(self) -> None:
         self._closing = True
+        self._stop("connection closed")
         transport = self._transport
         if transport is None or transport.is_closing():
             return

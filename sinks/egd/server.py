@@ -3,9 +3,30 @@ The EGD sink's listeners and connection registry.
 
 `EgdSink` binds every listen address (TCP and Unix, with the configured
 ``backlog``), admits connections up to ``max_connections`` and counts what it
-refuses by reason. Refusals are logged through `RateLimitedLog`, so a flood of
-them makes a handful of lines; the exact counts are in `SinkStatus.refused`
-(``ebroker_sink_refused_total``). Each connection is an `EgdConnection`.
+turns away. Each connection is an `EgdConnection`.
+
+Every accepted connection is counted exactly once, either in
+``connections_total`` (identified and served) or in ``refused`` (closed before
+it was served), so ``connections_total + sum(refused.values())`` is the number
+of connections accepted. Refusal reasons:
+
+==============================  ===============================================
+``max_connections``             the sink holds ``max_connections`` already
+``shutting_down``               the sink stopped admitting (`pre_shutdown`)
+``denied``                      the accounts refused the client
+``max_connections_per_client``  the client holds its cap of connections to
+                                the broker's EGD sinks
+``header_timeout``              a trusted proxy sent no PROXY header in time
+``proxy_*``                     a trusted proxy's header was bad
+                                (`sinks.proxy.gate` lists them)
+==============================  ===============================================
+
+A served connection closed for what its peer sent is counted in ``closed`` by
+reason (``malformed_request``; ``proxy_untrusted`` when a peer that may not
+send a PROXY header sends one), never in ``refused``. Refusals and closes are
+logged through `RateLimitedLog`, so a flood of them makes a handful of lines;
+the refusal counts are in `SinkStatus.refused`
+(``ebroker_sink_refused_total{reason}``).
 """
 
 import asyncio
@@ -47,31 +68,50 @@ class EgdSink:
         self.idle_changed = asyncio.Event()
         """Set when a connection finished its queued requests (or went away)."""
         self.connections_total = 0
-        """Connections identified and served (refused ones are in `refused`)."""
+        """Connections identified and served; disjoint from `refused`."""
         self.bytes_out = 0
         self.requests = 0
         self.refused: Counter[str] = Counter()
+        """Connections closed before they were served, by reason."""
+        self.closed: Counter[str] = Counter()
+        """Served connections closed for what the peer sent, by reason."""
         self._refusal_log = RateLimitedLog(
             log.bind(sink=self.name), "connection_refused"
         )
+        self._close_log = RateLimitedLog(log.bind(sink=self.name), "connection_dropped")
 
     # ---- connection registry ----
 
-    def admit(self, connection: EgdConnection) -> bool:
+    def admit(self, connection: EgdConnection) -> str | None:
         """
         Take ``connection`` into the registry unless the sink is full or closing.
+
+        Returns:
+            None when admitted, else the refusal reason (``shutting_down`` or
+            ``max_connections``).
         """
-        if not self._accepting or len(self._connections) >= self.config.max_connections:
-            return False
+        if not self._accepting:
+            return "shutting_down"
+        if len(self._connections) >= self.config.max_connections:
+            return "max_connections"
         self._connections.add(connection)
-        return True
+        return None
 
     def refuse(self, reason: str, *, peer: str, detail: str) -> None:
         """
-        Count one refusal (connection or request) and log it, rate-limited.
+        Count one connection closed before it was served, and log it
+        (rate-limited).
         """
         self.refused[reason] += 1
         self._refusal_log(reason, peer=peer, detail=detail)
+
+    def count_closed(self, reason: str, *, peer: str, detail: str) -> None:
+        """
+        Count one served connection closed for what its peer sent, and log
+        it (rate-limited).
+        """
+        self.closed[reason] += 1
+        self._close_log(reason, peer=peer, detail=detail)
 
     @property
     def accepting(self) -> bool:

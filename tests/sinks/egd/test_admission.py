@@ -82,10 +82,13 @@ async def test_refusals_are_counted_all_and_logged_once(started: Any) -> None:
     held[1].close()
 
 
-async def test_malformed_request_is_a_counted_refusal(started: Any) -> None:
+async def test_malformed_request_is_counted_as_closed_not_refused(
+    started: Any,
+) -> None:
     """
-    An unknown command closes the connection after earlier replies and counts
-    as ``malformed_request``.
+    An unknown command closes the connection after earlier replies; the
+    connection was served, so it counts in connections_total and in
+    ``closed["malformed_request"]``, not as a refusal.
     """
     sink = await started()
     reader, writer = await connect(sink)
@@ -93,21 +96,28 @@ async def test_malformed_request_is_a_counted_refusal(started: Any) -> None:
     async with asyncio.timeout(DEADLINE):
         assert 8 == len(await reader.readexactly(8))
         assert b"" == await reader.read(1)
-    assert {"malformed_request": 1} == sink.status().refused
+    await eventually(lambda: not sink.connections())
+    assert {} == sink.status().refused
+    assert {"malformed_request": 1} == sink.closed
+    assert 1 == sink.status().connections_total
     writer.close()
 
 
-async def test_untrusted_proxy_header_is_refused(started: Any) -> None:
+async def test_untrusted_proxy_header_closes_the_connection(started: Any) -> None:
     """
     A PROXY header from an address not in trusted_proxies closes the
-    connection unanswered, counted as ``proxy_untrusted``.
+    connection unanswered. The peer was identified (and counted) on connect,
+    so the close counts in ``closed["proxy_untrusted"]``, not as a refusal.
     """
     sink = await started()
     reader, writer = await connect(sink)
     writer.write(proxy_v1("10.1.2.3") + b"\x02\x10")
     async with asyncio.timeout(DEADLINE):
         assert b"" == await reader.read(1)
-    assert {"proxy_untrusted": 1} == sink.status().refused
+    await eventually(lambda: not sink.connections())
+    assert {} == sink.status().refused
+    assert {"proxy_untrusted": 1} == sink.closed
+    assert 1 == sink.status().connections_total
     writer.close()
 
 
@@ -134,14 +144,16 @@ async def test_trusted_proxy_names_the_client(started: Any) -> None:
         writer.close()
 
 
-async def test_trusted_proxy_without_header_is_served_as_itself(started: Any) -> None:
+async def test_trusted_proxy_speaking_for_itself_is_served_as_itself(
+    started: Any,
+) -> None:
     """
-    A trusted proxy's own connection (a health check) without a header is
-    served under the proxy's address.
+    A trusted proxy's own connection (a health check) with a header naming
+    no client is served under the proxy's address.
     """
     sink = await started(trusted_proxies=["127.0.0.0/8"])
     reader, writer = await connect(sink)
-    writer.write(b"\x02\x10")
+    writer.write(b"PROXY UNKNOWN\r\n\x02\x10")
     async with asyncio.timeout(DEADLINE):
         assert 16 == len(await reader.readexactly(16))
     assert "ip:127.0.0.1" in client_keys(sink)
@@ -161,6 +173,7 @@ async def test_silent_trusted_proxy_is_closed_after_the_header_timeout(
     async with asyncio.timeout(DEADLINE):
         assert b"" == await reader.read(1)
     assert {"header_timeout": 1} == sink.status().refused
+    assert 0 == sink.status().connections_total
     writer.close()
 
 
@@ -184,3 +197,17 @@ async def test_silent_untrusted_client_is_never_timed_out(
         assert 16 == len(await reader.readexactly(16))
     assert {} == sink.status().refused
     writer.close()
+
+
+async def test_refusals_while_shutting_down_have_their_own_reason(
+    started: Any,
+) -> None:
+    """
+    Once the sink stops admitting, a connection is refused as
+    ``shutting_down``, not as ``max_connections``.
+    """
+    sink = await started()
+    sink.pre_shutdown()
+    connection = egd_connection.EgdConnection(sink)
+    assert "shutting_down" == sink.admit(connection)
+    assert [] == sink.connections()
