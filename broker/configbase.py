@@ -140,7 +140,8 @@ class SinkConfigBase(StrictModel):
         default=64,
         ge=1,
         description="connections one client (source address, Unix uid) may hold at "
-        "once, so one host cannot take every slot",
+        "once, so one host cannot take every slot (for EGD, across all of the "
+        "broker's EGD sinks together)",
     )
     backlog: int = Field(
         default=10240,

@@ -347,7 +347,12 @@ class BrokerCollector(Collector):
         )
         refused = CounterMetricFamily(
             f"{prefix}_refused",
-            "Connections and requests refused, by reason",
+            "Connections turned away before being served, by reason",
+            labels=[*labels, "reason"],
+        )
+        closed = CounterMetricFamily(
+            f"{prefix}_closed",
+            "Served connections closed for misbehaving, by reason",
             labels=[*labels, "reason"],
         )
         for sink in self._broker.sinks_status():
@@ -358,7 +363,16 @@ class BrokerCollector(Collector):
             requests.add_metric(values, sink.requests)
             for reason, count in sorted(sink.refused.items()):
                 refused.add_metric([*values, reason], count)
-        yield from (connections, connections_total, bytes_out, requests, refused)
+            for reason, count in sorted(sink.closed.items()):
+                closed.add_metric([*values, reason], count)
+        yield from (
+            connections,
+            connections_total,
+            bytes_out,
+            requests,
+            refused,
+            closed,
+        )
 
 
 def create_registry(broker: BrokerView) -> CollectorRegistry:

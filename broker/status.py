@@ -73,7 +73,11 @@ class SinkStatus:
     bytes_out: int
     requests: int
     refused: Mapping[str, int] = field(default_factory=dict)
-    """Connections and requests refused, by reason (``max_connections``, ...)."""
+    """Connections turned away before being served, by reason
+    (``max_connections``, ...)."""
+    closed: Mapping[str, int] = field(default_factory=dict)
+    """Served connections the sink closed for misbehaving, by reason
+    (``malformed_request``, ...)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -216,4 +216,5 @@ class EgdSink:
             bytes_out=self.bytes_out,
             requests=self.requests,
             refused=dict(self.refused),
+            closed=dict(self.closed),
         )

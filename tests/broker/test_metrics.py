@@ -187,6 +187,34 @@ def test_sink_series() -> None:
     assert 30 == found[("ebroker_sink_requests_total", labels)]
 
 
+def test_refusals_and_closures_are_counted_by_reason() -> None:
+    """
+    Connections turned away and connections closed for misbehaving are
+    separate series, each labelled with its reason.
+    """
+    sink = SinkStatus(
+        "egd",
+        "egd",
+        ("tcp://127.0.0.1:8888",),
+        1,
+        2,
+        0,
+        0,
+        refused={"max_connections_per_client": 936, "shutting_down": 1},
+        closed={"malformed_request": 3},
+    )
+    found = samples(render_metrics(FakeBroker(sinks=[sink]))[0])
+
+    def key(name: str, reason: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+        labels = {"kind": "egd", "sink": "egd", "reason": reason}
+        return (name, tuple(sorted(labels.items())))
+
+    refused = "ebroker_sink_refused_total"
+    assert 936 == found[key(refused, "max_connections_per_client")]
+    assert 1 == found[key(refused, "shutting_down")]
+    assert 3 == found[key("ebroker_sink_closed_total", "malformed_request")]
+
+
 def test_health_readiness_and_build_info() -> None:
     """
     Health is one-hot over its statuses, serving and ready are 0/1, and build
