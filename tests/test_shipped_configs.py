@@ -28,8 +28,8 @@ def test_haproxy_example_is_valid() -> None:
 def test_haproxy_example_names_each_client_to_the_brokers() -> None:
     """
     Every broker server in the example gets a PROXY v2 header naming the VM,
-    and its health checks none (brokers take a trusted proxy's connection
-    without a header as the proxy's own).
+    and its health checks one too (``check-send-proxy``: v2 LOCAL): a broker
+    refuses a trusted proxy's connection that starts without a header.
     """
     servers = [
         line.split()
@@ -39,4 +39,4 @@ def test_haproxy_example_names_each_client_to_the_brokers() -> None:
     assert servers
     for server in servers:
         assert "send-proxy-v2" in server, server
-        assert "check-send-proxy" not in server, server
+        assert "check-send-proxy" in server, server

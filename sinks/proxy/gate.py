@@ -9,19 +9,24 @@ first bytes (``b""`` at end of file) until it returns a `GateOutcome` or
 raises `ProxyRefused`. From then on the gate is spent (`LocalProtocolError`)
 and the sink speaks its own protocol, starting with `GateOutcome.rest`.
 
-For a **trusted** peer (a load balancer) the header is optional:
+For a **trusted** peer (a load balancer) the header is required: the PROXY
+spec says a receiver must not guess whether one is present, and a trusted
+address that could skip it could also be any local process claiming to be
+any client's relay without saying so. So from a trusted peer:
 
 - a PROXY header naming a TCP client (v1 ``TCP4``/``TCP6``, v2 PROXY over
   INET/INET6 STREAM) → that client's address, ``proxied=True``;
-- a header naming no client (v1 ``UNKNOWN``, v2 LOCAL, v2 UNIX/UNSPEC) or no
-  header at all (the balancer's own health checks) → the peer's own address,
-  ``proxied=False``.
+- a header naming no client (v1 ``UNKNOWN``, v2 LOCAL as haproxy's
+  ``check-send-proxy`` health checks send it, v2 UNIX/UNSPEC) → the peer's
+  own address, ``proxied=False``: the proxy speaking for itself;
+- anything else is refused (``proxy_missing``) at the first byte no header
+  starts with: a direct client must use a listener that trusts no proxy.
 
 For any **other** peer a header is refused (``proxy_untrusted``) as soon as its
 signature is complete, before the rest is read: a client must not be able to
 claim another's address. Bytes that cannot start a header pass straight
 through (EGD's first byte decides at once; HTTP's ``POST``/``PUT`` within six
-bytes).
+bytes), so an untrusted peer is never waited on and may stay silent for life.
 
 A peer is trusted when its address lies in one of the networks; an
 IPv4-mapped IPv6 peer (``::ffff:10.0.0.5``, as a dual-stack socket reports an
@@ -29,9 +34,12 @@ IPv4 client) is matched as the IPv4 address it carries, and an IPv4 peer
 against ``::ffff:0:0/96``-style networks as its mapped form. A peer that is
 not an IP address (a Unix socket's path) is never trusted.
 
-End of file before a signature is complete is not a header: the outcome
-carries what was received and the sink sees its client close. End of file
-inside a header is ``proxy_eof``.
+End of file before any byte is no claim at all (a port probe that connects
+and leaves): the outcome is the peer itself with nothing received, trusted or
+not, and the sink sees its client close. End of file after some bytes but
+before a signature is complete is not a header: an untrusted peer's outcome
+carries what it sent, a trusted peer is refused (``proxy_missing``). End of
+file inside a header is ``proxy_eof``.
 
 Refusal reasons (`ProxyRefused.reason`, for metrics):
 
@@ -40,6 +48,7 @@ Refusal reasons (`ProxyRefused.reason`, for metrics):
 ``proxy_malformed``    a trusted peer's header is not valid
 ``proxy_too_long``     v1 line past 107 bytes, v2 block past 1024 bytes
 ``proxy_eof``          end of file inside a header
+``proxy_missing``      a trusted peer's connection starts with no header
 =====================  =================================================
 """
 
@@ -58,13 +67,18 @@ from sinks.proxy.wire import (
 )
 
 RefusalReason = Literal[
-    "proxy_untrusted", "proxy_malformed", "proxy_too_long", "proxy_eof"
+    "proxy_untrusted",
+    "proxy_malformed",
+    "proxy_too_long",
+    "proxy_eof",
+    "proxy_missing",
 ]
 REFUSAL_REASONS: Final[tuple[RefusalReason, ...]] = (
     "proxy_untrusted",
     "proxy_malformed",
     "proxy_too_long",
     "proxy_eof",
+    "proxy_missing",
 )
 """Every `ProxyRefused.reason`, for metrics that list their labels up front."""
 
@@ -104,12 +118,13 @@ class GateOutcome:
 
 class ProxyGate:
     """
-    Reads an optional PROXY header off one connection; see the module docstring.
+    Reads the PROXY header a trusted peer must send, and refuses one from any
+    other peer; see the module docstring.
 
     Args:
         peer_host: the connection's peer address, as the socket reports it.
         peer_port: the connection's peer port.
-        trusted: networks of proxies allowed to send a header.
+        trusted: networks of proxies that must send a header.
     """
 
     def __init__(
@@ -120,11 +135,13 @@ class ProxyGate:
         self._trusted = is_trusted(peer_host, trusted)
         self._parser = ProxyHeaderParser()
         self._done = False
+        self._saw_bytes = False
 
     @property
     def trusted(self) -> bool:
         """
-        Whether the peer may send a PROXY header.
+        Whether the peer is a trusted proxy: it must send a PROXY header, and
+        only it may.
         """
         return self._trusted
 
@@ -142,6 +159,7 @@ class ProxyGate:
         """
         if self._done:
             raise LocalProtocolError("the PROXY gate has already decided")
+        self._saw_bytes = self._saw_bytes or bool(data)
         try:
             self._parser.receive_data(data)
             while True:
@@ -155,7 +173,13 @@ class ProxyGate:
                             f"PROXY v{event.version} header from an untrusted peer",
                         )
                     continue
-                if isinstance(event, NoHeader) or event.source is None:
+                if isinstance(event, NoHeader):
+                    if self._trusted and self._saw_bytes:
+                        raise ProxyRefused(
+                            "proxy_missing", "no PROXY header from a trusted proxy"
+                        )
+                    return self._finish(self._peer_host, self._peer_port, False)
+                if event.source is None:
                     return self._finish(self._peer_host, self._peer_port, False)
                 return self._finish(event.source.host, event.source.port, True)
         except RemoteProtocolError as exc:

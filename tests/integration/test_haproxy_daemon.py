@@ -3,6 +3,11 @@ The real daemon behind a real haproxy that sends PROXY headers: each VM is
 known by its own address, not haproxy's, and only haproxy may say who a
 client is. Several 127.0.0.x source addresses stand for different VMs; haproxy
 and the broker's trusted proxy are 127.0.0.1.
+
+As config/multi-key-ha.toml does, the broker has direct sinks that trust no
+proxy and proxy-facing sinks (``egd-lb``, ``http-lb``) that trust 127.0.0.1
+and so require a PROXY header from it; haproxy reaches only the latter, its
+health checks carrying a v2 LOCAL (or v1) header (``check-send-proxy``).
 """
 
 import asyncio
@@ -43,6 +48,8 @@ class Ports:
 
     egd: int
     http: int
+    egd_lb: int
+    http_lb: int
     operator: int
     front_egd_v2: int
     front_egd_v1: int
@@ -70,12 +77,22 @@ def broker_config(state_dir: Path, ports: Ports) -> str:
         name = "egd"
         kind = "egd"
         listen = ["tcp://127.0.0.1:{ports.egd}"]
-        trusted_proxies = ["{HAPROXY}/32"]
 
         [[sinks]]
         name = "http"
         kind = "http"
         listen = ["tcp://127.0.0.1:{ports.http}"]
+
+        [[sinks]]
+        name = "egd-lb"
+        kind = "egd"
+        listen = ["tcp://127.0.0.1:{ports.egd_lb}"]
+        trusted_proxies = ["{HAPROXY}/32"]
+
+        [[sinks]]
+        name = "http-lb"
+        kind = "http"
+        listen = ["tcp://127.0.0.1:{ports.http_lb}"]
         trusted_proxies = ["{HAPROXY}/32"]
 
         [[sinks]]
@@ -103,8 +120,12 @@ def broker_config(state_dir: Path, ports: Ports) -> str:
 
 
 def haproxy_config(ports: Ports) -> str:
-    # As config/haproxy.cfg, for one broker: v2 headers to both sinks, plain
-    # health checks on the HTTP port; plus a frontend whose backend sends v1.
+    # As config/haproxy.cfg, for one broker: v2 headers to both proxy-facing
+    # sinks, health checks with a header (check-send-proxy) on the proxy-facing
+    # HTTP port; plus a frontend whose backend sends v1.
+    egd = f"127.0.0.1:{ports.egd_lb}"
+    http = f"127.0.0.1:{ports.http_lb}"
+    check = ports.http_lb
     return textwrap.dedent(
         f"""
         global
@@ -128,12 +149,12 @@ def haproxy_config(ports: Ports) -> str:
         backend broker_egd_v2
             option httpchk GET /healthz
             default-server inter 200ms fall 2 rise 1
-            server broker1 127.0.0.1:{ports.egd} send-proxy-v2 check port {ports.http}
+            server broker1 {egd} send-proxy-v2 check check-send-proxy port {check}
 
         backend broker_egd_v1
             option httpchk GET /healthz
             default-server inter 200ms fall 2 rise 1
-            server broker1 127.0.0.1:{ports.egd} send-proxy check port {ports.http}
+            server broker1 {egd} send-proxy check check-send-proxy port {check}
 
         frontend http
             bind 127.0.0.1:{ports.front_http}
@@ -144,7 +165,7 @@ def haproxy_config(ports: Ports) -> str:
             mode http
             option httpchk GET /healthz
             default-server inter 200ms fall 2 rise 1
-            server broker1 127.0.0.1:{ports.http} send-proxy-v2 check
+            server broker1 {http} send-proxy-v2 check check-send-proxy
         """
     )
 
@@ -183,9 +204,10 @@ def running_haproxy(tmp_path: Path, ports: Ports) -> Iterator[None]:
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[tuple[Daemon, Ports]]:
     """
-    The broker with both sinks trusting 127.0.0.1, and haproxy in front of it.
+    The broker with direct sinks and proxy-facing sinks trusting 127.0.0.1,
+    and haproxy in front of the latter.
     """
-    ports = Ports(*(free_port() for _ in range(6)))
+    ports = Ports(*(free_port() for _ in range(8)))
     config = broker_config(tmp_path / "state", ports)
     with running_daemon(tmp_path, config) as daemon, running_haproxy(tmp_path, ports):
         yield daemon, ports
@@ -319,6 +341,19 @@ async def test_denied_vm_is_refused_behind_haproxy(
     assert document["accounts"]["customers"]["denied"]["denied"] >= 3
 
 
+def sink_named(document: dict[str, Any], name: str) -> dict[str, Any]:
+    sinks: list[dict[str, Any]] = document["sinks"]
+    (sink,) = (sink for sink in sinks if sink["name"] == name)
+    return sink
+
+
+def turned_away(sink: dict[str, Any], reason: str) -> int:
+    # A sink that serves an untrusted peer at once counts its later closing
+    # as ``closed``; one that had not served it yet as ``refused``.
+    closed: dict[str, int] = sink.get("closed", {})
+    return int(sink["refused"].get(reason, 0)) + closed.get(reason, 0)
+
+
 HEADER_FOR_ALPHA_V2 = (
     b"\r\n\r\n\x00\r\nQUIT\n!\x11\x00\x0c"
     + socket.inet_aton(ALPHA)
@@ -328,27 +363,103 @@ HEADER_FOR_ALPHA_V2 = (
 HEADER_FOR_ALPHA_V1 = f"PROXY TCP4 {ALPHA} {HAPROXY} 12345 8888\r\n".encode()
 
 
+@pytest.mark.parametrize("source", [STRANGER, HAPROXY], ids=["stranger", "local"])
 @pytest.mark.parametrize(
     "header", [HEADER_FOR_ALPHA_V1, HEADER_FOR_ALPHA_V2], ids=["v1", "v2"]
 )
-async def test_header_from_an_untrusted_address_is_refused(
-    broker: tuple[Daemon, Ports], header: bytes
+async def test_header_on_a_direct_sink_is_refused(
+    broker: tuple[Daemon, Ports], header: bytes, source: str
 ) -> None:
     """
-    A client that is not a trusted proxy and sends a PROXY header straight to
-    the broker, claiming another VM's address, gets its connection closed
-    with no data on either sink, counted as ``proxy_untrusted``; without a
-    header the same client is served.
+    A client that sends a PROXY header to a direct sink, claiming another
+    VM's address, gets its connection closed with no data on either sink,
+    counted as ``proxy_untrusted``, even from the address the proxy-facing
+    sinks trust (any local process); without a header the same client is
+    served as itself.
     """
     _, ports = broker
-    assert b"" == await exchange(STRANGER, ports.egd, header + EGD_READ)
-    assert 16 == len(await exchange(STRANGER, ports.egd))
+    assert b"" == await exchange(source, ports.egd, header + EGD_READ)
+    assert 16 == len(await exchange(source, ports.egd))
     request = b"GET /v1/entropy?bytes=16 HTTP/1.0\r\n\r\n"
-    assert b"" == await exchange(STRANGER, ports.http, header + request)
-    assert 200 == await http_get(STRANGER, ports.http, "/v1/entropy?bytes=16")
+    assert b"" == await exchange(source, ports.http, header + request)
+    assert 200 == await http_get(source, ports.http, "/v1/entropy?bytes=16")
     document = await status(ports)
-    assert f"ip:{STRANGER}" in clients_of(document)["default"]
+    assert f"ip:{source}" in clients_of(document)["default"]
     assert f"ip:{ALPHA}" not in clients_of(document)["alpha"]
-    refused = {sink["name"]: sink["refused"] for sink in document["sinks"]}
-    assert 1 == refused["egd"].get("proxy_untrusted"), refused
-    assert 1 == refused["http"].get("proxy_untrusted"), refused
+    # The EGD sink serves an untrusted peer at once, so it counts this
+    # closing among served connections closed, not in ``refused``.
+    sink = sink_named(document, "http")
+    assert 1 == turned_away(sink, "proxy_untrusted"), sink
+
+
+async def test_trusted_address_without_header_is_refused(
+    served_through_haproxy: Ports,
+) -> None:
+    """
+    On the proxy-facing sinks a connection from the trusted address that
+    starts without a PROXY header is closed with no data and counted as
+    ``proxy_missing``, while haproxy's own health checks (which carry a
+    header) are not refused; from the same address the direct sinks serve.
+    """
+    ports = served_through_haproxy
+    request = b"GET /v1/entropy?bytes=16 HTTP/1.0\r\n\r\n"
+    assert b"" == await exchange(HAPROXY, ports.egd_lb)
+    assert b"" == await exchange(HAPROXY, ports.http_lb, request)
+    assert 16 == len(await exchange(HAPROXY, ports.egd))
+    assert 200 == await http_get(HAPROXY, ports.http, "/v1/entropy?bytes=16")
+    document = await status(ports)
+    egd_lb = sink_named(document, "egd-lb")["refused"]
+    http_lb = sink_named(document, "http-lb")["refused"]
+    assert {"proxy_missing": 1} == egd_lb, egd_lb
+    assert {"proxy_missing": 1} == http_lb, http_lb
+    assert {} == sink_named(document, "egd")["refused"]
+    assert {} == sink_named(document, "http")["refused"]
+    # haproxy still relays: its checks passed and its clients are named.
+    assert 16 == len(await exchange(ALPHA, ports.front_egd_v2))
+
+
+async def test_direct_client_is_served_without_a_word_first(
+    broker: tuple[Daemon, Ports],
+) -> None:
+    """
+    A direct EGD client from the trusted address is identified as soon as it
+    connects, before sending a byte (no PROXY header is awaited, so no header
+    deadline runs), and is served on that connection when it asks; the same
+    silent connection to the proxy-facing sink stays unidentified, waiting
+    for a header.
+    """
+    _, ports = broker
+    before = await status(ports)
+    direct_before = sink_named(before, "egd")["connections_total"]
+    lb_before = sink_named(before, "egd-lb")["connections_total"]
+    sockets: list[socket.socket] = []
+    streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for port in (ports.egd, ports.egd_lb):
+            sock = socket.socket()
+            sockets.append(sock)
+            sock.bind((HAPROXY, 0))
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (HAPROXY, port))
+            streams.append(await asyncio.open_connection(sock=sock))
+        document = await poll_until(
+            lambda: status(ports),
+            lambda doc: (
+                sink_named(doc, "egd")["connections_total"] == direct_before + 1
+                and sink_named(doc, "egd-lb")["connections"] >= 1
+            ),
+        )
+        assert lb_before == sink_named(document, "egd-lb")["connections_total"]
+        assert f"ip:{HAPROXY}" in clients_of(document)["default"]
+        (reader, writer), _ = streams
+        writer.write(EGD_READ)
+        async with asyncio.timeout(DEADLINE):
+            assert 16 == len(await reader.readexactly(16))
+        document = await status(ports)
+        assert {} == sink_named(document, "egd")["refused"]
+        assert 1 == sink_named(document, "egd")["connections"]
+    finally:
+        for _, writer in streams:
+            writer.close()
+        for sock in sockets:
+            sock.close()

@@ -1,5 +1,5 @@
 """
-The PROXY gate: trusted proxies name their clients, everyone else is taken at
+The PROXY gate: trusted proxies must name their clients, everyone else is taken at
 their own address and refused if they try to name another.
 """
 
@@ -128,19 +128,62 @@ def test_any_split_gives_the_same_outcome(
 
 @pytest.mark.parametrize(
     ("data", "decisive"),
-    [(EGD_READ, 1), (b"\x00", 1), (HTTP_CHECK, 1), (b"PUT / HTTP/1.1\r\n", 2)],
-    ids=["EGD read", "EGD level", "health check", "PUT"],
+    [
+        (EGD_READ, 1),
+        (b"\x00", 1),
+        (HTTP_CHECK, 1),
+        (b"PUT / HTTP/1.1\r\n", 2),
+        (b"PROXYZ", 6),
+        (b"\r\n\r\n\x00\r\nQUIT\r", 12),
+    ],
+    ids=["EGD read", "EGD level", "health check", "PUT", "PROXYZ", "almost v2"],
 )
-def test_trusted_peer_without_header_is_the_proxy(data: bytes, decisive: int) -> None:
+def test_trusted_peer_without_header_is_refused(data: bytes, decisive: int) -> None:
     """
-    A trusted proxy's connection without a header (its own health check) is
-    the proxy itself, decided at the first byte no header starts with.
+    A trusted proxy's connection that does not start with a header is refused
+    as ``proxy_missing`` at the first byte no header starts with: the gate
+    never guesses that a trusted address is a direct client.
     """
     subject = gate()
     for byte in data[: decisive - 1]:
         assert subject.receive_data(bytes([byte])) is None
-    outcome = subject.receive_data(data[decisive - 1 :])
-    assert GateOutcome(PROXY_HOST, PROXY_PORT, False, data) == outcome
+    with pytest.raises(ProxyRefused, match="no PROXY header") as caught:
+        subject.receive_data(data[decisive - 1 :])
+    assert "proxy_missing" == caught.value.reason
+    assert caught.value.reason in REFUSAL_REASONS
+    with pytest.raises(LocalProtocolError):
+        subject.receive_data(b"")
+
+
+@pytest.mark.parametrize("data", [b"P", b"PROX", b"\r\n\r\n"], ids=repr)
+def test_trusted_peer_closing_inside_a_signature_is_refused(data: bytes) -> None:
+    """
+    A trusted proxy that sends part of a signature and closes sent no header:
+    ``proxy_missing``, not its bytes handed on as a client's.
+    """
+    subject = gate()
+    assert subject.receive_data(data) is None
+    with pytest.raises(ProxyRefused) as caught:
+        subject.receive_data(b"")
+    assert "proxy_missing" == caught.value.reason
+
+
+@pytest.mark.parametrize(
+    ("raw", "tail"),
+    [
+        (HAPROXY_V2_LOCAL_CHECK, HTTP_CHECK),
+        (b"PROXY UNKNOWN\r\n", HTTP_CHECK),
+        (HAPROXY_V2_LOCAL_CHECK, b""),
+    ],
+    ids=["v2 LOCAL check", "v1 UNKNOWN check", "v2 LOCAL then close"],
+)
+def test_trusted_proxy_speaking_for_itself(raw: bytes, tail: bytes) -> None:
+    """
+    A health check sent with ``check-send-proxy`` (v2 LOCAL) or behind v1
+    ``UNKNOWN`` is the proxy itself, not proxied, with the check's bytes.
+    """
+    outcome = gate().receive_data(raw + tail)
+    assert GateOutcome(PROXY_HOST, PROXY_PORT, False, tail) == outcome
 
 
 @pytest.mark.parametrize(
@@ -242,17 +285,26 @@ def test_end_of_file_inside_a_header_is_refused(data: bytes) -> None:
 
 
 @pytest.mark.parametrize("host", [PROXY_HOST, "192.0.2.9"])
-@pytest.mark.parametrize("data", [b"", b"PROX", b"\r\n\r\n"], ids=repr)
-def test_end_of_file_before_any_header(host: str, data: bytes) -> None:
+def test_end_of_file_before_any_byte(host: str) -> None:
     """
-    A connection that closes before a signature is complete (a TCP health
-    check that connects and leaves, say) is the peer itself with what it
-    sent, trusted or not: there was no header to refuse.
+    A connection that closes without a byte (a port probe that connects and
+    leaves) is the peer itself with nothing, trusted or not: it claimed
+    nothing, so there is nothing to refuse.
     """
-    subject = gate(host)
-    if data:
-        assert subject.receive_data(data) is None
-    assert GateOutcome(host, PROXY_PORT, False, data) == subject.receive_data(b"")
+    assert GateOutcome(host, PROXY_PORT, False, b"") == gate(host).receive_data(b"")
+
+
+@pytest.mark.parametrize("data", [b"PROX", b"\r\n\r\n"], ids=repr)
+def test_untrusted_end_of_file_inside_a_signature(data: bytes) -> None:
+    """
+    A peer that is not a trusted proxy and closes before a signature is
+    complete sent no header: it is itself, with what it sent.
+    """
+    subject = gate("192.0.2.9")
+    assert subject.receive_data(data) is None
+    assert GateOutcome("192.0.2.9", PROXY_PORT, False, data) == subject.receive_data(
+        b""
+    )
 
 
 def test_spent_gate_refuses_use() -> None:
@@ -261,7 +313,7 @@ def test_spent_gate_refuses_use() -> None:
     RuntimeError.
     """
     subject = gate()
-    assert subject.receive_data(EGD_READ) is not None
+    assert subject.receive_data(HAPROXY_V2_TCP4) is not None
     with pytest.raises(RuntimeError, match="already decided"):
         subject.receive_data(EGD_READ)
 
