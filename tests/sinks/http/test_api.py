@@ -549,6 +549,7 @@ async def test_status_json_shape(
             "bytes_out": 500,
             "requests": 20,
             "refused": {},
+            "closed": {},
         }
     ] == body["sinks"]
 
