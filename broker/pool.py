@@ -43,13 +43,17 @@ skipped; the broker uses `broker.accounts.WeightedWaitQueue`, which orders turns
 weighted-fair across customers (the pool tells it each turn's size through
 ``charge``).
 
-A policy may *hold* output (`WaitPolicy.holding`): a weighted one does while a
-customer that is owed output has just been served and its next request is
-still on its way. The pool then stops the pass and looks again on the next
-event-loop turn, telling the policy a turn went by (``tick``) so a hold cannot
-last. Every blocked read goes through the policy, even when the buffer could
-answer it at once, so bytes held for one customer are not taken by another and
-every byte handed out to a blocked reader is charged to its customer.
+A weighted policy may *reserve* buffered output (`WaitPolicy.reserved`) for a
+customer that is owed output and whose next request is on its way. Nobody is
+made to wait for it: the reader at the head is served from the bytes beyond the
+reserve, and only when the buffer holds no more than the reserve does the pass
+stop, with a timer (``release_in``) to look again when the reserve lapses. The
+reserve never passes half of ``capacity``, so sources always have room to add
+output for everyone else. Every blocked read goes through the policy, even when
+the buffer could answer it at once, so every byte handed out to a blocked reader
+is charged to its customer; a non-blocking read leaves the reserve alone too and
+is charged (``charge_key``); bytes given back by a waiter that gave up are
+charged back (a negative ``charge``).
 """
 
 import asyncio
@@ -136,20 +140,33 @@ class WaitQueue:
 
     def charge(self, waiter: Waiter, nbytes: int) -> None:
         """
-        Told after each turn how many bytes ``waiter`` got; weighted policies
-        account with it, plain turns need not.
+        Told after each turn how many bytes ``waiter`` got (negative: bytes
+        taken for it went back unserved); weighted policies account with it,
+        plain turns need not.
         """
 
-    def holding(self) -> bool:
+    def charge_key(self, key: Hashable, nbytes: int) -> None:
         """
-        Plain turns never hold output back.
+        Told how many bytes a non-blocking reader with ``key`` took.
         """
-        return False
 
-    def tick(self) -> None:
+    def turn_for(self, key: Hashable) -> bool:
         """
-        Told once per event-loop turn spent holding; plain turns never hold.
+        A non-blocking reader never jumps the queue.
         """
+        return not self._queue
+
+    def reserved(self, key: Hashable) -> int:
+        """
+        Plain turns keep nothing back for anyone.
+        """
+        return 0
+
+    def release_in(self) -> float | None:
+        """
+        Plain turns have no reserve to lapse.
+        """
+        return None
 
 
 class WaitPolicy(Protocol):
@@ -173,9 +190,13 @@ class WaitPolicy(Protocol):
 
     def charge(self, waiter: Waiter, nbytes: int) -> None: ...
 
-    def holding(self) -> bool: ...
+    def charge_key(self, key: Hashable, nbytes: int) -> None: ...
 
-    def tick(self) -> None: ...
+    def turn_for(self, key: Hashable) -> bool: ...
+
+    def reserved(self, key: Hashable) -> int: ...
+
+    def release_in(self) -> float | None: ...
 
 
 @dataclass(slots=True)
@@ -316,7 +337,7 @@ class EntropyPool:
         self._space.set()
         self._below: list[tuple[int, asyncio.Future[None]]] = []
         self._closed = False
-        self._retry: asyncio.Handle | None = None
+        self._release: asyncio.TimerHandle | None = None
         self.bytes_in = 0
         self.credited_millibits_in = 0
         self.uncredited_bytes_in = 0
@@ -506,20 +527,39 @@ class EntropyPool:
         self._dispatch()
         self._update_space()
 
-    def read_nowait(self, count: int) -> bytes:
+    def _reserve(self, key: Hashable) -> int:
+        # Bounded so sources keep room to add output for everyone else.
+        return min(self._waiters.reserved(key), self.capacity // 2)
+
+    def available(self, key: Hashable = None) -> int:
+        """
+        Bytes `read_nowait` would give a reader with ``key`` now.
+        """
+        if not self._waiters.turn_for(key):
+            return 0
+        return max(0, self.level - self._reserve(key))
+
+    def read_nowait(self, count: int, key: Hashable = None) -> bytes:
         """
         Withdraw up to ``count`` bytes that are ready now (possibly none).
 
-        Blocked readers are served as soon as output appears, so bytes are only
-        ever ready when nobody is waiting: a non-blocking reader never jumps the
-        queue.
+        A non-blocking reader never jumps the queue: it takes bytes only when
+        the wait policy says it is ``key``'s turn (with plain turns: nobody is
+        waiting), never what the policy keeps for a customer whose next request
+        is on its way, and what it takes is charged to ``key``'s customer as a
+        blocked turn would be.
+
+        Args:
+            count: most bytes wanted.
+            key: identity of the reader, for fair queue policies.
         """
         if self._closed:
             raise PoolClosedError("pool is closed")
-        if count <= 0 or len(self._waiters):
-            return b""
-        data = self._take(count)
-        self._update_space()
+        count = min(count, self.available(key))
+        data = self._take(count) if count > 0 else b""
+        self._waiters.charge_key(key, len(data))
+        if data:
+            self._update_space()
         return data
 
     async def read(
@@ -570,11 +610,15 @@ class EntropyPool:
         self._waiters.remove(waiter)
         if waiter.future.done() and not waiter.future.cancelled():
             if waiter.future.exception() is None:
+                data = waiter.future.result()
                 self._count_out(waiter.provenance, -1)
-                self._give_back(waiter.future.result(), waiter.provenance)
+                self._waiters.charge(waiter, -len(data))
+                self._give_back(data, waiter.provenance)
             return
         waiter.future.cancel()
         if waiter.collected:
+            # Never served: its customer is not charged for them.
+            self._waiters.charge(waiter, -len(waiter.collected))
             self._give_back(bytes(waiter.collected), waiter.provenance)
 
     def _dispatch(self) -> None:
@@ -585,17 +629,17 @@ class EntropyPool:
 
     def _serve_waiters(self) -> None:
         while len(self._waiters) and self.level:
-            if self._waiters.holding():
-                if self._retry is None:
-                    loop = self._waiters.peek().future.get_loop()
-                    self._retry = loop.call_soon(self._serve_held)
-                return
             waiter = self._waiters.peek()
             if waiter.future.done():
                 self._waiters.pop()
                 continue
+            spare = self.level - self._reserve(waiter.key)
+            if spare <= 0:
+                self._arm_release(waiter.future.get_loop())
+                return
+            size = min(waiter.remaining, self.chunk, spare)
             if waiter.partial:
-                data = self._take(min(waiter.remaining, self.chunk), waiter)
+                data = self._take(size, waiter)
                 self._waiters.charge(waiter, len(data))
                 self._waiters.pop()
                 self._count_out(waiter.provenance)
@@ -603,7 +647,7 @@ class EntropyPool:
                 continue
             if waiter.collected is None:
                 waiter.collected = bytearray()
-            taken = self._take(min(waiter.remaining, self.chunk), waiter)
+            taken = self._take(size, waiter)
             waiter.collected += taken
             self._waiters.charge(waiter, len(taken))
             self._waiters.pop()
@@ -613,12 +657,19 @@ class EntropyPool:
                 self._count_out(waiter.provenance)
                 waiter.future.set_result(bytes(waiter.collected))
 
-    def _serve_held(self) -> None:
-        self._retry = None
-        if self._closed:
+    def _arm_release(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Any add, read or give-back looks again anyway; the timer covers a
+        # customer that never returns while no source is adding.
+        if self._release is not None:
             return
-        self._waiters.tick()
-        self._dispatch()
+        delay = self._waiters.release_in()
+        if delay is not None:
+            self._release = loop.call_later(delay, self._released)
+
+    def _released(self) -> None:
+        self._release = None
+        if not self._closed:
+            self._dispatch()
 
     # ---- lifecycle and reporting ----------------------------------------------------
 
@@ -628,9 +679,9 @@ class EntropyPool:
         """
         self._closed = True
         self._space.set()
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
         for _, future in self._below:
             if not future.done():
                 future.set_result(None)

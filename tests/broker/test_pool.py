@@ -13,7 +13,15 @@ from hypothesis import strategies as st
 
 from broker.conditioner import RESEED_BLOCKS, SECRET_BYTES
 from broker.errors import PoolClosedError
-from broker.pool import BLOCK_BITS, BLOCK_BYTES, RESERVE_BITS, EntropyPool, Tier
+from broker.pool import (
+    BLOCK_BITS,
+    BLOCK_BYTES,
+    RESERVE_BITS,
+    EntropyPool,
+    Tier,
+    Waiter,
+    WaitQueue,
+)
 from tests.broker.test_conditioner import CountingSecret, fixed_secret
 from tests.helpers import DEADLINE
 
@@ -573,3 +581,90 @@ def test_tiny_credits_are_rounded_down_never_up() -> None:
     pool = EntropyPool(4096)
     pool.add(bytes(500_000), 319 / 500_000)
     assert 0 == pool.level
+
+
+class RecordingQueue(WaitQueue):
+    """
+    Plain turns that record charges, and keep ``reserve`` bytes back until
+    released (``release_in`` 0: at once, on the next loop turn).
+    """
+
+    def __init__(self, reserve: int = 0) -> None:
+        super().__init__()
+        self.charges: list[tuple[object, int]] = []
+        self.reserve = reserve
+
+    def charge(self, waiter: Waiter, nbytes: int) -> None:
+        self.charges.append((waiter.key, nbytes))
+
+    def charge_key(self, key: object, nbytes: int) -> None:
+        self.charges.append((key, nbytes))
+
+    def reserved(self, key: object) -> int:
+        return self.reserve
+
+    def release_in(self) -> float | None:
+        if not self.reserve:
+            return None
+        self.reserve = 0
+        return 0.0
+
+
+async def test_nonblocking_read_is_charged_to_its_key() -> None:
+    """
+    What a non-blocking reader takes is charged to its key, as a turn would
+    be; an empty read is reported too (the reader asked).
+    """
+    policy = RecordingQueue()
+    pool = EntropyPool(4096, waiters=policy)
+    pool.add(os.urandom(40), 8)
+    assert 20 == len(pool.read_nowait(20, key="client"))
+    assert 12 == len(pool.read_nowait(20))
+    assert b"" == pool.read_nowait(20, key="client")
+    assert [("client", 20), (None, 12), ("client", 0)] == policy.charges
+
+
+async def test_given_back_bytes_are_charged_back() -> None:
+    """
+    Bytes a reader collected but never received go back to the pool and are
+    charged back to its key, so its customer pays only for what it got.
+    """
+    policy = RecordingQueue()
+    pool = EntropyPool(4096, chunk=16, waiters=policy)
+    reader = asyncio.create_task(pool.read(64, key="client"))
+    await asyncio.sleep(0)
+    pool.add(os.urandom(40), 8)
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert 32 == pool.level
+    assert 0 == sum(n for key, n in policy.charges if key == "client")
+
+
+async def test_reserve_stays_in_the_buffer_until_it_lapses() -> None:
+    """
+    Bytes the policy reserves are neither served to a blocked reader nor
+    read without blocking; when the reserve lapses the reader is served.
+    """
+    policy = RecordingQueue(reserve=32)
+    pool = EntropyPool(4096, waiters=policy)
+    pool.add(os.urandom(40), 8)
+    assert 0 == pool.available("other")
+    reader = asyncio.create_task(pool.read(32, key="other"))
+    await asyncio.sleep(0)
+    assert 32 == pool.level
+    assert 32 == len(await reader)
+    assert 0 == pool.level
+
+
+async def test_reserve_never_passes_half_the_capacity() -> None:
+    """
+    However much a policy asks to keep, half the buffer stays servable, so
+    sources keep room to add output.
+    """
+    policy = RecordingQueue(reserve=1 << 20)
+    pool = EntropyPool(64, waiters=policy)
+    pool.add(os.urandom(80), 8)
+    assert 64 == pool.level
+    assert 32 == pool.available()
+    assert 32 == len(pool.read_nowait(64))

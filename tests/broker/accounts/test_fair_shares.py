@@ -4,8 +4,15 @@ Weighted shares through a real `EntropyPool`, whatever the source's rhythm.
 A source read releases blocks in bursts of its own size; greedy readers (two
 per customer, as EGD connections) ask again a few event-loop turns after each
 answer. Shares must follow the weights for every read size, for bursty
-sources, and while customers come and go. No clock is involved: the pool is
-clock-free, and the source simply lets the loop run between reads.
+sources, and while customers come and go. There the fake clock never moves:
+the source simply lets the loop run between reads, and every rest is short.
+
+Clients in another process ask again only after a round trip. The second half
+drives time on a `FakeClock`: a source read of 4 KiB every 0.5 ms, readers that
+wait a round trip of 200 µs, 1 ms or 10 ms after each answer, blocking or
+polling without blocking. Their requests are large enough that output is scarce
+(a reader that asks for less than its share gets all it asks, whatever the
+weights, so no split is owed then).
 """
 
 import asyncio
@@ -18,6 +25,7 @@ import pytest
 
 from broker.accounts.fairqueue import WeightedWaitQueue
 from broker.pool import BLOCK_BYTES, EntropyPool
+from tests.fakeclock import FakeClock
 
 CAPACITY = 4096
 CHUNK = 256
@@ -45,13 +53,15 @@ class Run:
     One simulated broker: pool, customers' readers and what each received.
     """
 
-    pool: EntropyPool = field(
-        default_factory=lambda: EntropyPool(
-            CAPACITY, chunk=CHUNK, waiters=WeightedWaitQueue()
-        )
-    )
+    clock: FakeClock = field(default_factory=FakeClock)
+    pool: EntropyPool = field(init=False)
     received: Counter[str] = field(default_factory=Counter)
     readers: dict[str, list[asyncio.Task[None]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.pool = EntropyPool(
+            CAPACITY, chunk=CHUNK, waiters=WeightedWaitQueue(self.clock)
+        )
 
     def join(self, customer: str, weight: float) -> None:
         """
@@ -224,3 +234,120 @@ async def test_visitor_banks_nothing_while_away() -> None:
     back = run.received - mark
     await run.close()
     assert_shares({"visitor": 1, "resident": 1}, back)
+
+
+SOURCE_READ = 4096
+SOURCE_EVERY = 0.0005
+ROUND_TRIPS = [0.0002, 0.001, 0.01]
+LARGE_REQUEST = 32 * 1024
+"""What a remote reader asks for at a time: with REMOTE_READERS per customer,
+more than the heavy customer's share of a 10 ms round trip (49 KB), so output
+stays scarce."""
+REMOTE_READERS = 4
+REMOTE_MEASURED = 4_000_000
+"""About 30 light requests: a request in flight skews a share by 3 %."""
+
+
+@dataclass
+class Remote:
+    """
+    Readers in other processes: each asks again a round trip after its answer.
+    """
+
+    round_trip: float
+    clock: FakeClock = field(default_factory=FakeClock)
+    pool: EntropyPool = field(init=False)
+    received: Counter[str] = field(default_factory=Counter)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.pool = EntropyPool(
+            CAPACITY, chunk=CHUNK, waiters=WeightedWaitQueue(self.clock)
+        )
+        self.tasks.append(asyncio.create_task(self._source()))
+
+    async def _source(self) -> None:
+        while True:
+            await self.pool.wait_for_space()
+            self.pool.add(bytes(SOURCE_READ), 8)
+            await self.clock.sleep(SOURCE_EVERY)
+
+    def join(self, key: Key, *, blocking: bool = True) -> None:
+        """
+        Start a customer's readers, blocking or polling without blocking.
+        """
+        read = self._block if blocking else self._poll
+        self.tasks += [asyncio.create_task(read(key)) for _ in range(REMOTE_READERS)]
+
+    async def _block(self, key: Key) -> None:
+        while True:
+            data = await self.pool.read(LARGE_REQUEST, key=key)
+            self.received[key.customer_id] += len(data)
+            await self.clock.sleep(self.round_trip)
+
+    async def _poll(self, key: Key) -> None:
+        while True:
+            data = self.pool.read_nowait(LARGE_REQUEST, key=key)
+            self.received[key.customer_id] += len(data)
+            await self.clock.sleep(self.round_trip)
+
+    async def run(self, until: int) -> Counter[str]:
+        """
+        Bytes each customer received over the next ``until`` bytes received.
+        """
+        before = Counter(self.received)
+        target = sum(before.values()) + until
+        while sum(self.received.values()) < target:
+            await self.clock.advance(SOURCE_EVERY)
+        return self.received - before
+
+    async def close(self) -> None:
+        """
+        Stop the source and every reader; no byte went out twice or missing.
+        """
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        stats = self.pool.stats()
+        served = sum(self.received.values())
+        made = stats.blocks_out * BLOCK_BYTES
+        assert made == served + stats.level + self.pool.bytes_discarded
+        assert served == stats.bytes_out
+
+
+async def measure_remote(
+    round_trip: float, *, light_blocks: bool = True
+) -> Counter[str]:
+    """
+    Bytes a light (weight 1) and a heavy (weight 3) customer received, after
+    a warm-up, with readers a ``round_trip`` away.
+    """
+    remote = Remote(round_trip)
+    remote.join(Key("light", 1), blocking=light_blocks)
+    remote.join(Key("heavy", 3))
+    await remote.run(4 * LARGE_REQUEST * REMOTE_READERS)
+    received = await remote.run(REMOTE_MEASURED)
+    await remote.close()
+    return received
+
+
+@pytest.mark.parametrize("round_trip", ROUND_TRIPS, ids=["200us", "1ms", "10ms"])
+async def test_shares_hold_across_a_round_trip(round_trip: float) -> None:
+    """
+    Blocking readers that ask again only a round trip after each answer still
+    get shares within 10 % of their weights: a customer that fell behind while
+    its requests travelled catches up when they arrive.
+    """
+    received = await measure_remote(round_trip)
+    assert pytest.approx(3.0, rel=TOLERANCE) == received["heavy"] / received["light"]
+
+
+@pytest.mark.parametrize("round_trip", ROUND_TRIPS[:2], ids=["200us", "1ms"])
+async def test_non_blocking_reader_gets_its_weight(round_trip: float) -> None:
+    """
+    A customer polling without blocking, against one blocked for output, gets
+    its weight's share: its reads are charged, it takes bytes on its turn even
+    while others wait, and bytes it is owed are kept for its next poll.
+    """
+    received = await measure_remote(round_trip, light_blocks=False)
+    assert_shares({"light": 1, "heavy": 3}, received)

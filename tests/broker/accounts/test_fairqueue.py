@@ -13,11 +13,12 @@ from hypothesis import strategies as st
 
 from broker.accounts.fairqueue import (
     DEFAULT_FLOW,
-    HOLD_TURNS,
+    REST_GRACE,
     WeightedWaitQueue,
     _identity,
 )
 from broker.pool import EntropyPool, Waiter
+from tests.fakeclock import FakeClock
 
 CHUNK = 256
 FOREVER = 1 << 40
@@ -237,71 +238,136 @@ def test_keys_that_are_not_clients_weigh_one() -> None:
     assert (DEFAULT_FLOW, 1.0) == _identity(None)
 
 
-async def test_resting_customer_keeps_its_place() -> None:
+async def served_once(clock: FakeClock) -> tuple[WeightedWaitQueue, Key, Key]:
     """
-    A customer whose only waiter was just served, and which is behind in
-    virtual time, makes the queue hold; when its next request arrives it
-    resumes from its own virtual time and goes first.
+    A queue where a light and a heavy customer were each served one turn and
+    both now rest: light at CHUNK, heavy at CHUNK / 3 in virtual time.
     """
-    queue = WeightedWaitQueue()
+    queue = WeightedWaitQueue(clock)
     light, heavy = Key("light", 1), Key("heavy", 3)
     queue.push(new_waiter(light, wanted=CHUNK, partial=True))
     queue.push(new_waiter(heavy, wanted=CHUNK, partial=True))
     assert [light, heavy] == [w.key for w in serve(queue, 2 * CHUNK)]
-    queue.push(new_waiter(light, wanted=CHUNK, partial=True))
-    assert queue.holding()
-    returning = new_waiter(heavy, wanted=CHUNK, partial=True)
-    queue.push(returning)
-    assert not queue.holding()
-    assert returning is queue.peek()
-    assert CHUNK / 3 == queue.shares()["heavy"]
+    return queue, light, heavy
 
 
-async def test_hold_ends_when_a_resting_customer_stays_away() -> None:
+async def test_resting_customer_catches_up_within_the_grace() -> None:
     """
-    After HOLD_TURNS held turns a resting customer counts as gone: the others
-    are served, and when it comes back it is owed nothing for its absence.
+    A customer whose next request arrives a round trip after its last answer
+    resumes from its own virtual time, so it is served first until it has
+    caught up with what the others got meanwhile.
     """
-    queue = WeightedWaitQueue()
-    light, heavy = Key("light", 1), Key("heavy", 3)
-    queue.push(new_waiter(light, wanted=CHUNK, partial=True))
-    queue.push(new_waiter(heavy, wanted=CHUNK, partial=True))
-    serve(queue, 2 * CHUNK)
+    clock = FakeClock()
+    queue, light, heavy = await served_once(clock)
     queue.push(new_waiter(light))
-    for _ in range(HOLD_TURNS - 1):
-        queue.tick()
-        assert queue.holding()
-    queue.tick()
-    assert not queue.holding()
-    serve(queue, 10 * CHUNK)
+    serve(queue, 4 * CHUNK)  # light alone while heavy's request travels
+    await clock.advance(0.010)
+    returning = new_waiter(heavy, wanted=CHUNK)
+    queue.push(returning)
+    assert CHUNK / 3 == queue.shares()["heavy"]
+    assert returning is queue.peek()
+
+
+async def test_customer_resting_past_the_grace_rejoins_level() -> None:
+    """
+    A customer away longer than REST_GRACE banks nothing: it rejoins at the
+    queue's virtual clock, the start of the turn last served.
+    """
+    clock = FakeClock()
+    queue, light, heavy = await served_once(clock)
+    queue.push(new_waiter(light))
+    serve(queue, 4 * CHUNK)
+    await clock.advance(REST_GRACE)
     queue.push(new_waiter(heavy, wanted=CHUNK))
-    assert queue.shares()["heavy"] == queue.shares()["light"] - CHUNK
+    assert queue.shares()["light"] - CHUNK == queue.shares()["heavy"]
 
 
-async def test_customer_that_gave_up_is_not_waited_for() -> None:
+async def test_catch_up_is_bounded_to_one_grace() -> None:
     """
-    A customer whose last waiter timed out or was cancelled has left: the
-    queue does not hold output for it.
+    A customer that keeps returning within the grace but asks for less than
+    its share cannot bank the difference: it resumes no further back than the
+    virtual clock was REST_GRACE seconds ago.
     """
-    queue = WeightedWaitQueue()
+    clock = FakeClock()
+    queue, light, heavy = await served_once(clock)
+    step = REST_GRACE / 5
+    starts: list[float] = []
+    for turn in range(8):
+        await clock.advance(step)
+        starts.append(queue.shares()["light"])
+        queue.push(new_waiter(light, wanted=CHUNK))
+        serve(queue, CHUNK)
+        if turn == 3:  # heavy comes back once, takes a little, and rests
+            queue.push(new_waiter(heavy, wanted=1))
+            serve(queue, 1)
+    queue.push(new_waiter(heavy, wanted=1))
+    # Now 8 steps in; REST_GRACE ago was just before light's 4th turn.
+    assert starts[2] == queue.shares()["heavy"]
+
+
+async def test_customer_that_gave_up_rejoins_level() -> None:
+    """
+    A customer whose last waiter timed out or was cancelled has left: nothing
+    is kept for it, and it rejoins at the virtual clock however soon it asks.
+    """
+    clock = FakeClock()
+    queue = WeightedWaitQueue(clock)
     light, heavy = Key("light", 1), Key("heavy", 3)
     queue.push(new_waiter(light))
     gives_up = new_waiter(heavy)
     queue.push(gives_up)
     serve(queue, CHUNK)
     queue.remove(gives_up)
-    assert not queue.holding()
+    assert 0 == queue.reserved(light)
     assert light is queue.peek().key
+    serve(queue, 4 * CHUNK)
+    queue.push(new_waiter(heavy))
+    assert queue.shares()["light"] - CHUNK == queue.shares()["heavy"]
 
 
-async def test_nothing_is_held_with_nobody_queued() -> None:
+async def test_reserve_keeps_what_a_resting_customer_is_owed() -> None:
     """
-    With no waiter queued there is no turn to hold, whoever is resting.
+    While a customer behind in virtual time rests, a reader of a customer
+    ahead must leave its due in the buffer; the reserve lapses with the grace.
     """
-    queue = WeightedWaitQueue()
-    queue.push(new_waiter(Key("a", 1), wanted=CHUNK, partial=True))
+    clock = FakeClock()
+    queue, light, heavy = await served_once(clock)
+    queue.push(new_waiter(light))
+    # heavy is CHUNK - CHUNK / 3 behind light in virtual time, at weight 3
+    assert 2 * CHUNK == queue.reserved(light)
+    assert 0 == queue.reserved(heavy)
+    assert REST_GRACE == queue.release_in()
+    await clock.advance(REST_GRACE)
+    assert 0 == queue.reserved(light)
+    assert queue.release_in() is None
+
+
+async def test_non_blocking_reads_are_charged_and_take_turns() -> None:
+    """
+    Bytes taken without blocking count against the customer's share, and a
+    non-blocking reader may take only while nobody queued is behind it.
+    """
+    clock = FakeClock()
+    queue = WeightedWaitQueue(clock)
+    light, heavy = Key("light", 1), Key("heavy", 3)
+    assert queue.turn_for(light)
+    queue.charge_key(light, 3 * CHUNK)
+    assert 3 * CHUNK == queue.shares()["light"]
+    queue.push(new_waiter(heavy))
+    assert not queue.turn_for(light)  # heavy rejoined level, light is ahead
+    assert not queue.turn_for(heavy)  # its own blocked readers come first
+    serve(queue, 9 * CHUNK)
+    assert queue.turn_for(light)
+
+
+async def test_bytes_given_back_are_charged_back() -> None:
+    """
+    A negative charge (bytes a waiter took but never got) undoes the charge.
+    """
+    queue = WeightedWaitQueue(FakeClock())
+    waiter = new_waiter(Key("a", 2), wanted=CHUNK)
+    queue.push(waiter)
     serve(queue, CHUNK)
-    assert not queue.holding()
-    queue.drain()
-    queue.push(new_waiter(Key("b", 1)))
-    assert not queue.holding()
+    queue.charge(waiter, -CHUNK)
+    assert 0 == queue.shares()["a"]
+    assert 0 == queue.reserved(Key("b", 1))
