@@ -169,7 +169,9 @@ class Broker:
             state_path=self.state_dir / STATE_FILE,
             clock=clock,
         )
-        self._pool = EntropyPool(config.broker.pool_size, waiters=WeightedWaitQueue())
+        self._pool = EntropyPool(
+            config.broker.pool_size, waiters=WeightedWaitQueue(clock)
+        )
         self.supervisor = Supervisor(
             self._pool, clock=clock, low_watermark=config.broker.low_watermark
         )

@@ -445,7 +445,7 @@ class EgdConnection(asyncio.Protocol):
             # Closed while the grant was decided: withdraw nothing.
             accounts.refund(client, grant.granted, now)
             return b"", now
-        data = self._sink.pool.read_nowait(grant.granted)
+        data = self._sink.pool.read_nowait(grant.granted, key=client)
         accounts.refund(client, grant.granted - len(data), now)
         return data, now
 

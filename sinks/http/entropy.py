@@ -207,13 +207,16 @@ async def entropy(request: web.Request) -> web.StreamResponse:
     data = b""
     try:
         if query.wait == 0:
-            if pool.level < query.count:
+            # Bytes held back for a customer owed a turn are not ready for
+            # this one: ask the pool what this client may take now.
+            ready = pool.available(client)
+            if ready < query.count:
                 return _unavailable(
                     broker,
                     query.count,
-                    f"only {pool.level} bytes ready, {query.count} asked",
+                    f"only {ready} bytes ready, {query.count} asked",
                 )
-            data = pool.read_nowait(query.count)
+            data = pool.read_nowait(query.count, key=client)
         else:
             left = max(0.001, query.wait - (time.monotonic() - started))
             result = await _read_or_drain(
