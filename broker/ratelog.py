@@ -5,9 +5,12 @@ A hostile client can be refused thousands of times a second; one log line per
 refusal would fill the disk and bury everything else. `RateLimitedLog` writes
 the first event of each reason at once, then at most one line per reason per
 ``interval`` carrying how many were suppressed since the last line. The exact
-counts belong in metrics (the sinks' ``refused`` counters), not in the log.
+counts belong in metrics, not in the log: `CountedLog` keeps both, and is what
+every sink uses for the connections it refuses or drops.
 """
 
+from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 from structlog.typing import FilteringBoundLogger
@@ -49,3 +52,22 @@ class RateLimitedLog:
         self._last[reason] = now
         suppressed = self._suppressed.pop(reason, 0)
         self._log.warning(self._event, reason=reason, suppressed=suppressed, **fields)
+
+
+class CountedLog:
+    """
+    Events counted exactly by reason (for status and metrics) and logged
+    through a `RateLimitedLog`: what a sink keeps of the connections it turns
+    away or drops.
+    """
+
+    def __init__(self, logger: FilteringBoundLogger, event: str) -> None:
+        self._counts: Counter[str] = Counter()
+        self._log = RateLimitedLog(logger, event)
+
+    def __call__(self, reason: str, **fields: Any) -> None:
+        self._counts[reason] += 1
+        self._log(reason, **fields)
+
+    def counts(self) -> Mapping[str, int]:
+        return dict(self._counts)

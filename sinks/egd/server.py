@@ -33,13 +33,13 @@ import asyncio
 import contextlib
 import os
 import stat
-from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import structlog
 
 from broker.errors import BrokerError
-from broker.ratelog import RateLimitedLog
+from broker.ratelog import CountedLog
 from broker.status import BrokerView, SinkStatus
 from sinks.egd.config import EgdSinkConfig
 from sinks.egd.connection import EgdConnection
@@ -71,14 +71,8 @@ class EgdSink:
         """Connections identified and served; disjoint from `refused`."""
         self.bytes_out = 0
         self.requests = 0
-        self.refused: Counter[str] = Counter()
-        """Connections closed before they were served, by reason."""
-        self.closed: Counter[str] = Counter()
-        """Served connections closed for what the peer sent, by reason."""
-        self._refusal_log = RateLimitedLog(
-            log.bind(sink=self.name), "connection_refused"
-        )
-        self._close_log = RateLimitedLog(log.bind(sink=self.name), "connection_dropped")
+        self._refused = CountedLog(log.bind(sink=self.name), "connection_refused")
+        self._closed = CountedLog(log.bind(sink=self.name), "connection_dropped")
 
     # ---- connection registry ----
 
@@ -102,16 +96,28 @@ class EgdSink:
         Count one connection closed before it was served, and log it
         (rate-limited).
         """
-        self.refused[reason] += 1
-        self._refusal_log(reason, peer=peer, detail=detail)
+        self._refused(reason, peer=peer, detail=detail)
 
     def count_closed(self, reason: str, *, peer: str, detail: str) -> None:
         """
         Count one served connection closed for what its peer sent, and log
         it (rate-limited).
         """
-        self.closed[reason] += 1
-        self._close_log(reason, peer=peer, detail=detail)
+        self._closed(reason, peer=peer, detail=detail)
+
+    @property
+    def refused(self) -> Mapping[str, int]:
+        """
+        Connections closed before they were served, by reason.
+        """
+        return self._refused.counts()
+
+    @property
+    def closed(self) -> Mapping[str, int]:
+        """
+        Served connections closed for what the peer sent, by reason.
+        """
+        return self._closed.counts()
 
     @property
     def accepting(self) -> bool:
@@ -215,6 +221,6 @@ class EgdSink:
             connections_total=self.connections_total,
             bytes_out=self.bytes_out,
             requests=self.requests,
-            refused=dict(self.refused),
-            closed=dict(self.closed),
+            refused=self.refused,
+            closed=self.closed,
         )

@@ -47,14 +47,13 @@ import asyncio
 import enum
 import ipaddress
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
 import structlog
-from structlog.typing import FilteringBoundLogger
 
-from broker.ratelog import RateLimitedLog
+from broker.ratelog import CountedLog
 from sinks.proxy import ProxyGate, ProxyRefused
 
 log = structlog.get_logger("ebroker.sinks.http")
@@ -86,23 +85,6 @@ class Limits:
     """Peers allowed to name the client in a PROXY header."""
 
 
-class Refusals:
-    """
-    Refused connections and requests: counted by reason, logged at a bounded rate.
-    """
-
-    def __init__(self, logger: FilteringBoundLogger) -> None:
-        self._counts: Counter[str] = Counter()
-        self._log = RateLimitedLog(logger, "http_refused")
-
-    def __call__(self, reason: str, **fields: Any) -> None:
-        self._counts[reason] += 1
-        self._log(reason, **fields)
-
-    def counts(self) -> Mapping[str, int]:
-        return dict(self._counts)
-
-
 class _Phase(enum.Enum):
     GATE = "gate"
     HEADERS = "headers"
@@ -124,7 +106,7 @@ class ConnectionGuard:
         self,
         limits: Limits,
         make_handler: Callable[[], asyncio.Protocol],
-        refusals: Refusals,
+        refusals: CountedLog,
     ) -> None:
         self.limits = limits
         self.make_handler = make_handler

@@ -22,7 +22,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from sinks.http.connections import Refusals
+from broker.ratelog import CountedLog
 
 # Parser messages can quote the offending bytes at length; a client learns
 # (and the log records) only this much of them.
@@ -48,7 +48,7 @@ class QuietRequestHandler(RequestHandler):
     aiohttp's handler, answering malformed requests without a traceback.
     """
 
-    def __init__(self, manager: web.Server, *, refusals: Refusals, **kwargs: Any):
+    def __init__(self, manager: web.Server, *, refusals: CountedLog, **kwargs: Any):
         super().__init__(manager, **kwargs)
         self._refusals = refusals
 
@@ -76,7 +76,7 @@ def bounded(
     *,
     max_body_bytes: int,
     request_timeout: float,
-    refusals: Refusals,
+    refusals: CountedLog,
 ) -> _AppHandler:
     """
     ``handler`` refusing oversized bodies and cut off after ``request_timeout``.

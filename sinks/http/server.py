@@ -28,10 +28,11 @@ from aiohttp import web
 
 from broker.configbase import ListenAddress
 from broker.errors import BrokerError, ConfigError
+from broker.ratelog import CountedLog
 from broker.status import BrokerView, SinkStatus
 from sinks.http.app import create_app
 from sinks.http.config import HttpSinkConfig
-from sinks.http.connections import ConnectionGuard, Limits, Refusals
+from sinks.http.connections import ConnectionGuard, Limits
 from sinks.http.handler import QuietRequestHandler, bounded
 from sinks.http.state import HttpSinkState
 
@@ -65,7 +66,7 @@ class HttpSink:
         self._servers: list[asyncio.Server] = []
         self._bound: list[str] = []
         self._log = log.bind(sink=self.name)
-        self._refusals = Refusals(self._log)
+        self._refusals = CountedLog(self._log, "http_refused")
         self._guard: ConnectionGuard | None = None
 
     async def start(self) -> None:

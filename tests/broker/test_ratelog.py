@@ -5,7 +5,7 @@ A flood of refusals makes a handful of log lines, each saying how many it stands
 import structlog
 from structlog.testing import capture_logs
 
-from broker.ratelog import RateLimitedLog
+from broker.ratelog import CountedLog, RateLimitedLog
 from tests.fakeclock import FakeClock
 
 
@@ -31,3 +31,16 @@ async def test_one_line_per_reason_per_interval() -> None:
     ] == [(entry["reason"], entry["suppressed"]) for entry in logs]
     assert {"connection_refused"} == {entry["event"] for entry in logs}
     assert {"warning"} == {entry["log_level"] for entry in logs}
+
+
+def test_counted_log_counts_every_event_and_logs_few() -> None:
+    """
+    Counts are exact for status and metrics while the log stays rate-limited.
+    """
+    refused = CountedLog(structlog.get_logger("test"), "connection_refused")
+    with capture_logs() as logs:
+        for _ in range(1000):
+            refused("max_connections", peer="127.0.0.2")
+        refused("denied", peer="127.0.0.3")
+    assert {"max_connections": 1000, "denied": 1} == refused.counts()
+    assert 2 == len(logs)

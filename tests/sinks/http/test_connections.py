@@ -14,8 +14,9 @@ import pytest
 import structlog
 
 from broker.accounts import Accounts, AccountsConfig, CustomerConfig
+from broker.ratelog import CountedLog
 from sinks.http.config import HttpSinkConfig
-from sinks.http.connections import ConnectionGuard, Limits, Refusals
+from sinks.http.connections import ConnectionGuard, Limits
 from sinks.http.server import HttpSink
 from tests.helpers import DEADLINE, eventually
 from tests.sinks.http.test_api import FakeBroker, fill
@@ -300,8 +301,8 @@ class FakeTransport(asyncio.Transport):
         return self.closed or self.aborted.is_set()
 
 
-def fake_guard(write_timeout: float) -> tuple[ConnectionGuard, Refusals]:
-    refusals = Refusals(structlog.get_logger())
+def fake_guard(write_timeout: float) -> tuple[ConnectionGuard, CountedLog]:
+    refusals = CountedLog(structlog.get_logger(), "http_refused")
     limits = Limits(
         max_connections=10,
         max_connections_per_client=10,
