@@ -77,3 +77,20 @@ class RedisServer:
             self.process.kill()
             self.process.wait(timeout=10)
             self.process = None
+
+
+def redis_accounts(url: str, policy: str) -> str:
+    """
+    An ``[accounts]`` section for brokers sharing the server at ``url``.
+    """
+    return f"""
+        [accounts]
+        backend = "redis"
+        redis_url = "{url}"
+        on_redis_failure = "{policy}"
+        # Outages here are a killed server, refused at once; a reply slowed by
+        # a busy machine must not look like one.
+        redis_timeout = "10 s"
+        redis_retry_interval = "0.2 s"
+        persist_interval = "0.2 s"
+        """

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.daemon import Daemon, default_config, start_daemon
+from tests.redis_server import RedisServer
 
 
 @pytest.fixture
@@ -22,3 +23,14 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         if running.process.poll() is None:
             running.process.kill()
             running.process.wait()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """
+    A real redis-server on a free loopback port, killed at teardown.
+    """
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()

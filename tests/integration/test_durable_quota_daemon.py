@@ -7,10 +7,8 @@ empty under the brokers (Redis backend).
 import asyncio
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import redis.asyncio as aioredis
 
 from broker.accounts import period_key
@@ -18,7 +16,7 @@ from broker.accounts.reservations import reservation
 from tests.integration.clients import BrokerHttp, poll_until
 from tests.integration.daemon import Daemon, default_config, start_daemon
 from tests.integration.test_customers_daemon import egd_from, nonblocking_total
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, redis_accounts
 
 FAST_SOURCE = """
     [[sources]]
@@ -107,16 +105,9 @@ def test_sigkill_after_spending_does_not_hand_quota_out_again(
 
 def redis_config(tmp: Path, url: str, policy: str) -> str:
     tmp.mkdir(parents=True, exist_ok=True)
-    customers = f"""
-        [accounts]
-        backend = "redis"
-        redis_url = "{url}"
-        on_redis_failure = "{policy}"
-        # Outages here are a killed server, refused at once; a reply slowed by
-        # a busy machine must not look like one.
-        redis_timeout = "10 s"
-        redis_retry_interval = "0.2 s"
-        persist_interval = "0.2 s"
+    customers = (
+        redis_accounts(url, policy)
+        + """
 
         [[customers]]
         id = "drawn"
@@ -133,15 +124,8 @@ def redis_config(tmp: Path, url: str, policy: str) -> str:
         networks = ["127.0.0.33/32"]
         rate = "64 KiB/s"
         """
+    )
     return default_config(tmp / "state", FAST_SOURCE, customers)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.kill()
 
 
 async def backend_healthy(daemon: Daemon, healthy: bool) -> None:
