@@ -53,6 +53,7 @@ from typing import Any, Final, cast
 
 import structlog
 
+from broker.accounts.identity import normalise_ip
 from broker.ratelog import CountedLog
 from sinks.proxy import ProxyGate, ProxyRefused
 
@@ -269,7 +270,13 @@ class GuardedConnection(asyncio.Protocol):
             self._inner.pause_writing()
         return outcome.rest
 
-    def _claim(self, client: str) -> bool:
+    def _claim(self, host: str) -> bool:
+        # One client whatever the spelling: "::ffff:10.0.0.5" is "10.0.0.5",
+        # as the accounts see it.
+        try:
+            client = str(normalise_ip(host))
+        except ValueError:
+            client = host
         if not self._guard.claim(client):
             self._peer = client
             self._refuse("max_connections_per_client")

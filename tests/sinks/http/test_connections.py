@@ -336,6 +336,43 @@ async def test_a_client_that_stops_reading_is_dropped() -> None:
     assert 0 == len(guard)
 
 
+class PeerTransport(FakeTransport):
+    """
+    A fake transport whose peer address the test chooses.
+    """
+
+    def __init__(self, host: str) -> None:
+        super().__init__()
+        self.host = host
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return (self.host, 5000) if name == "peername" else default
+
+
+async def test_an_ipv4_mapped_peer_is_the_same_client_for_the_cap() -> None:
+    """
+    ``::ffff:127.0.0.9`` (a dual-stack listener's spelling) and ``127.0.0.9``
+    are one client: with a cap of one, the second connection is refused.
+    """
+    refusals = CountedLog(structlog.get_logger(), "http_refused")
+    limits = Limits(
+        max_connections=10,
+        max_connections_per_client=1,
+        header_timeout=DEADLINE,
+        write_timeout=DEADLINE,
+    )
+    guard = ConnectionGuard(limits, asyncio.Protocol, refusals)
+    first, second = guard(), guard()
+    first.connection_made(PeerTransport("::ffff:127.0.0.9"))
+    refused = PeerTransport("127.0.0.9")
+    second.connection_made(refused)
+    assert {"max_connections_per_client": 1} == dict(refusals.counts())
+    assert refused.is_closing()
+    first.connection_lost(None)
+    second.connection_lost(None)
+    assert 0 == len(guard)
+
+
 async def test_a_close_that_never_drains_becomes_an_abort() -> None:
     """
     A close with a few bytes still unsent (below any high-water mark, so no
