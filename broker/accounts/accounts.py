@@ -152,6 +152,14 @@ class Accounts:
         """
         return await self._grants.grant(client, wanted, now)
 
+    def try_grant(self, client: Client, wanted: int, now: float) -> Grant | None:
+        """
+        `grant` without waiting, for a synchronous fast path: None when the
+        decision needs I/O (a Redis round trip, a state-file write owed
+        first); the caller then awaits `grant`, which decides the same way.
+        """
+        return self._grants.try_grant(client, wanted, now)
+
     async def wait_grant(self, client: Client, wanted: int) -> int:
         """
         Wait until the limits allow some bytes, take them, and return how many:

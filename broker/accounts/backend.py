@@ -119,6 +119,20 @@ class QuotaBackend(Protocol):
         """
         ...
 
+    def take_nowait(
+        self,
+        customer_id: str,
+        amount: int,
+        now: float,
+        bucket: BucketLimit | None,
+        quota: QuotaLimit | None,
+    ) -> Charge | None:
+        """
+        `take` when it can be decided without waiting for I/O; None when it
+        cannot (the caller then awaits `take`, which decides the same way).
+        """
+        ...
+
     async def give_back(
         self,
         customer_id: str,
@@ -128,6 +142,19 @@ class QuotaBackend(Protocol):
     ) -> None:
         """
         Return ``amount`` unused bytes to the bucket and the quota.
+        """
+        ...
+
+    def give_back_nowait(
+        self,
+        customer_id: str,
+        amount: int,
+        bucket: BucketLimit | None,
+        quota: QuotaLimit | None,
+    ) -> bool:
+        """
+        `give_back` done at once if that needs no I/O; False when the caller
+        must await `give_back` instead.
         """
         ...
 
@@ -314,6 +341,30 @@ class MemoryBackend:
             self._expires.pop(slot, None)
             self._limits.pop(slot, None)
             self._durable.pop(slot, None)
+
+    def take_nowait(
+        self,
+        customer_id: str,
+        amount: int,
+        now: float,
+        bucket: BucketLimit | None,
+        quota: QuotaLimit | None,
+    ) -> Charge | None:
+        if quota is not None and self.state_path is not None:
+            slot = (customer_id, quota.period_key)
+            if self._used.get(slot, 0) + max(0, amount) > self._durable.get(slot, 0):
+                return None  # the state file must count these first: `take` writes it
+        return self.take_now(customer_id, amount, now, bucket, quota)
+
+    def give_back_nowait(
+        self,
+        customer_id: str,
+        amount: int,
+        bucket: BucketLimit | None,
+        quota: QuotaLimit | None,
+    ) -> bool:
+        self.give_back_now(customer_id, amount, bucket, quota)
+        return True
 
     # ---- async interface -------------------------------------------------------
 

@@ -140,19 +140,61 @@ class Grants:
             return _DENIED
         wanted = max(0, wanted)
         quota = customer.quota_limit(now)
-        own = client.bucket
-        if own is None and customer.bucket is None and quota is None:
+        if client.bucket is None and customer.bucket is None and quota is None:
             # No limit applies: skip the backend (and, with Redis, the round trip).
             _served(client, customer, wanted, now, None)
             return Grant(wanted, 0.0, None, None, None, 0, 0, now)
         charge = await self._charge(client, customer, wanted, now, quota)
+        return self._conclude(client, customer, wanted, now, need, quota, charge)
+
+    def try_grant(self, client: Client, wanted: int, now: float) -> Grant | None:
+        """
+        `grant` decided without waiting: None when the backend cannot decide
+        at once (a Redis round trip, a state-file write owed first), and the
+        caller must take the asynchronous path instead.
+        """
+        customer = client._customer
+        client._sync_bucket()
+        client.last_seen = now
+        if customer.config.deny:
+            return _DENIED
+        wanted = max(0, wanted)
+        quota = customer.quota_limit(now)
+        own = client.bucket
+        if own is None and customer.bucket is None and quota is None:
+            _served(client, customer, wanted, now, None)
+            return Grant(wanted, 0.0, None, None, None, 0, 0, now)
+        amount = own.take(wanted, now) if own is not None else wanted
+        charge: Charge | None = None
+        if amount:
+            charge = self._backend.take_nowait(
+                customer.id, amount, now, customer.bucket, quota
+            )
+            if charge is None:
+                if own is not None:
+                    own.refund(amount)
+                return None
+            self._settle(client, customer, amount, quota, charge)
+        return self._conclude(client, customer, wanted, now, None, quota, charge)
+
+    def _conclude(
+        self,
+        client: Client,
+        customer: CustomerState,
+        wanted: int,
+        now: float,
+        need: int | None,
+        quota: QuotaLimit | None,
+        charge: Charge | None,
+    ) -> Grant:
+        # Everything after the charge: bookkeeping and the answer's window.
         if charge is not None and not charge.available:
             wait = self._backend.retry_interval
             return Grant(0, wait, "unavailable", None, None, 0, 0, now)
         granted = charge.granted if charge is not None else 0
         _served(client, customer, granted, now, quota)
         tokens = charge.bucket_tokens if charge is not None else None
-        limits = _Limits(own, customer.bucket, tokens, quota)
+        limits = _Limits(client.bucket, customer.bucket, tokens, quota)
         remaining = None
         if quota is not None:
             remaining = max(0, quota.limit - customer.quota_used_at(quota))
@@ -182,6 +224,12 @@ class Grants:
         amount = own.take(wanted, now) if own is not None else wanted
         if not amount:
             return None
+        charge = self._backend.take_nowait(
+            customer.id, amount, now, customer.bucket, quota
+        )
+        if charge is not None:
+            self._settle(client, customer, amount, quota, charge)
+            return charge
         take = asyncio.ensure_future(
             self._backend.take(customer.id, amount, now, customer.bucket, quota)
         )
@@ -196,12 +244,24 @@ class Grants:
                 functools.partial(self._undo, customer.id, customer.bucket, quota)
             )
             raise
+        self._settle(client, customer, amount, quota, charge)
+        return charge
+
+    @staticmethod
+    def _settle(
+        client: Client,
+        customer: CustomerState,
+        amount: int,
+        quota: QuotaLimit | None,
+        charge: Charge,
+    ) -> None:
+        # What the backend did not grant goes back to the client's own bucket.
+        own = client.bucket
         if own is not None and charge.granted < amount:
             own.refund(amount - charge.granted)
         if charge.available and quota is not None and charge.quota_used is not None:
             customer.quota_key = quota.period_key
             customer.quota_used = charge.quota_used
-        return charge
 
     def _undo(
         self,
@@ -252,6 +312,8 @@ class Grants:
         quota: QuotaLimit | None,
     ) -> None:
         if amount <= 0:
+            return
+        if self._backend.give_back_nowait(customer_id, amount, bucket, quota):
             return
         task = asyncio.get_running_loop().create_task(
             self._backend.give_back(customer_id, amount, bucket, quota)

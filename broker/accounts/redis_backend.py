@@ -539,6 +539,27 @@ class RedisBackend:
 
     # ---- operations ------------------------------------------------------------
 
+    def take_nowait(
+        self,
+        customer_id: str,
+        amount: int,
+        now: float,
+        bucket: BucketLimit | None,
+        quota: QuotaLimit | None,
+    ) -> Charge | None:
+        if bucket is None and quota is None:
+            return Charge(max(0, amount), None, None)
+        return None  # every shared limit is a round trip
+
+    def give_back_nowait(
+        self,
+        customer_id: str,
+        amount: int,
+        bucket: BucketLimit | None,
+        quota: QuotaLimit | None,
+    ) -> bool:
+        return bucket is None and quota is None
+
     async def take(
         self,
         customer_id: str,

@@ -473,6 +473,9 @@ class SlowBackend(MemoryBackend):
         super().__init__()
         self.release = asyncio.Event()
 
+    def take_nowait(self, *args: Any, **kwargs: Any) -> Any:
+        return None  # like Redis: every charge is a round trip
+
     async def take(self, *args: Any, **kwargs: Any) -> Any:
         # Like a Redis script that already ran when the caller gave up.
         charge = await super().take(*args, **kwargs)
