@@ -1,10 +1,17 @@
 """
-One EGD client connection: the asyncio protocol and its worker task.
+One EGD client connection: the asyncio protocol, and a worker task while a
+request waits.
 
 Each connection parses requests with `EgdServerConnection` and answers them
-strictly in order from one worker task. A blocking read (0x02) streams bytes as
-the pool releases them and never gives up on an empty pool, because QEMU cannot
-recover a request lost with its connection.
+strictly in order. A request that can be answered at once (the pool holds the
+bytes, the client's limits allow them, the client has room for the reply) is
+answered inside the protocol callback, through the core's fast path
+(`broker.withdrawal.Withdrawals.now`), and the replies of one callback go out
+in one write. The first request that must wait starts a worker task, which
+answers it and everything queued behind it and ends when the queue is empty.
+A blocking read (0x02) streams bytes as the pool releases them and never gives
+up on an empty pool, because QEMU cannot recover a request lost with its
+connection.
 
 Limits, all per connection (see `sinks.egd.flow` for the arithmetic):
 
@@ -14,8 +21,9 @@ Limits, all per connection (see `sinks.egd.flow` for the arithmetic):
 - Output: nothing is withdrawn from the pool for a client while it holds
   ``max_buffered_output`` bytes unread (user-space buffer plus kernel send
   queue).
-- Work: the worker yields to the event loop after every `TURN_REQUESTS`
-  requests or `TURN_BYTES` bytes.
+- Work: a connection answers at most `TURN_REQUESTS` requests or
+  `TURN_BYTES` bytes of replies per callback of the event loop; the worker
+  goes on after a yield.
 
 TCP connections pass their first bytes through a `ProxyGate`: only a trusted
 proxy may send a PROXY header, and its connections are identified by the client
@@ -49,15 +57,20 @@ import os
 import socket
 import struct
 from collections import deque
-from typing import Final, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 import structlog
 
 from broker.accounts import AccessDenied, Accounts, Client, Denied, Peer
 from broker.errors import PoolClosedError
 from broker.pool import EntropyPool
+from broker.withdrawal import Withdrawals
 from sinks.egd.config import EgdSinkConfig
-from sinks.egd.flow import OutputBound, TurnBudget, kernel_queued
+from sinks.egd.flow import (
+    OutputBound,
+    TurnBudget,
+    kernel_queued,
+)
 from sinks.egd.wire import (
     NEED_DATA,
     EgdServerConnection,
@@ -109,6 +122,21 @@ def _requested(event: Event) -> int:
             return 4
 
 
+def _reply_size(event: Event | _Close) -> int:
+    # Most bytes the reply to ``event`` can take.
+    match event:
+        case ReadBlocking(count=count):
+            return count
+        case ReadNonBlocking(count=count):
+            return 1 + count
+        case GetPid():
+            return 12
+        case GetLevel():
+            return 4
+        case _:
+            return 0
+
+
 class ConnectionHost(Protocol):
     """
     What a connection needs from the sink that accepted it: the sink's
@@ -119,6 +147,7 @@ class ConnectionHost(Protocol):
     config: EgdSinkConfig
     pool: EntropyPool
     accounts: Accounts
+    withdrawals: Withdrawals
     idle_changed: asyncio.Event
     connections_total: int
     bytes_out: int
@@ -138,12 +167,34 @@ class EgdConnection(asyncio.Protocol):
     One client connection.
     """
 
+    __slots__ = (
+        "_answering",
+        "_busy",
+        "_client",
+        "_closing",
+        "_eof_deadline",
+        "_gate",
+        "_gate_saw_bytes",
+        "_header_timer",
+        "_output",
+        "_peer",
+        "_pending_bytes",
+        "_queue",
+        "_reading_paused",
+        "_served",
+        "_sink",
+        "_stopped",
+        "_transport",
+        "_turn",
+        "_wire",
+        "_worker",
+    )
+
     def __init__(self, sink: ConnectionHost) -> None:
         self._sink = sink
         self._wire = EgdServerConnection()
         self._transport: asyncio.Transport | None = None
         self._queue: deque[Event | _Close] = deque()
-        self._wakeup = asyncio.Event()
         self._output = OutputBound(sink.config.max_buffered_output)
         self._turn = TurnBudget()
         self._pending_bytes = 0
@@ -159,7 +210,17 @@ class EgdConnection(asyncio.Protocol):
         self._gate_saw_bytes = False
         self._header_timer: asyncio.TimerHandle | None = None
         self._peer = "unix"
-        self._log = log
+        self._served: list[tuple[int, float]] = []
+        """Pool bytes withdrawn for replies not yet handed to the transport,
+        with their grant times: refunded if the write cannot happen."""
+
+    @property
+    def _log(self) -> Any:
+        # Bound on use: a logger per connection would cost every idle guest.
+        bound = log.bind(sink=self._sink.name, peer=self._peer)
+        if self._client is not None:
+            bound = bound.bind(customer=self._client.customer_id)
+        return bound
 
     # ---- asyncio.Protocol ---------------------------------------------------------
 
@@ -171,7 +232,6 @@ class EgdConnection(asyncio.Protocol):
             "sockname"
         )
         self._peer = _peer_text(peer)
-        self._log = log.bind(sink=self._sink.name, peer=self._peer)
         refusal = self._sink.admit(self)
         if refusal is not None:
             self._refuse(refusal, f"{refusal} (sink not admitting)")
@@ -230,8 +290,9 @@ class EgdConnection(asyncio.Protocol):
             self._wire.receive_data(data)
         except (RemoteProtocolError, LocalProtocolError) as exc:
             self._protocol_error(exc)
-            return
-        self._parse()
+        else:
+            self._parse()
+        self._answer_ready()
 
     def eof_received(self) -> bool | None:
         if self._gate is not None:
@@ -253,7 +314,7 @@ class EgdConnection(asyncio.Protocol):
         if self._answering is not None:
             self._answering.reschedule(self._eof_deadline)
         self._queue.append(_CLOSE)
-        self._wakeup.set()
+        self._answer_ready()
         return True
 
     # ---- admission ----------------------------------------------------------------
@@ -275,8 +336,8 @@ class EgdConnection(asyncio.Protocol):
         self._gate = None
         self._cancel_header_timer()
         if outcome.proxied:
+            # From here on the client is who the proxy says it is.
             self._peer = _peer_text((outcome.host, outcome.port))
-            self._log = self._log.bind(client=self._peer)
         if self._client is None and not self._start(Peer("tcp", ip=outcome.host)):
             return None
         return outcome
@@ -304,8 +365,6 @@ class EgdConnection(asyncio.Protocol):
         self._client = identity
         identity.connections += 1
         self._sink.connections_total += 1
-        self._log = self._log.bind(customer=identity.customer_id)
-        self._worker = asyncio.create_task(self._serve(), name="egd-connection")
         self._log.debug("client_connected")
         return True
 
@@ -324,29 +383,47 @@ class EgdConnection(asyncio.Protocol):
             self._transport.abort()
 
     # ---- requests -----------------------------------------------------------------
+    #
+    # Requests are answered in the order they arrived. While no worker runs,
+    # `_answer_ready` answers them inside the protocol callback, for as long
+    # as each can be answered at once (the pool holds the bytes, the limits
+    # allow them, the client has room for them), and writes the replies of
+    # one turn in one write. The first request that must wait starts the
+    # worker task, which answers it and everything after it, and ends once
+    # the queue is empty.
 
     def _parse(self) -> None:
         limit = self._sink.config.max_pending_bytes
+        queue = self._queue
+        wire = self._wire
+        parsed = 0
         while (
             not self._closing
             and self._pending_bytes < limit
-            and len(self._queue) < MAX_QUEUED_REQUESTS
+            and len(queue) < MAX_QUEUED_REQUESTS
         ):
             try:
-                event = self._wire.next_event()
+                event = wire.next_event()
             except (RemoteProtocolError, LocalProtocolError) as exc:
                 self._protocol_error(exc)
-                return
+                break
             if event is NEED_DATA:
                 break
             self._pending_bytes += _requested(event)
-            self._queue.append(event)
-            self._sink.requests += 1
-        self._wakeup.set()
+            queue.append(event)
+            parsed += 1
+        self._sink.requests += parsed
+        self._flow_input()
+
+    def _flow_input(self) -> None:
+        # Stop reading a client that has its fill queued; resume once answered.
         transport = self._transport
         if transport is None:
             return
-        full = self._pending_bytes >= limit or len(self._queue) >= MAX_QUEUED_REQUESTS
+        full = (
+            self._pending_bytes >= self._sink.config.max_pending_bytes
+            or len(self._queue) >= MAX_QUEUED_REQUESTS
+        )
         if full and not self._reading_paused:
             self._reading_paused = True
             transport.pause_reading()
@@ -358,18 +435,104 @@ class EgdConnection(asyncio.Protocol):
         self._sink.count_closed("malformed_request", peer=self._peer, detail=str(exc))
         self._closing = True
         self._queue.append(_CLOSE)
-        self._wakeup.set()
+
+    def _answer_ready(self) -> None:
+        # The synchronous fast path; see the section comment.
+        if self._worker is not None or self._stopped or self._client is None:
+            return
+        self._turn.reset()  # a new callback of the loop: a new turn
+        self._answer_batch()
+        if self._queue and not self._stopped:
+            self._worker = asyncio.create_task(self._serve(), name="egd-connection")
+        elif not self._queue:
+            self._sink.idle_changed.set()
+
+    def _answer_batch(self) -> None:
+        # Answer queued requests in order while each can be answered at once
+        # and the turn lasts; their replies go out in one write.
+        queue = self._queue
+        turn = self._turn
+        replies: list[bytes] = []
+        written = 0
+        while queue:
+            item = queue[0]
+            if isinstance(item, _Close):
+                self._send(replies)
+                self._close_transport()
+                return
+            if not turn.room_for(_reply_size(item)):
+                turn.spend()  # the worker goes on after a yield
+                break
+            reply = self._answer_now(item, written)
+            if reply is None:
+                break
+            queue.popleft()
+            self._pending_bytes -= _requested(item)
+            turn.answered()
+            if reply:
+                replies.append(reply)
+                written += len(reply)
+                turn.wrote(len(reply))
+            if not queue and (self._reading_paused or self._wire.buffered):
+                self._parse()
+        self._send(replies, counted=True)
+
+    def _answer_now(self, event: Event, pending: int = 0) -> bytes | None:
+        # The reply to ``event`` if it can be given at once (b"" when it has
+        # none), else None. ``pending`` reply bytes are not yet written.
+        if isinstance(event, ReadBlocking):
+            count = event.count
+            if not count:
+                return b""
+            if not self._output.has_room(pending + count):
+                return None
+            taken = self._sink.withdrawals.now(
+                self._require_client(), count, least=count
+            )
+            if taken is None or not taken.data:
+                return None
+            self._served.append((len(taken.data), taken.granted_at))
+            return taken.data
+        if isinstance(event, WriteEntropy):
+            self._absorb(event.bits, event.data)
+            return b""
+        if not self._output.has_room(pending + _reply_size(event)):
+            return None
+        if isinstance(event, ReadNonBlocking):
+            taken = self._sink.withdrawals.now(
+                self._require_client(), event.count, least=0
+            )
+            if taken is None:
+                return None
+            if taken.data:
+                self._served.append((len(taken.data), taken.granted_at))
+            return encode_nonblocking(taken.data)
+        return self._reply_now(event)
+
+    def _reply_now(self, event: Event) -> bytes:
+        # The reply to a request that never waits for the pool.
+        if isinstance(event, GetLevel):
+            return encode_level(self._sink.pool.level * 8)
+        if isinstance(event, GetPid):
+            return encode_pid(os.getpid())
+        if isinstance(event, WriteEntropy):
+            self._absorb(event.bits, event.data)
+        return b""
 
     async def _serve(self) -> None:
+        # The worker: answers the queue, waiting where a request must, and
+        # ends when the queue is empty.
+        queue = self._queue
         try:
-            while True:
-                while not self._queue and not self._stopped:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                if self._stopped:
+            while queue and not self._stopped:
+                await self._turn.yield_if_spent()
+                if self._gone():
                     return
-                item = self._queue.popleft()
-                if isinstance(item, _Close):
+                self._answer_batch()
+                if not queue or self._gone() or self._turn.spent:
+                    continue
+                item = queue[0]
+                if isinstance(item, _Close):  # the batch closes on it first
                     self._close_transport()
                     return
                 self._busy = True
@@ -382,14 +545,12 @@ class EgdConnection(asyncio.Protocol):
                     return
                 finally:
                     self._answering = None
-                self._busy = False
+                    self._busy = False
+                queue.popleft()
                 self._pending_bytes -= _requested(item)
-                if not self._queue:
-                    self._sink.idle_changed.set()
+                self._turn.answered()
                 if self._reading_paused or self._wire.buffered:
                     self._parse()
-                self._turn.answered()
-                await self._turn.yield_if_spent()
         except (PoolClosedError, AccessDenied) as exc:
             self._log.info("connection_closed", reason=str(exc))
             self._close_transport()
@@ -400,75 +561,72 @@ class EgdConnection(asyncio.Protocol):
             self._close_transport()
         finally:
             self._busy = False
+            if self._worker is asyncio.current_task():
+                self._worker = None
+            self._sink.idle_changed.set()
 
     async def _answer(self, event: Event) -> None:
-        pool = self._sink.pool
-        match event:
-            case GetLevel():
-                await self._output.room()
-                self._write(encode_level(pool.level * 8))
-            case ReadNonBlocking(count=count):
-                await self._output.room()
-                if self._stopped:
-                    return
-                data, granted_at = await self._read_now(count)
-                if not self._write(encode_nonblocking(data)):
-                    self._unserved(len(data), granted_at)
-            case ReadBlocking(count=count):
-                remaining = count
-                while remaining:
-                    await self._output.room()
-                    if self._stopped:
-                        return
-                    data, granted_at = await self._read_blocking(
-                        min(remaining, self._sink.config.chunk_size)
-                    )
-                    if not self._write(data):
-                        self._unserved(len(data), granted_at)
-                        return
-                    remaining -= len(data)
-                    if remaining:
-                        await self._turn.yield_if_spent()
-            case WriteEntropy(bits=bits, data=data):
-                self._absorb(bits, data)
-            case GetPid():
-                await self._output.room()
-                self._write(encode_pid(os.getpid()))
-
-    async def _read_now(self, count: int) -> tuple[bytes, float]:
-        # Limits shorten a non-blocking read; EGD has no way to say why.
-        # Returns the bytes and the grant's time, for a refund if unsent.
-        accounts, client = self._sink.accounts, self._require_client()
-        now = accounts.clock.time()
-        grant = await accounts.grant(client, count, now)
+        await self._output.room()
         if self._stopped:
-            # Closed while the grant was decided: withdraw nothing.
-            accounts.refund(client, grant.granted, now)
-            return b"", now
-        data = self._sink.pool.read_nowait(grant.granted, key=client)
-        accounts.refund(client, grant.granted - len(data), now)
-        return data, now
-
-    async def _read_blocking(self, count: int) -> tuple[bytes, float]:
+            return
+        reply = self._answer_now(event)
+        if reply is not None:
+            self._send([reply])
+            return
+        withdrawals = self._sink.withdrawals
+        client = self._require_client()
+        if isinstance(event, ReadNonBlocking):
+            # Limits shorten a non-blocking read; EGD has no way to say why.
+            data, granted_at = await withdrawals.take_allowed(client, event.count)
+            if data:
+                self._served.append((len(data), granted_at))
+            self._send([encode_nonblocking(data)])
+            return
+        if not isinstance(event, ReadBlocking):
+            # Only reads wait for anything but room, and room was just made.
+            self._send([self._reply_now(event)])
+            return
         # Limits delay a blocking read: the client simply sees the allowed rate.
-        accounts, client = self._sink.accounts, self._require_client()
-        allowed = await accounts.wait_grant(client, count)
-        # The grant's own time: a refund after midnight belongs to yesterday's quota.
-        granted_at = client.last_seen
-        data = b""
-        try:
-            if not self._stopped:
-                data = await self._sink.pool.read(allowed, partial=True, key=client)
-        finally:
-            accounts.refund(client, allowed - len(data), granted_at)
-        return data, granted_at
+        remaining = event.count
+        while remaining:
+            await self._output.room()
+            if self._gone():
+                return
+            data, granted_at = await withdrawals.stream_piece(
+                client, min(remaining, self._sink.config.chunk_size)
+            )
+            self._served.append((len(data), granted_at))
+            if not self._send([data]):
+                return
+            remaining -= len(data)
+            if remaining:
+                await self._turn.yield_if_spent()
 
-    def _unserved(self, count: int, granted_at: float) -> None:
-        # Withdrawn but never written: the pool has no way to take returned
-        # bytes back, so they are dropped (never served, never repeated) and
-        # only the client's accounts get them back.
-        if count and self._client is not None:
-            self._sink.accounts.refund(self._client, count, granted_at)
+    def _send(self, replies: list[bytes], *, counted: bool = False) -> bool:
+        # Hand replies to the transport in one write; False (and the pool
+        # bytes in them refunded to the client) if the connection is closing.
+        # ``counted``: the turn budget already holds their size.
+        served, self._served = self._served, []
+        if not replies:
+            return True
+        data = replies[0] if len(replies) == 1 else b"".join(replies)
+        transport = self._transport
+        if self._stopped or transport is None or transport.is_closing():
+            client = self._client
+            if client is not None:
+                for count, granted_at in served:
+                    self._sink.withdrawals.unserved(client, count, granted_at)
+            return False
+        transport.write(data)
+        self._output.wrote(len(data))
+        if not counted:
+            self._turn.wrote(len(data))
+        self._sink.bytes_out += len(data)
+        return True
+
+    def _gone(self) -> bool:
+        # Re-read after an await (the connection may have stopped meanwhile).
+        return self._stopped
 
     def _require_client(self) -> Client:
         if self._client is None:
@@ -484,16 +642,6 @@ class EgdConnection(asyncio.Protocol):
         else:
             pool.mix(data)
 
-    def _write(self, data: bytes) -> bool:
-        # False when the connection is closing and ``data`` was not sent.
-        self._turn.wrote(len(data))
-        transport = self._transport
-        if self._stopped or transport is None or transport.is_closing():
-            return False
-        transport.write(data)
-        self._sink.bytes_out += len(data)
-        return True
-
     def _stop(self, why: str) -> None:
         # Serve nothing more: drop queued requests and stop the worker. A
         # worker waiting on the pool gives its bytes back as it is cancelled.
@@ -502,7 +650,6 @@ class EgdConnection(asyncio.Protocol):
         self._stopped = True
         self._queue.clear()
         self._pending_bytes = 0
-        self._wakeup.set()
         worker = self._worker
         if worker is not None and worker is not asyncio.current_task():
             worker.cancel(msg=why)

@@ -5,13 +5,15 @@ loop, and how much output its client may hold unread.
 Work per turn
 -------------
 Requests that complete at once (``00``, ``04``, ``01 NN`` with output ready,
-``02 00``, ``03``) never make a connection's worker wait, so a client that
-pipelines them could keep the event loop to itself. `TurnBudget` counts what
-the worker did since it last yielded: after `TURN_REQUESTS` requests or
-`TURN_BYTES` bytes of output, whichever comes first, the worker yields
-(``await asyncio.sleep(0)``), so every other connection, health check, source
-and signal handler gets a turn. A zero-length or no-reply request is still one
-request. At about 10 µs per request a turn costs well under a millisecond.
+``02 NN`` with the bytes in the pool, ``03``) never make a connection wait, so
+a client that pipelines them could keep the event loop to itself. `TurnBudget`
+counts what the connection did in this callback of the loop: after
+`TURN_REQUESTS` requests, or before a reply would take the turn past
+`TURN_BYTES` bytes, the rest waits for the connection's worker, which yields
+(``await asyncio.sleep(0)``) first, so every other connection, health check,
+source and signal handler gets a turn. A zero-length or no-reply request is
+still one request. At a few microseconds per request a turn costs well under a
+millisecond.
 
 Unread output
 -------------
@@ -24,8 +26,10 @@ the broker's host can see it:
   the peer has not read yet (charged as kernel memory, so a little more than
   the payload).
 
-Before anything is withdrawn from the pool for a client, `OutputBound.room`
-waits until that count is below ``max_buffered_output``; a client that stops
+Before anything is withdrawn from the pool for a client, the answer at once
+(`OutputBound.has_room`) needs the count plus the reply to stay below
+``max_buffered_output``, and the worker (`OutputBound.room`) waits until the
+count is below it; a client that stops
 reading therefore holds at most ``max_buffered_output`` plus one reply (one
 ``chunk_size`` piece of a ``02`` read, at most 256 bytes) on the broker's host.
 Over TCP the peer's own receive buffer is beyond the broker's sight: it holds
@@ -61,6 +65,8 @@ class TurnBudget:
     What one connection did since its worker last yielded.
     """
 
+    __slots__ = ("_bytes", "_max_bytes", "_max_requests", "_requests")
+
     def __init__(
         self, requests: int = TURN_REQUESTS, output_bytes: int = TURN_BYTES
     ) -> None:
@@ -81,6 +87,28 @@ class TurnBudget:
         """
         self._requests += 1
 
+    def room_for(self, nbytes: int) -> bool:
+        """
+        True when one more request with up to ``nbytes`` of reply fits in
+        this turn.
+        """
+        return (
+            self._requests < self._max_requests
+            and self._bytes + nbytes <= self._max_bytes
+        )
+
+    def reset(self) -> None:
+        """
+        Start a new turn (the connection's code runs in a new callback).
+        """
+        self._requests = self._bytes = 0
+
+    def spend(self) -> None:
+        """
+        End this turn early: the next `yield_if_spent` yields.
+        """
+        self._requests = self._max_requests
+
     @property
     def spent(self) -> bool:
         """
@@ -93,7 +121,7 @@ class TurnBudget:
         Let the event loop run everything else once the share is used up.
         """
         if self.spent:
-            self._requests = self._bytes = 0
+            self.reset()
             await asyncio.sleep(0)
 
 
@@ -116,14 +144,32 @@ class OutputBound:
 
     Also the protocol's `pause_writing`/`resume_writing` helper: the
     connection forwards both here.
+
+    `has_room` answers without a system call while it can: everything unread
+    now was either unread at the last measurement or written since, so that
+    sum bounds it from above; only when the sum reaches the limit is the
+    kernel asked again (``TIOCOUTQ``).
     """
+
+    __slots__ = (
+        "_buffered",
+        "_closed",
+        "_measured",
+        "_paused",
+        "_queued",
+        "_resumed",
+        "_since",
+        "limit",
+    )
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._buffered: Callable[[], int] = lambda: 0
-        self._queued: Callable[[], int] = lambda: 0
-        self._writable = asyncio.Event()
-        self._writable.set()
+        self._buffered: Callable[[], int] = _nothing
+        self._queued: Callable[[], int] = _nothing
+        self._measured = 0
+        self._since = 0
+        self._paused = False
+        self._resumed: asyncio.Future[None] | None = None
         self._closed = False
 
     def attach(self, buffered: Callable[[], int], queued: Callable[[], int]) -> None:
@@ -137,36 +183,65 @@ class OutputBound:
         """
         Bytes handed to the client and not yet read, as seen from this host.
         """
-        return self._buffered() + self._queued()
+        unread = self._buffered() + self._queued()
+        self._measured = unread
+        self._since = 0
+        return unread
+
+    def wrote(self, nbytes: int) -> None:
+        """
+        Count ``nbytes`` handed to the transport since the last measurement.
+        """
+        self._since += nbytes
+
+    def has_room(self, more: int = 0) -> bool:
+        """
+        True when ``more`` bytes can be handed out without the client holding
+        ``limit`` or more unread.
+        """
+        if self._paused:
+            return False
+        if self._measured + self._since + more < self.limit:
+            return True
+        return self.unread() + more < self.limit
 
     @property
     def paused(self) -> bool:
         """
         True while the transport's own buffer is past its high-water mark.
         """
-        return not self._writable.is_set()
+        return self._paused
 
     def pause_writing(self) -> None:
-        self._writable.clear()
+        self._paused = True
 
     def resume_writing(self) -> None:
-        self._writable.set()
+        self._paused = False
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None and not resumed.done():
+            resumed.set_result(None)
 
     def close(self) -> None:
         """
         Release any wait: the connection is going away.
         """
         self._closed = True
-        self._writable.set()
+        self.resume_writing()
 
     async def room(self) -> None:
         """
         Return once the client holds less than ``limit`` bytes unread.
         """
         delay = ROOM_POLL_FIRST
-        while not self._closed and self.unread() >= self.limit:
-            if not self._writable.is_set():
-                await self._writable.wait()
+        while not self._closed and (self._paused or self.unread() >= self.limit):
+            if self._paused:
+                if self._resumed is None:
+                    self._resumed = asyncio.get_running_loop().create_future()
+                await asyncio.shield(self._resumed)
                 continue
             await asyncio.sleep(delay)
             delay = min(delay * 2, ROOM_POLL_MAX)
+
+
+def _nothing() -> int:
+    return 0

@@ -41,6 +41,7 @@ import structlog
 from broker.errors import BrokerError
 from broker.ratelog import CountedLog
 from broker.status import BrokerView, SinkStatus
+from broker.withdrawal import Withdrawals
 from sinks.egd.config import EgdSinkConfig
 from sinks.egd.connection import EgdConnection
 
@@ -58,6 +59,7 @@ class EgdSink:
         self.config = config
         self.pool = broker.pool
         self.accounts = broker.accounts
+        self.withdrawals = Withdrawals(broker.pool, broker.accounts)
         self.name = config.name or "egd"
         self._state_dir = broker.state_dir
         self._servers: list[asyncio.Server] = []
