@@ -66,7 +66,7 @@ hundreds are fine.
 import math
 from collections import OrderedDict, deque
 from collections.abc import Hashable
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 from broker.clock import SYSTEM_CLOCK, Clock
 from broker.pool import Waiter
@@ -108,11 +108,14 @@ class FlowKey(Protocol):
 
 def _identity(key: Hashable) -> tuple[str, float]:
     # The pool hands over any hashable key; only a FlowKey has a customer.
-    if not isinstance(key, FlowKey) or not isinstance(key.customer_id, str):
+    # getattr, not isinstance: a runtime Protocol check walks the protocol's
+    # members on every call, and this runs on every withdrawal.
+    customer_id = getattr(key, "customer_id", None)
+    if not isinstance(customer_id, str):
         return DEFAULT_FLOW, 1.0
-    weight = float(key.weight)
+    weight = float(cast(FlowKey, key).weight)
     # NaN and non-positive weights would stall or invert the virtual clock.
-    return key.customer_id, weight if weight > 0 else 1.0
+    return customer_id, weight if weight > 0 else 1.0
 
 
 class WeightedWaitQueue:
