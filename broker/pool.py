@@ -30,11 +30,10 @@ new blocks filled the buffer meanwhile, the newest bytes beyond ``capacity``
 are discarded (never served, so nothing is repeated; only output is lost).
 
 Provenance: each block is attributed to the tier that contributed the most
-credited bits to it (ties go to the lower tier number; input given without a
-tier loses ties and counts as tier -1 in `PoolStats`). Bytes remember their
-tier while buffered, while a waiter holds them and when given back, so
-`PoolStats.level_by_tier` and `PoolStats.bytes_out_by_tier` each add up to
-``level`` and ``bytes_out``.
+credited bits to it (`broker.provenance`; input given without a tier counts as
+tier -1 in `PoolStats`). Bytes remember their tier while buffered, while a
+waiter holds them and when given back, so `PoolStats.level_by_tier` and
+`PoolStats.bytes_out_by_tier` each add up to ``level`` and ``bytes_out``.
 
 Waiters queue in a `WaitPolicy`. Each turn gives the waiter at the head at most
 ``chunk`` bytes; a waiter that still needs more goes to the back. With the plain
@@ -68,6 +67,9 @@ from typing import Protocol
 from broker.conditioner import BLOCK_BYTES as BLOCK_BYTES
 from broker.conditioner import Conditioner, SecretSource
 from broker.errors import PoolClosedError
+from broker.provenance import NO_TIER as NO_TIER
+from broker.provenance import Ledger, Runs, majority_tier, stat_key
+from broker.provenance import Tier as Tier
 
 BLOCK_BITS = BLOCK_BYTES * 8
 RESERVE_BITS = 64
@@ -75,12 +77,6 @@ RESERVE_BITS = 64
 _MILLI = 1000
 _NEEDED_MILLIBITS = (BLOCK_BITS + RESERVE_BITS) * _MILLI
 _COMPACT_AT = 64 * 1024
-NO_TIER = -1
-"""How `PoolStats` names input that came without a tier."""
-
-Tier = int | None
-Runs = list[tuple[Tier, int]]
-"""Provenance of a stretch of output: (tier, byte count) in stream order."""
 
 
 @dataclass(slots=True)
@@ -199,88 +195,6 @@ class WaitPolicy(Protocol):
     def release_in(self) -> float | None: ...
 
 
-@dataclass(slots=True)
-class _Run:
-    tier: Tier
-    size: int
-
-
-class _Ledger:
-    """
-    The tier of every buffered byte, as runs from the front of the buffer.
-    """
-
-    def __init__(self) -> None:
-        self._runs: deque[_Run] = deque()
-        self.level_by_tier: dict[Tier, int] = {}
-
-    def append(self, tier: Tier, size: int) -> None:
-        if self._runs and self._runs[-1].tier == tier:
-            self._runs[-1].size += size
-        else:
-            self._runs.append(_Run(tier, size))
-        # Once per output block: kept inline rather than through _count.
-        self.level_by_tier[tier] = self.level_by_tier.get(tier, 0) + size
-
-    def prepend(self, runs: Runs) -> None:
-        for tier, size in reversed(runs):
-            if self._runs and self._runs[0].tier == tier:
-                self._runs[0].size += size
-            else:
-                self._runs.appendleft(_Run(tier, size))
-            self._count(tier, size)
-
-    def take(self, count: int) -> Runs:
-        """
-        Remove ``count`` bytes from the front and say where they came from.
-        """
-        taken: Runs = []
-        while count:
-            run = self._runs[0]
-            part = min(run.size, count)
-            run.size -= part
-            if not run.size:
-                self._runs.popleft()
-            taken.append((run.tier, part))
-            self._count(run.tier, -part)
-            count -= part
-        return taken
-
-    def drop_tail(self, count: int) -> None:
-        while count:
-            run = self._runs[-1]
-            part = min(run.size, count)
-            run.size -= part
-            if not run.size:
-                self._runs.pop()
-            self._count(run.tier, -part)
-            count -= part
-
-    def _count(self, tier: Tier, delta: int) -> None:
-        total = self.level_by_tier.get(tier, 0) + delta
-        if total:
-            self.level_by_tier[tier] = total
-        else:
-            del self.level_by_tier[tier]
-
-
-def majority_tier(credit: dict[Tier, int]) -> Tier:
-    """
-    The tier that contributed the most credit; ties go to the lower tier
-    number, and input without a tier loses every tie.
-    """
-    if len(credit) == 1:
-        # The usual case, one source tier feeding: skip the comparison.
-        return next(iter(credit))
-    if not credit:
-        return None
-    return min(credit, key=lambda tier: (-credit[tier], tier is None, tier or 0))
-
-
-def _stat_key(tier: Tier) -> int:
-    return NO_TIER if tier is None else tier
-
-
 @dataclass(frozen=True, slots=True)
 class PoolStats:
     """
@@ -330,7 +244,7 @@ class EntropyPool:
         self._credit_millibits = 0
         self._block_credit: dict[Tier, int] = {}
         self._buffer = bytearray()
-        self._ledger = _Ledger()
+        self._ledger = Ledger()
         self._offset = 0
         self._waiters: WaitPolicy = waiters if waiters is not None else WaitQueue()
         self._space = asyncio.Event()
@@ -704,10 +618,10 @@ class EntropyPool:
             bytes_out=self.bytes_out,
             blocks_out=self.blocks_out,
             bytes_out_by_tier={
-                _stat_key(tier): size for tier, size in self.bytes_out_by_tier.items()
+                stat_key(tier): size for tier, size in self.bytes_out_by_tier.items()
             },
             level_by_tier={
-                _stat_key(tier): size
+                stat_key(tier): size
                 for tier, size in self._ledger.level_by_tier.items()
             },
         )
