@@ -116,6 +116,8 @@ class EgdServerConnection:
     Parser of one client's command stream.
     """
 
+    __slots__ = ("_buffer", "_state")
+
     def __init__(self) -> None:
         self._buffer = bytearray()
         self._state = ConnectionState.OPEN
