@@ -8,6 +8,7 @@ period, close connections and remove Unix sockets, stop sources, close the pool.
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -446,6 +447,28 @@ class Broker:
                 (self.state_dir / name).unlink()
 
 
+GC_YOUNG_THRESHOLD = 20_000
+"""Allocations between two young-generation collections (CPython's default
+is 700): a connection's request allocates a few objects that die at once, and
+collecting every 700 of them cost more than it freed."""
+
+
+def settle_heap() -> None:
+    """
+    Move everything allocated at start-up out of the garbage collector's
+    sight, and collect the young generation less often.
+
+    Start-up leaves hundreds of thousands of long-lived objects (modules,
+    config, pydantic models). A full collection walked all of them: with
+    10,000 clients connected it paused the event loop for tens of
+    milliseconds, which every client saw as latency.
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 async def serve(
     config: Config, stop: asyncio.Event, *, config_path: Path | None = None
 ) -> None:
@@ -463,6 +486,7 @@ async def serve(
         async with broker:
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGHUP, broker.handle_hup)
+            settle_heap()
             await stop.wait()
     except OSError as exc:
         raise BrokerError(f"cannot start: {exc.strerror or exc}") from exc
