@@ -17,22 +17,31 @@ This module wires the routes and holds the middlewares every request passes
 through; the handlers live in `sinks.http.entropy` (the entropy endpoint),
 `sinks.http.probes` (health, readiness, status, metrics), `sinks.http.admin`
 and `sinks.http.page`.
+
+``GET /v1/entropy`` is the one endpoint guests call at a high rate, so a sink
+answers it before aiohttp's router and middlewares (`DirectEntropy`), doing
+for it what they do (count, log, forbid caching, turn a failure into a 500)
+and no more: the router would pick the same handler, and the tenant gate lets
+that path through on both planes.
 """
 
 import asyncio
+import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Final, TypeAlias
 
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from aiohttp.web_request import BaseRequest
 
 from broker.metrics import create_registry
 from broker.status import BrokerView
 from sinks.http.admin import has_admin_token, reload_handler, simulator_handler
 from sinks.http.config import HttpSinkConfig
-from sinks.http.entropy import entropy
+from sinks.http.entropy import PATH, EntropyEndpoint, Pending
 from sinks.http.page import index
 from sinks.http.probes import healthz, metrics, readyz, status
 from sinks.http.state import (
@@ -48,6 +57,8 @@ from sinks.http.state import (
 log = structlog.get_logger("ebroker.sinks.http")
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+ENTROPY_KEY: Final = web.AppKey("ebroker_http_entropy", EntropyEndpoint)
 
 TENANT_PATHS: Final = frozenset({"/v1/entropy", "/healthz", "/readyz", "/v1/status"})
 """Paths the tenant plane serves to anyone (``/v1/status`` filters itself)."""
@@ -76,15 +87,36 @@ async def observe_middleware(
         return response
     finally:
         state.request_finished(task)
-        # Paths and status only: never the body, which may be entropy.
-        log.debug(
-            "http_request",
-            method=request.method,
-            path=request.path,
-            status=status_code,
-            peer=request.remote,
-            ms=round((time.monotonic() - started) * 1000, 3),
-        )
+        _log_request(log, request, status_code, started)
+
+
+def _log_request(
+    logger: structlog.typing.FilteringBoundLogger,
+    request: BaseRequest,
+    status: int,
+    started: float,
+) -> None:
+    # Paths and status only: never the body, which may be entropy.
+    logger.debug(
+        "http_request",
+        method=request.method,
+        path=request.path,
+        status=status,
+        peer=request.remote,
+        ms=round((time.monotonic() - started) * 1000, 3),
+    )
+
+
+def _failed(request: BaseRequest) -> web.Response:
+    # Logged with the traceback for operators; the client only learns that
+    # something failed, never how.
+    log.error(
+        "http_handler_failed",
+        method=request.method,
+        path=request.path,
+        exc_info=True,
+    )
+    return error_response(500, "internal server error")
 
 
 @web.middleware
@@ -108,16 +140,8 @@ async def error_middleware(
             )
             return error_response(405, message, {"Allow": exc.headers.get("Allow", "")})
         return error_response(exc.status, exc.reason.lower())
-    except Exception:
-        # Logged with the traceback for operators; the client only learns that
-        # something failed, never how.
-        log.error(
-            "http_handler_failed",
-            method=request.method,
-            path=request.path,
-            exc_info=True,
-        )
-        return error_response(500, "internal server error")
+    except Exception:  # noqa: BLE001 - _failed logs it with its traceback
+        return _failed(request)
 
 
 def tenant_plane_middleware(admin_token_hash: str | None) -> Middleware:
@@ -168,13 +192,14 @@ def create_app(
     app[CONFIG_KEY] = config
     app[STATE_KEY] = state if state is not None else HttpSinkState()
     app[REGISTRY_KEY] = create_registry(broker)
+    entropy = app[ENTROPY_KEY] = EntropyEndpoint(config, broker, app[STATE_KEY])
     router = app.router
     router.add_get("/", index)
     router.add_route("OPTIONS", "/", healthz)
     router.add_route("*", "/healthz", healthz)
     router.add_get("/readyz", readyz)
     # No HEAD: it would consume entropy only to throw it away.
-    router.add_get("/v1/entropy", entropy, allow_head=False)
+    router.add_get(PATH, entropy.handle, allow_head=False)
     router.add_get("/v1/status", status)
     router.add_get("/metrics", metrics)
     if config.admin_token is not None:
@@ -186,3 +211,84 @@ def create_app(
             r"/v1/simulator/{serial:.+}/{action:[a-z]+}", simulator_handler(broker)
         )
     return app
+
+
+Later: TypeAlias = Callable[[], Awaitable[web.StreamResponse]]
+"""The rest of a request that must wait, to be awaited under its deadline."""
+
+_PATH_QUERY: Final = PATH + "?"
+
+
+class DirectEntropy:
+    """
+    ``GET /v1/entropy`` ahead of the application: an answer at once when the
+    endpoint has one (`EntropyEndpoint.answer_now`), else the rest to await.
+
+    A request answered at once is counted but never in flight: it never
+    yields to the loop, so shutdown can neither see it nor need to cancel it.
+    One that waits is in flight until it is answered, as every request of the
+    application is.
+
+    Args:
+        endpoint: the application's entropy endpoint.
+        state: the sink's counters and in-flight requests.
+        logger: where the request log goes (at debug level only).
+    """
+
+    def __init__(
+        self,
+        endpoint: EntropyEndpoint,
+        state: HttpSinkState,
+        logger: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self._endpoint = endpoint
+        self._state = state
+        self._log = logger
+
+    def __call__(self, request: BaseRequest) -> web.StreamResponse | Later | None:
+        """
+        The answer, the rest to await, or None: not this route's request.
+        """
+        if request.method != "GET":
+            return None
+        # The raw target, so that only a spelling the router would take for
+        # this path is taken here; any other goes through the application.
+        target = request.raw_path
+        if target != PATH and not target.startswith(_PATH_QUERY):
+            return None
+        logged = self._log.is_enabled_for(logging.DEBUG)
+        started = time.monotonic() if logged else 0.0
+        self._state.count_request(request.transport)
+        try:
+            answer = self._endpoint.answer_now(request)
+        except Exception:  # noqa: BLE001 - _failed logs it with its traceback
+            answer = _failed(request)
+        if isinstance(answer, Pending):
+            return functools.partial(self._later, request, answer, started)
+        answer.headers.setdefault("Cache-Control", "no-store")
+        if logged:
+            _log_request(self._log, request, answer.status, started)
+        return answer
+
+    async def _later(
+        self, request: BaseRequest, pending: Pending, started: float
+    ) -> web.StreamResponse:
+        state = self._state
+        # aiohttp runs every request in a task of its own.
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("request handled outside a task")
+        state.in_flight_started(task)
+        status = 500
+        try:
+            try:
+                answer = await self._endpoint.answer_later(pending)
+            except Exception:  # noqa: BLE001 - _failed logs it with its traceback
+                answer = _failed(request)
+            answer.headers.setdefault("Cache-Control", "no-store")
+            status = answer.status
+            return answer
+        finally:
+            state.request_finished(task)
+            if self._log.is_enabled_for(logging.DEBUG):
+                _log_request(self._log, request, status, started)

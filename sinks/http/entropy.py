@@ -6,6 +6,19 @@ A request either gets exactly the bytes it asked for or none at all: whatever
 was granted but not served goes back to the client's budget, and a request
 blocked in ``?wait=`` when shutdown begins answers 503 at once, because another
 instance behind the load balancer can serve it.
+
+Two paths, through `broker.withdrawal.Withdrawals`:
+
+- `EntropyEndpoint.answer_now` runs without awaiting anything: it parses the
+  query (``bytes=N`` alone without building aiohttp's query multidict),
+  identifies the client and takes all the bytes at once with
+  `Withdrawals.now`. It answers every request that needs no wait: the bytes,
+  a 400/401/403, or the limits' 429/403.
+- `EntropyEndpoint.answer_later` takes what the fast path handed on as a
+  `Pending`: a request that must wait for the limits or the pool
+  (``wait > 0``), whose limits need their backend (Redis, a quota file), or
+  that finds the pool short with ``wait=0`` (then the limits' refusal still
+  comes before the 503, as if the pool had been asked second).
 """
 
 import asyncio
@@ -20,18 +33,16 @@ from typing import Final
 from aiohttp import web
 from multidict import MultiMapping
 
+from broker.accounts import Client
 from broker.errors import PoolClosedError
 from broker.pool import BLOCK_BITS, RESERVE_BITS
 from broker.status import BrokerView
+from broker.withdrawal import Withdrawals
 from sinks.http.config import HttpSinkConfig
-from sinks.http.limits import grant_now, grant_within, identify, rate_headers, refusal
-from sinks.http.state import (
-    BROKER_KEY,
-    CONFIG_KEY,
-    STATE_KEY,
-    echo,
-    error_response,
-)
+from sinks.http.limits import identify, rate_headers, refusal
+from sinks.http.state import HttpSinkState, echo, error_response
+
+PATH: Final = "/v1/entropy"
 
 FORMATS: Final = ("raw", "hex", "base64")
 QUERY_PARAMETERS: Final = ("bytes", "format", "wait")
@@ -43,6 +54,8 @@ _RETRY_UNKNOWN: Final = 5
 _RETRY_MAX: Final = 60
 _INTEGER = re.compile(r"^[0-9]{1,10}$")
 _DECIMAL = re.compile(r"^[0-9]{1,10}(\.[0-9]{1,9})?$")
+_DIGITS_MAX: Final = 10
+_BYTES_ONLY: Final = PATH + "?bytes="
 
 
 class QueryError(ValueError):
@@ -170,77 +183,171 @@ async def _read_or_drain(
         return None
 
 
-def _encode(data: bytes, output: str) -> web.Response:
+_TEXT: Final = "text/plain"
+_RAW: Final = "application/octet-stream"
+
+
+def _encode(data: bytes, output: str, headers: dict[str, str]) -> web.Response:
     if output == "hex":
-        return web.Response(text=data.hex() + "\n", content_type="text/plain")
-    if output == "base64":
-        return web.Response(
-            text=base64.b64encode(data).decode("ascii") + "\n",
-            content_type="text/plain",
-        )
-    return web.Response(body=data, content_type="application/octet-stream")
+        body = data.hex() + "\n"
+    elif output == "base64":
+        body = base64.b64encode(data).decode("ascii") + "\n"
+    else:
+        return web.Response(body=data, content_type=_RAW, headers=headers)
+    return web.Response(text=body, content_type=_TEXT, headers=headers)
 
 
-async def entropy(request: web.Request) -> web.StreamResponse:
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """
+    A request `EntropyEndpoint.answer_now` could not answer without waiting;
+    nothing is taken or charged for it yet.
+    """
+
+    query: EntropyQuery
+    client: Client
+
+
+class EntropyEndpoint:
     """
     ``GET /v1/entropy?bytes=N[&format=raw|hex|base64][&wait=SECONDS]``.
+
+    Args:
+        config: the sink's limits.
+        broker: whose pool and accounts serve the bytes.
+        state: the sink's counters and shutdown flags.
     """
-    broker = request.app[BROKER_KEY]
-    state = request.app[STATE_KEY]
-    try:
-        query = parse_entropy_query(request.query, request.app[CONFIG_KEY])
-    except QueryError as exc:
-        return error_response(400, str(exc))
-    accounts = broker.accounts
-    client = identify(accounts, request)
-    if isinstance(client, web.Response):
-        return client
-    started = time.monotonic()
-    if query.wait == 0:
-        grant = await grant_now(accounts, client, query.count)
-    else:
-        grant = await grant_within(accounts, client, query.count, query.wait)
-    if grant.granted < query.count:
-        return refusal(grant, query.count, accounts.clock.time())
-    headers = rate_headers(grant, accounts.clock.time())
-    pool = broker.pool
-    data = b""
-    try:
+
+    def __init__(
+        self, config: HttpSinkConfig, broker: BrokerView, state: HttpSinkState
+    ) -> None:
+        self._config = config
+        self._broker = broker
+        self._state = state
+        self._withdrawals = Withdrawals(broker.pool, broker.accounts)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """
+        The whole exchange, as an aiohttp handler.
+        """
+        answer = self.answer_now(request)
+        if isinstance(answer, Pending):
+            return await self.answer_later(answer)
+        return answer
+
+    def query(self, request: web.BaseRequest) -> EntropyQuery:
+        """
+        The request's validated parameters.
+
+        Raises:
+            QueryError: as `parse_entropy_query`.
+        """
+        # The common ``?bytes=N``: with nothing but ASCII digits after it the
+        # target cannot hold another parameter, an escape or a fragment, so
+        # aiohttp's parsed query would be {"bytes": N} too. Anything else, or
+        # a value out of range, gets the full parser and its messages.
+        target = request.raw_path
+        if target.startswith(_BYTES_ONLY):
+            digits = target[len(_BYTES_ONLY) :]
+            if len(digits) <= _DIGITS_MAX and digits.isascii() and digits.isdigit():
+                count = int(digits)
+                if 1 <= count <= self._config.max_request_bytes:
+                    return EntropyQuery(count, "raw", 0.0)
+        return parse_entropy_query(request.query, self._config)
+
+    def answer_now(self, request: web.BaseRequest) -> web.Response | Pending:
+        """
+        Answer without awaiting anything, or hand the request on as `Pending`
+        when it must wait.
+
+        Raises:
+            RuntimeError: the pool gave fewer bytes than it said were ready
+                (a bug; those bytes are dropped, never served).
+        """
+        try:
+            query = self.query(request)
+        except QueryError as exc:
+            return error_response(400, str(exc))
+        client = identify(self._withdrawals.accounts, request)
+        if isinstance(client, web.Response):
+            return client
+        if query.wait and self._state.draining.is_set():
+            # Shutdown began: the slow path answers 503 after the limits.
+            return Pending(query, client)
+        count = query.count
+        withdrawals = self._withdrawals
+        try:
+            taken = withdrawals.now(client, count, least=count)
+        except PoolClosedError:
+            return _shutting_down()
+        if taken is None:
+            return Pending(query, client)  # the limits need their backend
+        data = taken.data
+        grant = taken.grant
+        if grant is not None and len(data) == count:
+            self._state.bytes_out += count
+            return _encode(data, query.format, rate_headers(grant, taken.granted_at))
+        if data:
+            withdrawals.unserved(client, len(data), taken.granted_at)
+            raise RuntimeError(f"pool returned {len(data)} of {count} bytes")
+        if grant is not None and not query.wait:
+            return refusal(grant, count, taken.granted_at)
+        # Limits short with time to wait, or the pool short: the limits
+        # decide (and may wait), then the pool.
+        return Pending(query, client)
+
+    async def answer_later(self, pending: Pending) -> web.Response:
+        """
+        The exchange for a request that waits: the limits, then the pool.
+
+        Raises:
+            RuntimeError: as `answer_now`.
+        """
+        query, client = pending.query, pending.client
+        count = query.count
+        broker = self._broker
+        withdrawals = self._withdrawals
+        clock = withdrawals.accounts.clock
+        started = time.monotonic()
         if query.wait == 0:
-            # Bytes held back for a customer owed a turn are not ready for
-            # this one: ask the pool what this client may take now.
-            ready = pool.available(client)
-            if ready < query.count:
-                return _unavailable(
-                    broker,
-                    query.count,
-                    f"only {ready} bytes ready, {query.count} asked",
-                )
-            data = pool.read_nowait(query.count, key=client)
+            grant = await withdrawals.grant_all_now(client, count)
         else:
-            left = max(0.001, query.wait - (time.monotonic() - started))
-            result = await _read_or_drain(
-                broker, query.count, left, state.draining, key=client
+            grant = await withdrawals.grant_all_within(client, count, query.wait)
+        if grant.granted < count:
+            return refusal(grant, count, clock.time())
+        headers = rate_headers(grant, clock.time())
+        pool = broker.pool
+        data = b""
+        try:
+            if query.wait == 0:
+                # Bytes held back for a customer owed a turn are not ready for
+                # this one: ask the pool what this client may take now.
+                ready = pool.available(client)
+                if ready < count:
+                    return _unavailable(
+                        broker, count, f"only {ready} bytes ready, {count} asked"
+                    )
+                data = pool.read_nowait(count, key=client)
+            else:
+                left = max(0.001, query.wait - (time.monotonic() - started))
+                result = await _read_or_drain(
+                    broker, count, left, self._state.draining, key=client
+                )
+                if result is None:
+                    return _shutting_down()
+                data = result
+        except TimeoutError:
+            return _unavailable(
+                broker, count, f"{count} bytes not ready within {query.wait:g} s"
             )
-            if result is None:
-                return _shutting_down()
-            data = result
-    except TimeoutError:
-        return _unavailable(
-            broker,
-            query.count,
-            f"{query.count} bytes not ready within {query.wait:g} s",
-        )
-    except PoolClosedError:
-        return _shutting_down()
-    finally:
-        # Whatever was granted but not served goes back to the client's budget.
-        accounts.refund(client, query.count - len(data), grant.charged_at)
-    if len(data) != query.count:
-        # The pool only has bytes ready when nobody waits, so this is a bug;
-        # the short read is dropped rather than served twice.
-        raise RuntimeError(f"pool returned {len(data)} of {query.count} bytes")
-    state.bytes_out += len(data)
-    response = _encode(data, query.format)
-    response.headers.update(headers)
-    return response
+        except PoolClosedError:
+            return _shutting_down()
+        finally:
+            # Whatever was granted but not served goes back to the client's budget.
+            withdrawals.unserved(client, count - len(data), grant.charged_at)
+        if len(data) != count:
+            # The pool only has bytes ready when nobody waits, so this is a bug;
+            # the short read is dropped rather than served twice.
+            raise RuntimeError(f"pool returned {len(data)} of {count} bytes")
+        self._state.bytes_out += count
+        return _encode(data, query.format, headers)

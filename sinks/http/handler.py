@@ -10,7 +10,9 @@ counted and rate-limited. A 500 (a bug of ours) is still logged in full.
 
 `bounded` wraps the application's request handler: a request body larger than
 ``max_body_bytes`` is refused from its ``Content-Length`` before anything reads
-it, and a request still unanswered after ``request_timeout`` gets a 503.
+it, and a request still unanswered after ``request_timeout`` gets a 503. A
+``direct`` route is asked first and may answer at once; only a request that
+awaits something gets the deadline's timer.
 """
 
 import asyncio
@@ -29,6 +31,8 @@ from broker.ratelog import CountedLog
 _REASON_MAX: Final = 80
 
 _AppHandler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
+_Later = Callable[[], Awaitable[web.StreamResponse]]
+_Direct = Callable[[BaseRequest], web.StreamResponse | _Later | None]
 
 
 def short_reason(exc: BaseException | None, message: str | None) -> str:
@@ -77,9 +81,19 @@ def bounded(
     max_body_bytes: int,
     request_timeout: float,
     refusals: CountedLog,
+    direct: _Direct | None = None,
 ) -> _AppHandler:
     """
     ``handler`` refusing oversized bodies and cut off after ``request_timeout``.
+
+    Args:
+        handler: the application's handler.
+        max_body_bytes: largest ``Content-Length`` accepted.
+        request_timeout: longest a request may take to be answered.
+        refusals: where refusals are counted and logged.
+        direct: asked before ``handler``: returns an answer, the rest of the
+            request to await (under the deadline), or None to pass the
+            request on to ``handler``.
     """
 
     async def handle(request: BaseRequest) -> web.StreamResponse:
@@ -91,9 +105,17 @@ def bounded(
             )
             response.force_close()
             return response
+        later: _Later | None = None
+        if direct is not None:
+            answer = direct(request)
+            if isinstance(answer, web.StreamResponse):
+                return answer
+            later = answer
         deadline = asyncio.timeout(request_timeout)
         try:
             async with deadline:
+                if later is not None:
+                    return await later()
                 return await handler(request)
         except TimeoutError:
             if not deadline.expired():

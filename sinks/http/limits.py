@@ -10,17 +10,17 @@ when the shared budget store is unreachable and the operator chose
 ``fail_closed``.
 """
 
-import dataclasses
 import math
 from datetime import UTC, datetime
 
 from aiohttp import web
+from aiohttp.web_request import BaseRequest
 
-from broker.accounts import AccessDenied, Accounts, Client, Denied, Grant, Peer
+from broker.accounts import Accounts, Client, Denied, Grant, Peer
 from sinks.http.state import MalformedToken, bearer_token
 
 
-def identify(accounts: Accounts, request: web.Request) -> Client | web.Response:
+def identify(accounts: Accounts, request: BaseRequest) -> Client | web.Response:
     """
     The client behind a request, or the 400/401/403 answer refusing it.
     """
@@ -112,49 +112,3 @@ def refusal(grant: Grant, wanted: int, now: float) -> web.Response:
         status=429,
         headers={**headers, "Retry-After": str(retry)},
     )
-
-
-async def grant_now(accounts: Accounts, client: Client, wanted: int) -> Grant:
-    """
-    All of ``wanted`` or nothing: a partial grant is handed back.
-    """
-    now = accounts.clock.time()
-    grant = await accounts.grant(client, wanted, now)
-    if 0 < grant.granted < wanted:
-        accounts.refund(client, grant.granted, now)
-    return dataclasses.replace(grant, charged_at=now)
-
-
-async def grant_within(
-    accounts: Accounts, client: Client, wanted: int, wait: float
-) -> Grant:
-    """
-    Wait up to ``wait`` seconds for the limits to allow all of ``wanted``.
-
-    Returns:
-        A full grant, or (after refunding what was collected) the grant that
-        explains why not.
-    """
-    collected = 0
-    first_at: float | None = None
-    try:
-        async with accounts.clock.timeout(wait):
-            while collected < wanted:
-                collected += await accounts.wait_grant(client, wanted - collected)
-                first_at = client.last_seen if first_at is None else first_at
-    except AccessDenied:
-        # A reload denied the customer while this request waited.
-        accounts.refund(client, collected, first_at)
-        return Grant(0, 0.0, "denied", None, None, 0, 0)
-    except TimeoutError:
-        accounts.refund(client, collected, first_at)
-        return await grant_now(accounts, client, wanted)
-    except BaseException:
-        accounts.refund(client, collected, first_at)
-        raise
-    # A zero-byte grant charges nothing and reports where the limits stand.
-    state = await accounts.grant(client, 0, accounts.clock.time())
-    return Grant(
-        wanted, 0.0, None, state.reset_at, state.remaining_quota, state.rate_limit,
-        state.rate_remaining, first_at,
-    )  # fmt: skip

@@ -16,7 +16,8 @@ Shutdown happens in three steps so a load balancer sees it coming:
 The listeners are plain asyncio servers (so the config's ``backlog`` applies)
 whose protocol factory is a `sinks.http.connections.ConnectionGuard`: it
 enforces the connection caps and the header deadline and hands each admitted
-connection to aiohttp's handler (`sinks.http.handler`).
+connection to aiohttp's handler (`sinks.http.handler`), which answers
+``GET /v1/entropy`` ahead of the application (`sinks.http.app.DirectEntropy`).
 """
 
 import asyncio
@@ -30,7 +31,7 @@ from broker.configbase import ListenAddress
 from broker.errors import BrokerError, ConfigError
 from broker.ratelog import CountedLog
 from broker.status import BrokerView, SinkStatus
-from sinks.http.app import create_app
+from sinks.http.app import ENTROPY_KEY, DirectEntropy, create_app
 from sinks.http.config import HttpSinkConfig
 from sinks.http.connections import ConnectionGuard, Limits
 from sinks.http.handler import QuietRequestHandler, bounded
@@ -92,7 +93,9 @@ class HttpSink:
         )
         await runner.setup()
         self._runner = runner
-        self._guard = self._make_guard(runner.server)
+        self._guard = self._make_guard(
+            runner.server, DirectEntropy(app[ENTROPY_KEY], self._state, self._log)
+        )
         try:
             for address in self._config.listen:
                 await self._listen(runner, address)
@@ -101,7 +104,9 @@ class HttpSink:
             raise
         self._log.info("sink_started", addresses=self._bound)
 
-    def _make_guard(self, server: web.Server | None) -> ConnectionGuard:
+    def _make_guard(
+        self, server: web.Server | None, direct: DirectEntropy
+    ) -> ConnectionGuard:
         if server is None:
             raise RuntimeError("aiohttp runner set up without a server")
         config = self._config
@@ -111,6 +116,7 @@ class HttpSink:
             max_body_bytes=config.max_body_bytes,
             request_timeout=config.request_deadline,
             refusals=self._refusals,
+            direct=direct,
         )
         handler_options: dict[str, Any] = {
             "loop": loop,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.web_request import BaseRequest
 from prometheus_client import CollectorRegistry
 
 from broker.status import BrokerView
@@ -38,6 +39,8 @@ class HttpSinkState:
     connections_total: int = 0
     """Connections that sent at least one request."""
     in_flight: set["asyncio.Task[Any]"] = field(default_factory=set)
+    """Requests being handled. One answered without ever yielding to the loop
+    is only counted: no other code can run while it is handled."""
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     """Set whenever no request is being handled."""
     _seen: "weakref.WeakSet[asyncio.BaseTransport]" = field(
@@ -50,13 +53,25 @@ class HttpSinkState:
     def request_started(
         self, task: "asyncio.Task[Any]", transport: asyncio.BaseTransport | None
     ) -> None:
+        self.count_request(transport)
+        self.in_flight_started(task)
+
+    def count_request(self, transport: asyncio.BaseTransport | None) -> None:
+        """
+        Count a request, and its connection if this is the connection's first.
+        """
         self.requests += 1
-        self.in_flight.add(task)
-        self.idle.clear()
         # A weak set: connections are counted once and forgotten when they close.
         if transport is not None and transport not in self._seen:
             self._seen.add(transport)
             self.connections_total += 1
+
+    def in_flight_started(self, task: "asyncio.Task[Any]") -> None:
+        """
+        A request starts to wait: shutdown waits for it, or cancels it.
+        """
+        self.in_flight.add(task)
+        self.idle.clear()
 
     def request_finished(self, task: "asyncio.Task[Any]") -> None:
         self.in_flight.discard(task)
@@ -85,7 +100,7 @@ class MalformedToken(ValueError):
     """
 
 
-def bearer_token(request: web.Request) -> str | None:
+def bearer_token(request: BaseRequest) -> str | None:
     """
     The token of an ``Authorization: Bearer <token>`` header, if there is one.
 

@@ -11,7 +11,9 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from broker.accounts import Accounts, AccountsConfig, Client, CustomerConfig, Peer
-from sinks.http.limits import grant_within, identify, refusal
+from broker.pool import EntropyPool
+from broker.withdrawal import Withdrawals
+from sinks.http.limits import identify, refusal
 from tests.helpers import eventually
 
 # Only bounds how long a broken wait can hang the test.
@@ -38,7 +40,8 @@ async def test_denied_while_waiting_is_a_403(monkeypatch: pytest.MonkeyPatch) ->
         return await wait_grant(client, wanted)
 
     monkeypatch.setattr(accounts, "wait_grant", counted)
-    waiting = asyncio.create_task(grant_within(accounts, client, 1000, DEADLINE))
+    withdrawals = Withdrawals(EntropyPool(), accounts)
+    waiting = asyncio.create_task(withdrawals.grant_all_within(client, 1000, DEADLINE))
     # The first call takes the burst; a second means the request is waiting.
     await eventually(lambda: calls >= 2, timeout=DEADLINE)
     accounts.reload([slow.model_copy(update={"deny": True})])
