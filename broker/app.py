@@ -463,7 +463,8 @@ def settle_heap() -> None:
     10,000 clients connected it paused the event loop for tens of
     milliseconds, which every client saw as latency.
     """
-    gc.collect()
+    # No collection first: start-up leaves next to no garbage, and a full
+    # collection would delay the first client by tens of milliseconds.
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
