@@ -63,8 +63,26 @@ fmt: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# The benchmarks load the daemon with wrk (HTTP) and with a client compiled by
+# cc (EGD); as root with apt-get they are installed when missing, otherwise the
+# benchmarks that need them are skipped. BENCH_ARGS picks benchmarks and
+# options: make bench BENCH_ARGS="egd http --json bench.json".
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python -m tests.bench
+	@missing=""; \
+	command -v wrk >/dev/null || missing="wrk"; \
+	command -v cc >/dev/null || command -v gcc >/dev/null || missing="$$missing gcc"; \
+	if [ -n "$$missing" ]; then \
+	  if $(CAN_APT); then \
+	    echo "==> installing what the benchmarks run: $$missing"; \
+	    { $(APT_GET) update && $(APT_GET) install -y --no-install-recommends $$missing; } \
+	      || echo "==> apt-get failed; the benchmarks that need $$missing will be skipped"; \
+	  else \
+	    echo "==> not root or no apt-get: the benchmarks that need $$missing will be skipped;"; \
+	    echo "    install them with: sudo apt-get install -y $$missing"; \
+	  fi; \
+	fi
+	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 
 cov: $(STAMP) system-packages
 	$(BIN)/python -m pytest --cov=broker --cov=sources --cov=sinks --cov-branch

@@ -1,34 +1,82 @@
 """
-Benchmarks: ``make bench`` (``python -m tests.bench [NAME ...]``).
+Benchmarks: ``make bench`` (``python -m tests.bench [NAME ...] [--json PATH]``).
 
 Every figure is reported next to a baseline measured in the same run, and as a
 ratio to it, because the machines we run on are shared and noisy. What each
 benchmark measures, and the last recorded results, are in ``BENCHMARKS.md``.
+``--json`` writes every figure (each run, medians, ratios) with the commit they
+were measured at, after each benchmark, so an interrupted run keeps what it
+measured.
 """
 
 import argparse
 import datetime
+import json
 import os
 import platform
+import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from tests.bench import (
+from tests.integration.daemon import REPO
+
+from . import (
+    bench_coldstart,
+    bench_egd,
     bench_entropykey,
+    bench_failover,
+    bench_fairness,
     bench_health,
     bench_hostile,
+    bench_http,
     bench_pool,
-    bench_sinks,
+    bench_qemu,
 )
+from .common import Report
 
-BENCHMARKS: dict[str, Callable[[float], list[str]]] = {
-    "pool": bench_pool.run,
-    "health": bench_health.run,
-    "entropykey": bench_entropykey.run,
-    "egd": bench_sinks.run_egd,
-    "http": bench_sinks.run_http,
-    "hostile": bench_hostile.run,
+
+def _table_only(run: Callable[[float], list[str]]) -> Callable[[float], Report]:
+    return lambda seconds: Report(run(seconds))
+
+
+BENCHMARKS: dict[str, Callable[[float], Report]] = {
+    "pool": _table_only(bench_pool.run),
+    "health": _table_only(bench_health.run),
+    "entropykey": _table_only(bench_entropykey.run),
+    "egd": bench_egd.run,
+    "http": bench_http.run,
+    "qemu": bench_qemu.run,
+    "fairness": bench_fairness.run,
+    "failover": bench_failover.run,
+    "coldstart": bench_coldstart.run,
+    "hostile": _table_only(bench_hostile.run),
 }
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return done.stdout.rstrip()
+
+
+def _meta(seconds: float) -> dict[str, Any]:
+    changed = _git("status", "--porcelain", "--", "broker", "sinks", "sources")
+    return {
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": _git("rev-parse", "HEAD"),
+        "uncommitted": changed.splitlines() if changed else [],
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "kernel": platform.release(),
+        "seconds": seconds,
+    }
 
 
 def main() -> int:
@@ -37,20 +85,36 @@ def main() -> int:
     parser.add_argument(
         "--seconds", type=float, default=3.0, help="time per measurement"
     )
+    parser.add_argument(
+        "--json", type=Path, metavar="PATH", help="also write every figure here"
+    )
     args = parser.parse_args()
     names = args.names or list(BENCHMARKS)
+    meta = _meta(args.seconds)
+    dirty = " (daemon code modified)" if meta["uncommitted"] else ""
     print(
-        f"# ebroker benchmarks, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} "
-        f"UTC, Python {platform.python_version()}, {os.cpu_count()} CPUs, "
-        f"{platform.machine()}, --seconds {args.seconds:g}"
+        f"# ebroker benchmarks, {meta['time']} UTC, commit "
+        f"{(meta['commit'] or 'unknown')[:12]}{dirty}, Python {meta['python']}, "
+        f"{meta['cpus']} CPUs, {meta['machine']}, --seconds {args.seconds:g}"
     )
     print()
+    results: dict[str, Any] = {"meta": meta, "benchmarks": {}}
     for name in names:
         print(f"## {name}")
-        for line in BENCHMARKS[name](args.seconds):
+        sys.stdout.flush()
+        try:
+            report = BENCHMARKS[name](args.seconds)
+        except Exception as exc:  # noqa: BLE001
+            # One benchmark failing (the daemon under change, a tool missing
+            # half-way) must not cost the figures of the others.
+            report = Report([f"failed: {exc!r}"], {"failed": repr(exc)})
+        for line in report.lines:
             print(line)
         print()
         sys.stdout.flush()
+        results["benchmarks"][name] = {"lines": report.lines, "data": report.data}
+        if args.json is not None:
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 

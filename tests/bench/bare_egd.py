@@ -13,11 +13,14 @@ bound one 256 KiB read of ``02 FF`` from a client that never reads would owe
 32 MiB in a single callback, and the floor itself would freeze.
 
 Run ``python -m tests.bench.bare_egd``: it prints its port on the first line of
-stdout and serves 127.0.0.1 until SIGTERM or SIGINT.
+stdout and serves 127.0.0.1 until SIGTERM or SIGINT. Like the daemon it raises
+its soft open-file limit to the hard limit and listens with ebroker's default
+backlog, so 10,000 connections are not refused by the floor alone.
 """
 
 import asyncio
 import os
+import resource
 import signal
 import sys
 from typing import cast
@@ -28,6 +31,7 @@ _LEVEL = (9999 * 8).to_bytes(4, "big")
 _PID = str(os.getpid()).encode()
 TURN_REQUESTS = 1024
 TURN_BYTES = 65536
+BACKLOG = 10240
 
 
 class BareEgd(asyncio.Protocol):
@@ -127,13 +131,23 @@ async def _serve() -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = await loop.create_server(BareEgd, "127.0.0.1", 0, backlog=1024)
+    server = await loop.create_server(BareEgd, "127.0.0.1", 0, backlog=BACKLOG)
     print(server.sockets[0].getsockname()[1], flush=True)
     await stop.wait()
     server.close()
 
 
+def raise_open_files() -> None:
+    """
+    Raise the soft RLIMIT_NOFILE to the hard limit, as the daemon does.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main() -> int:
+    raise_open_files()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(_serve())
     return 0

@@ -6,9 +6,9 @@ is measured alone, next to a flooding neighbour (one connection pipelining
 ``00``, one pipelining ``02 00``, both reading and discarding replies as fast as
 they come) and next to 20 neighbours that send ``02 FF`` and never read. The
 neighbours connect from other loopback addresses, so the broker sees other
-clients. The load comes from ``egdload.c``, compiled here with ``cc -O2`` (the
-benchmark is skipped without a compiler), so the client is not what limits the
-figures; its CPU time is reported next to the server's.
+clients. The load comes from ``egdload`` (`loadclient.py`), compiled with
+``cc -O2`` (the benchmark is skipped without a compiler), so the client is not
+what limits the figures; its CPU time is reported next to the server's.
 
 Each scenario runs against the real daemon and against the bare baseline
 (``bare_egd.py``: its own process, uvloop, one `asyncio.Protocol`, with only
@@ -20,29 +20,23 @@ the flood, ``/healthz`` on the daemon's HTTP sink is probed too.
 """
 
 import contextlib
-import hashlib
 import http.client
 import json
-import os
-import shutil
 import signal
 import socket
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.integration.daemon import REPO
-
-from .common import REPEATS, bench_daemon, ratio
-
-SOURCE = Path(__file__).with_name("egdload.c")
-CFLAGS = ("-O2", "-Wall", "-Wextra")
+from .baselines import bare_egd
+from .common import REPEATS, ratio
+from .daemons import ebroker
+from .loadclient import CFLAGS, build
+from .processes import cpu_seconds
 
 VICTIM_CONNS = 4
 VICTIM_SIZE = 32
@@ -68,42 +62,6 @@ SCENARIO_TEXT = {
 }
 
 
-def build() -> tuple[Path | None, str]:
-    """
-    Compile ``egdload.c`` into a cache directory keyed by its source.
-
-    Returns:
-        The executable, or None and why it could not be built.
-    """
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        return None, "no C compiler (cc or gcc) on PATH to build egdload.c"
-    text = SOURCE.read_bytes()
-    digest = hashlib.sha256(text + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    for directory in (cache / "ebroker-bench", Path(tempfile.gettempdir())):
-        exe = directory / f"egdload-{digest}"
-        if exe.exists():
-            return exe, ""
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        partial = directory / f".egdload-{digest}.{os.getpid()}"
-        result = subprocess.run(
-            [cc, *CFLAGS, "-o", str(partial), str(SOURCE)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            partial.unlink(missing_ok=True)
-            return None, f"{cc} failed on egdload.c: {result.stderr.strip()}"
-        partial.replace(exe)
-        return exe, ""
-    return None, "no writable cache or temp directory for the egdload binary"
-
-
 @dataclass
 class Server:
     """
@@ -116,39 +74,20 @@ class Server:
     healthz: tuple[str, int] | None = None
 
     def cpu_seconds(self) -> float:
-        # utime + stime of every thread, fields 14 and 15 of /proc/PID/stat;
-        # the command name before them may hold spaces, so split after ")".
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.pid)
 
 
 @contextlib.contextmanager
 def _bare() -> Iterator[Server]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.bench.bare_egd"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        port = int(process.stdout.readline())
-        yield Server("bare", port, process.pid)
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with bare_egd() as bare:
+        yield Server("bare", bare.port, bare.pid)
 
 
 @contextlib.contextmanager
 def _ebroker() -> Iterator[Server]:
-    with bench_daemon() as daemon:
-        _host, port = daemon.egd_tcp
+    with ebroker() as daemon:
         web = daemon.http_url.removeprefix("http://").rsplit(":", 1)
-        yield Server("ebroker", port, daemon.process.pid, healthz=(web[0], int(web[1])))
+        yield Server("ebroker", daemon.port, daemon.pid, healthz=(web[0], int(web[1])))
 
 
 def _start(exe: Path, mode: str, server: Server, *args: str) -> subprocess.Popen[str]:
