@@ -38,6 +38,7 @@ from broker.errors import PoolClosedError
 from broker.pool import BLOCK_BITS, RESERVE_BITS
 from broker.status import BrokerView
 from broker.withdrawal import Withdrawals
+from sinks.http.answer import RawAnswer
 from sinks.http.config import HttpSinkConfig
 from sinks.http.limits import identify, rate_headers, refusal
 from sinks.http.state import HttpSinkState, echo, error_response
@@ -183,18 +184,16 @@ async def _read_or_drain(
         return None
 
 
-_TEXT: Final = "text/plain"
+_TEXT: Final = "text/plain; charset=utf-8"
 _RAW: Final = "application/octet-stream"
 
 
-def _encode(data: bytes, output: str, headers: dict[str, str]) -> web.Response:
+def _encode(data: bytes, output: str, headers: dict[str, str]) -> RawAnswer:
     if output == "hex":
-        body = data.hex() + "\n"
-    elif output == "base64":
-        body = base64.b64encode(data).decode("ascii") + "\n"
-    else:
-        return web.Response(body=data, content_type=_RAW, headers=headers)
-    return web.Response(text=body, content_type=_TEXT, headers=headers)
+        return RawAnswer(data.hex().encode("ascii") + b"\n", _TEXT, headers)
+    if output == "base64":
+        return RawAnswer(base64.b64encode(data) + b"\n", _TEXT, headers)
+    return RawAnswer(data, _RAW, headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +254,7 @@ class EntropyEndpoint:
                     return EntropyQuery(count, "raw", 0.0)
         return parse_entropy_query(request.query, self._config)
 
-    def answer_now(self, request: web.BaseRequest) -> web.Response | Pending:
+    def answer_now(self, request: web.BaseRequest) -> web.StreamResponse | Pending:
         """
         Answer without awaiting anything, or hand the request on as `Pending`
         when it must wait.
@@ -296,7 +295,7 @@ class EntropyEndpoint:
         # decide (and may wait), then the pool.
         return Pending(query, client)
 
-    async def answer_later(self, pending: Pending) -> web.Response:
+    async def answer_later(self, pending: Pending) -> web.StreamResponse:
         """
         The exchange for a request that waits: the limits, then the pool.
 
