@@ -34,6 +34,7 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from broker.accounts import Client
+from broker.clock import Clock
 from broker.errors import PoolClosedError
 from broker.pool import BLOCK_BITS, RESERVE_BITS
 from broker.status import BrokerView
@@ -53,6 +54,8 @@ _OUTPUT_PER_INPUT: Final = BLOCK_BITS / (BLOCK_BITS + RESERVE_BITS)
 # client to come back soon enough to notice recovery but not hammer us.
 _RETRY_UNKNOWN: Final = 5
 _RETRY_MAX: Final = 60
+# How old the feeding rate behind a Retry-After estimate may be, in seconds.
+_RATE_AGE: Final = 1.0
 _INTEGER = re.compile(r"^[0-9]{1,10}$")
 _DECIMAL = re.compile(r"^[0-9]{1,10}(\.[0-9]{1,9})?$")
 _DIGITS_MAX: Final = 10
@@ -123,13 +126,15 @@ def parse_entropy_query(
     return EntropyQuery(int(raw_count), output, float(raw_wait))
 
 
-def retry_after(broker: BrokerView, wanted: int) -> int:
+def retry_after(broker: BrokerView, wanted: int, rate: float | None = None) -> int:
     """
     Estimate in whole seconds (at least 1) when ``wanted`` bytes may be ready,
-    from the rate of the sources feeding the pool now.
+    from the rate of the sources feeding the pool (``rate``, input bytes a
+    second; read from the broker when None).
     """
     missing = max(wanted - broker.pool.level, 1)
-    rate = sum(source.rate for source in broker.sources_status() if source.feeding)
+    if rate is None:
+        rate = feeding_rate(broker)
     # Assumes full credit: sources credited less fill the pool more slowly, so
     # this errs early, and an early retry only costs the client another 503.
     output_rate = rate * _OUTPUT_PER_INPUT
@@ -138,9 +143,31 @@ def retry_after(broker: BrokerView, wanted: int) -> int:
     return max(1, min(_RETRY_MAX, math.ceil(missing / output_rate)))
 
 
-def _unavailable(broker: BrokerView, wanted: int, message: str) -> web.Response:
-    seconds = retry_after(broker, wanted)
-    return error_response(503, message, {"Retry-After": str(seconds)})
+def feeding_rate(broker: BrokerView) -> float:
+    """
+    Input bytes a second of the sources feeding the pool now.
+    """
+    return sum(source.rate for source in broker.sources_status() if source.feeding)
+
+
+class _FeedingRate:
+    """
+    `feeding_rate`, read at most once per `_RATE_AGE` seconds: every source's
+    status is dear to build, and a 503 needs only a whole-second estimate.
+    """
+
+    def __init__(self, broker: BrokerView, clock: Clock) -> None:
+        self._broker = broker
+        self._clock = clock
+        self._rate = 0.0
+        self._until = -math.inf
+
+    def __call__(self) -> float:
+        now = self._clock.monotonic()
+        if now >= self._until:
+            self._rate = feeding_rate(self._broker)
+            self._until = now + _RATE_AGE
+        return self._rate
 
 
 def _shutting_down() -> web.Response:
@@ -224,6 +251,7 @@ class EntropyEndpoint:
         self._broker = broker
         self._state = state
         self._withdrawals = Withdrawals(broker.pool, broker.accounts)
+        self._feeding = _FeedingRate(broker, broker.accounts.clock)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """
@@ -323,8 +351,8 @@ class EntropyEndpoint:
                 # this one: ask the pool what this client may take now.
                 ready = pool.available(client)
                 if ready < count:
-                    return _unavailable(
-                        broker, count, f"only {ready} bytes ready, {count} asked"
+                    return self._unavailable(
+                        count, f"only {ready} bytes ready, {count} asked"
                     )
                 data = pool.read_nowait(count, key=client)
             else:
@@ -336,8 +364,8 @@ class EntropyEndpoint:
                     return _shutting_down()
                 data = result
         except TimeoutError:
-            return _unavailable(
-                broker, count, f"{count} bytes not ready within {query.wait:g} s"
+            return self._unavailable(
+                count, f"{count} bytes not ready within {query.wait:g} s"
             )
         except PoolClosedError:
             return _shutting_down()
@@ -350,3 +378,7 @@ class EntropyEndpoint:
             raise RuntimeError(f"pool returned {len(data)} of {count} bytes")
         self._state.bytes_out += count
         return _encode(data, query.format, headers)
+
+    def _unavailable(self, wanted: int, message: str) -> web.Response:
+        seconds = retry_after(self._broker, wanted, self._feeding())
+        return error_response(503, message, {"Retry-After": str(seconds)})

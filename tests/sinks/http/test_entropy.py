@@ -8,6 +8,7 @@ either way; and the quick reading of ``?bytes=N`` agrees with the full parser.
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -19,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker.accounts import Accounts, AccountsConfig, Client, CustomerConfig, Peer
+from broker.status import SourceStatus
 from sinks.http.config import HttpSinkConfig
 from sinks.http.entropy import (
     EntropyEndpoint,
@@ -28,7 +30,21 @@ from sinks.http.entropy import (
 )
 from sinks.http.server import HttpSink
 from sinks.http.state import HttpSinkState
+from tests.fakeclock import FakeClock
 from tests.sinks.http.test_api import DEADLINE, FakeBroker, fill, raw_exchange
+
+
+@dataclass
+class CountingBroker(FakeBroker):
+    """
+    A `FakeBroker` that counts how often the sources' status is built.
+    """
+
+    status_reads: int = 0
+
+    def sources_status(self) -> list[SourceStatus]:
+        self.status_reads += 1
+        return super().sources_status()
 
 
 def make_config(**overrides: Any) -> HttpSinkConfig:
@@ -266,6 +282,22 @@ async def test_requests_are_logged_at_debug_without_entropy() -> None:
         (entry["method"], entry["path"], entry["status"]) for entry in entries
     ]
     assert body.strip().decode() not in repr(logs)
+
+
+async def test_503s_read_the_sources_rate_at_most_once_a_second() -> None:
+    """
+    Retry-After comes from the feeding sources' rate, which a flood of 503s
+    reads once a second rather than on every answer.
+    """
+    clock = FakeClock()
+    broker = CountingBroker(accounts=Accounts.unlimited(clock=clock))
+    async with serving(broker) as (_sink, session):
+        answers = [await get(session, "bytes=64") for _ in range(3)]
+        await clock.advance(1.0)
+        answers.append(await get(session, "bytes=64"))
+    assert [503] * 4 == [status for status, _headers, _body in answers]
+    assert all(int(headers["Retry-After"]) >= 1 for _s, headers, _b in answers)
+    assert 2 == broker.status_reads
 
 
 # ---- limits ---------------------------------------------------------------------
