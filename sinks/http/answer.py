@@ -1,11 +1,12 @@
 """
-A ``200 OK`` written as one buffer: status line, head and body.
+An answer written as one buffer: status line, head and body.
 
 aiohttp puts every response's head together when it is sent, through its
 header multidict (length, date, server, connection, content type), in
 several layers of coroutines; for a small entropy answer that costs more
 than everything else the sink does. `RawAnswer` writes what aiohttp would
-write for an `aiohttp.web.Response` with a bytes body, formatted directly:
+write for an `aiohttp.web.Response` with a bytes body (`json_answer`: for
+`aiohttp.web.json_response`), formatted directly:
 the request's HTTP version, ``Content-Type``, ``Content-Length``, ``Date``,
 ``Server``, the ``Connection`` header aiohttp adds when keep-alive differs
 from the version's default, then every header set on the answer
@@ -14,6 +15,7 @@ for any aiohttp response, unless `RawAnswer.force_close` was called.
 """
 
 import email.utils
+import json
 import time
 from collections.abc import Mapping
 from typing import Final
@@ -46,20 +48,34 @@ class _HttpDate:
 _http_date = _HttpDate()
 
 
+_JSON: Final = "application/json; charset=utf-8"
+
+
 class RawAnswer(web.StreamResponse):
     """
-    ``200 OK`` with ``body``, sent in one write when aiohttp prepares it.
+    An answer with ``body``, sent in one write when aiohttp prepares it.
 
     Args:
         body: the whole body.
         content_type: its ``Content-Type`` (with any charset).
         headers: further headers (the sink's own values, never a client's).
+        status: the status code; one that carries a body.
+
+    Raises:
+        ValueError: ``status`` is one whose answer has no body (1xx, 204, 304).
     """
 
     def __init__(
-        self, body: bytes, content_type: str, headers: Mapping[str, str] | None = None
+        self,
+        body: bytes,
+        content_type: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        status: int = 200,
     ) -> None:
-        super().__init__(headers=headers)
+        if status < 200 or status in (204, 304):
+            raise ValueError(f"a {status} answer has no body")
+        super().__init__(status=status, headers=headers)
         self._answer = body
         self._head = f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
         self._close = False
@@ -97,7 +113,8 @@ class RawAnswer(web.StreamResponse):
         if extra.count("\n") != len(headers) or extra.count("\r") != len(headers):
             raise ValueError("a header of a raw answer holds a line break")
         head = (
-            f"HTTP/{version.major}.{version.minor} 200 OK\r\n{self._head}"
+            f"HTTP/{version.major}.{version.minor} {self.status} {self.reason}\r\n"
+            f"{self._head}"
             f"Date: {_http_date()}\r\n{_SERVER}{connection}{extra}\r\n"
         ).encode("ascii")
         writer = self._writer = request.writer
@@ -112,3 +129,12 @@ class RawAnswer(web.StreamResponse):
         """
         if data:
             raise RuntimeError("a raw answer is complete when prepared")
+
+
+def json_answer(
+    payload: object, status: int = 200, headers: Mapping[str, str] | None = None
+) -> RawAnswer:
+    """
+    ``payload`` as JSON, as `aiohttp.web.json_response` would answer it.
+    """
+    return RawAnswer(json.dumps(payload).encode(), _JSON, headers, status=status)

@@ -107,7 +107,7 @@ def _log_request(
     )
 
 
-def _failed(request: BaseRequest) -> web.Response:
+def _failed(request: BaseRequest) -> web.StreamResponse:
     # Logged with the traceback for operators; the client only learns that
     # something failed, never how.
     log.error(

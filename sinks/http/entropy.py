@@ -170,7 +170,7 @@ class _FeedingRate:
         return self._rate
 
 
-def _shutting_down() -> web.Response:
+def _shutting_down() -> web.StreamResponse:
     # Behind a load balancer the retry lands on another instance: retry soon.
     return error_response(503, "shutting down", {"Retry-After": "1"})
 
@@ -296,7 +296,7 @@ class EntropyEndpoint:
         except QueryError as exc:
             return error_response(400, str(exc))
         client = identify(self._withdrawals.accounts, request)
-        if isinstance(client, web.Response):
+        if isinstance(client, web.StreamResponse):
             return client
         if query.wait and self._state.draining.is_set():
             # Shutdown began: the slow path answers 503 after the limits.
@@ -379,6 +379,6 @@ class EntropyEndpoint:
         self._state.bytes_out += count
         return _encode(data, query.format, headers)
 
-    def _unavailable(self, wanted: int, message: str) -> web.Response:
+    def _unavailable(self, wanted: int, message: str) -> web.StreamResponse:
         seconds = retry_after(self._broker, wanted, self._feeding())
         return error_response(503, message, {"Retry-After": str(seconds)})

@@ -17,17 +17,18 @@ from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
 from broker.accounts import Accounts, Client, Denied, Grant, Peer
+from sinks.http.answer import json_answer
 from sinks.http.state import MalformedToken, bearer_token
 
 
-def identify(accounts: Accounts, request: BaseRequest) -> Client | web.Response:
+def identify(accounts: Accounts, request: BaseRequest) -> Client | web.StreamResponse:
     """
     The client behind a request, or the 400/401/403 answer refusing it.
     """
     try:
         token = bearer_token(request)
     except MalformedToken:
-        return web.json_response(
+        return json_answer(
             {"error": "malformed bearer token", "limit": "auth"},
             status=400,
             headers={
@@ -37,14 +38,12 @@ def identify(accounts: Accounts, request: BaseRequest) -> Client | web.Response:
     identity = accounts.identify(Peer("http", ip=request.remote, token=token))
     if isinstance(identity, Denied):
         if identity.customer_id is None:
-            return web.json_response(
+            return json_answer(
                 {"error": "unknown bearer token", "limit": "auth"},
                 status=401,
                 headers={"WWW-Authenticate": 'Bearer realm="ebroker"'},
             )
-        return web.json_response(
-            {"error": identity.reason, "limit": "denied"}, status=403
-        )
+        return json_answer({"error": identity.reason, "limit": "denied"}, status=403)
     return identity
 
 
@@ -68,14 +67,14 @@ def _iso(timestamp: float | None) -> str | None:
     return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
 
 
-def refusal(grant: Grant, wanted: int, now: float) -> web.Response:
+def refusal(grant: Grant, wanted: int, now: float) -> web.StreamResponse:
     """
     The answer for a grant that does not cover ``wanted`` bytes.
     """
     headers = rate_headers(grant, now)
     retry = max(1, math.ceil(grant.retry_after)) if grant.retry_after else 1
     if grant.limit == "quota":
-        return web.json_response(
+        return json_answer(
             {
                 "error": f"quota spent: {wanted} bytes asked, "
                 f"{grant.remaining_quota or 0} left this period",
@@ -87,11 +86,9 @@ def refusal(grant: Grant, wanted: int, now: float) -> web.Response:
             headers={**headers, "Retry-After": str(retry)},
         )
     if grant.limit == "denied":
-        return web.json_response(
-            {"error": "access denied", "limit": "denied"}, status=403
-        )
+        return json_answer({"error": "access denied", "limit": "denied"}, status=403)
     if grant.limit == "unavailable":
-        return web.json_response(
+        return json_answer(
             {"error": "budget store unavailable", "limit": "unavailable"},
             status=503,
             headers={"Retry-After": str(retry)},
@@ -103,7 +100,7 @@ def refusal(grant: Grant, wanted: int, now: float) -> web.Response:
         )
     else:
         message = f"rate limited: {wanted} bytes asked, {grant.granted} allowed now"
-    return web.json_response(
+    return json_answer(
         {
             "error": message,
             "limit": grant.limit,

@@ -17,6 +17,7 @@ from aiohttp.web_request import BaseRequest
 from prometheus_client import CollectorRegistry
 
 from broker.status import BrokerView
+from sinks.http.answer import RawAnswer, json_answer
 from sinks.http.config import HttpSinkConfig
 
 # Echoed parameter values are cut to this length so a client cannot make us
@@ -87,11 +88,11 @@ REGISTRY_KEY: Final = web.AppKey("ebroker_metrics_registry", CollectorRegistry)
 
 def error_response(
     status: int, message: str, headers: Mapping[str, str] | None = None
-) -> web.Response:
+) -> RawAnswer:
     """
     The JSON error body every refusal of the API shares: ``{"error": message}``.
     """
-    return web.json_response({"error": message}, status=status, headers=headers)
+    return json_answer({"error": message}, status, headers)
 
 
 class MalformedToken(ValueError):

@@ -1,7 +1,8 @@
 """
-`RawAnswer` on the wire is what aiohttp sends for the same `web.Response`:
-the same status line, headers (but for their order and the date), body and
-keep-alive, whatever HTTP version and ``Connection`` header the client sent.
+`RawAnswer` on the wire is what aiohttp sends for the same `web.Response`
+(and `json_answer` for the same `web.json_response`): the same status line,
+headers (but for their order and the date), body and keep-alive, whatever
+HTTP version and ``Connection`` header the client sent.
 """
 
 import asyncio
@@ -12,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aiohttp.web_request import BaseRequest
 
-from sinks.http.answer import RawAnswer
+from sinks.http.answer import RawAnswer, json_answer
 from tests.sinks.http.test_api import DEADLINE
 
 BODY = b"\x00\x01entropy\xff"
@@ -31,20 +32,45 @@ def app_answering(make: Callable[[web.Request], web.StreamResponse]) -> web.Appl
     return app
 
 
-def aiohttps(request: web.Request) -> web.StreamResponse:
-    response = web.Response(
-        body=BODY, content_type="application/octet-stream", headers=HEADERS
-    )
-    if request.path == "/close":
-        response.force_close()
-    return response
+JSON = {"error": "rate limited", "limit": "client_rate", "until": None}
+RETRY = {"Retry-After": "3", "RateLimit-Remaining": "0"}
+Make = Callable[[web.Request], web.StreamResponse]
+
+# Each kind of answer, as aiohttp makes it and as the sink does.
+KINDS: dict[str, tuple[Make, Make]] = {
+    "bytes": (
+        lambda _: web.Response(
+            body=BODY, content_type="application/octet-stream", headers=HEADERS
+        ),
+        lambda _: RawAnswer(BODY, "application/octet-stream", HEADERS),
+    ),
+    "text": (
+        lambda _: web.Response(text="00ff\n", headers=HEADERS),
+        lambda _: RawAnswer(b"00ff\n", "text/plain; charset=utf-8", HEADERS),
+    ),
+    "json 429": (
+        lambda _: web.json_response(JSON, status=429, headers=RETRY),
+        lambda _: json_answer(JSON, 429, RETRY),
+    ),
+    "json 503": (
+        lambda _: web.json_response({"error": "shutting down"}, status=503),
+        lambda _: json_answer({"error": "shutting down"}, 503),
+    ),
+}
 
 
-def raw(request: web.Request) -> web.StreamResponse:
-    response = RawAnswer(BODY, "application/octet-stream", HEADERS)
-    if request.path == "/close":
-        response.force_close()
-    return response
+def closing(make: Make) -> Make:
+    """
+    ``make``, with the answer to ``/close`` forcing the connection closed.
+    """
+
+    def answer(request: web.Request) -> web.StreamResponse:
+        response = make(request)
+        if request.path == "/close":
+            response.force_close()
+        return response
+
+    return answer
 
 
 Answer = tuple[str, dict[str, str], bytes]
@@ -94,18 +120,31 @@ async def exchange(server: TestServer, data: bytes) -> list[Answer]:
         b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n",
     ],
 )
+@pytest.mark.parametrize("kind", list(KINDS))
 async def test_a_raw_answer_is_what_aiohttp_would_send(
-    aiohttp_server: Serve, request_bytes: bytes
+    aiohttp_server: Serve, request_bytes: bytes, kind: str
 ) -> None:
     """
     Same answer, same headers, same keep-alive as aiohttp's own response.
     """
+    theirs, ours = KINDS[kind]
     expected = await exchange(
-        await aiohttp_server(app_answering(aiohttps)), request_bytes
+        await aiohttp_server(app_answering(closing(theirs))), request_bytes
     )
-    actual = await exchange(await aiohttp_server(app_answering(raw)), request_bytes)
+    actual = await exchange(
+        await aiohttp_server(app_answering(closing(ours))), request_bytes
+    )
     assert expected == actual
-    assert BODY == actual[-1][2]
+    assert actual[-1][2]
+
+
+@pytest.mark.parametrize("status", [101, 204, 304])
+def test_a_status_without_a_body_is_refused(status: int) -> None:
+    """
+    A raw answer always has a body, so statuses that forbid one are refused.
+    """
+    with pytest.raises(ValueError, match=str(status)):
+        RawAnswer(BODY, "text/plain", status=status)
 
 
 @pytest.mark.parametrize("answer", [web.Response, RawAnswer])

@@ -69,5 +69,5 @@ def test_a_token_that_is_not_printable_text_is_a_400(header: str) -> None:
         "GET", "/v1/entropy", headers={"Authorization": header}
     )
     answer = identify(Accounts.unlimited(), request)
-    assert isinstance(answer, web.Response)
+    assert isinstance(answer, web.StreamResponse)
     assert 400 == answer.status
