@@ -25,7 +25,7 @@ from . import wrk
 from .baselines import Server, bare_http
 from .common import REPEATS, Report, comparison, ratio, spread
 from .daemons import ebroker
-from .processes import cpu_seconds
+from .processes import cpu_seconds, machine_busy_seconds
 
 SCENARIOS = ("bytes=32", "bytes=4096", "bytes=4096&wait=5")
 WARMUP = 1.0
@@ -41,9 +41,11 @@ def _measure(exe: str, server: Server, query: str, seconds: float) -> dict[str, 
     server.settle()
     url = f"{server.http_url}/v1/entropy?{query}"
     wrk.run(exe, url, WARMUP)
-    cpu = cpu_seconds(server.pid)
+    cpu, busy = cpu_seconds(server.pid), machine_busy_seconds()
     result = wrk.run(exe, url, seconds)
-    result["server_cores"] = (cpu_seconds(server.pid) - cpu) / result["seconds"]
+    cpu, busy = cpu_seconds(server.pid) - cpu, machine_busy_seconds() - busy
+    result["server_cores"] = cpu / result["wall"]
+    result["other_cores"] = (busy - cpu - result["cpu"]) / result["wall"]
     result["mb_s"] = result["ok"] * _size(query) / result["seconds"] / 1e6
     return result
 
@@ -65,7 +67,8 @@ def _rows(query: str, compared: dict[str, Any]) -> list[str]:
             f"| {sum(r['non_2xx'] for r in runs):,.0f} "
             f"| {sum(r['socket_errors'] for r in runs):,.0f} "
             f"| {m['p50_ms']:.2f} | {m['p99_ms']:.2f} {ratios}"
-            f"| {m['server_cores']:.2f} | {m['client_cores']:.2f} |"
+            f"| {m['server_cores']:.2f} | {m['client_cores']:.2f} "
+            f"| {m['other_cores']:.2f} |"
         )
     return lines
 
@@ -88,12 +91,13 @@ def run(seconds: float) -> Report:
         f"Load: wrk -t{wrk.THREADS} -c{wrk.CONNECTIONS} --latency, keep-alive, "
         f"{WARMUP:g} s warm-up then {max(1, round(seconds))} s per run, median "
         f"of {REPEATS}, alternating sides. Non-2xx and socket errors are summed "
-        "over the runs.",
+        "over the runs. Other cores = the whole machine's busy time less "
+        "server and wrk.",
         "",
         "| GET /v1/entropy? | server | req/s | runs (req/s) | entropy MB/s "
         "| non-2xx | socket errors | p50 ms | p99 ms | req/s vs bare "
-        "| MB/s vs bare | p99 vs bare | server cores | wrk cores |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| MB/s vs bare | p99 vs bare | server cores | wrk cores | other cores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     scenarios = []
     for query in SCENARIOS:

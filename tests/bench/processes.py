@@ -44,6 +44,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_seconds() -> float:
+    """
+    CPU seconds every core of the machine has spent not idle since boot.
+    """
+    # The first line of /proc/stat: user nice system idle iowait irq softirq
+    # steal, in clock ticks (guest time is already inside user).
+    ticks = [
+        int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    ]
+    idle = ticks[3] + ticks[4]
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_quiet(
     pid: int, cores: float = 0.1, window: float = 0.25, timeout: float = 60.0
 ) -> bool:

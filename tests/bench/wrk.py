@@ -41,7 +41,8 @@ def run(
     Returns:
         ``req_s`` (every response), ``ok`` and ``non_2xx`` responses,
         ``socket_errors``, ``transfer_mb_s`` (wrk's count: headers and bodies),
-        ``p50_ms`` .. ``p99_ms``, ``seconds`` (wrk's own), ``client_cores``.
+        ``p50_ms`` .. ``p99_ms``, ``seconds`` (wrk's own), ``client_cores``,
+        and wrk's ``cpu`` seconds and ``wall`` seconds from spawn to exit.
 
     Raises:
         RuntimeError: wrk failed or its report could not be read.
@@ -71,6 +72,8 @@ def run(
         "transfer_mb_s": read_bytes / elapsed / 1e6,
         "seconds": elapsed,
         "client_cores": finished.cpu / finished.wall,
+        "cpu": finished.cpu,
+        "wall": finished.wall,
     }
     for percentile, value, unit in _PERCENTILE.findall(text):
         result[f"p{percentile}_ms"] = float(value) * _UNITS_S[unit] * 1e3
