@@ -285,11 +285,14 @@ class EntropyPool:
             self._conditioner.absorb(data)
             return
         self.credited_millibits_in += rate * len(data)
-        view = memoryview(data)
+        size = len(data)
         position = 0
         produced = False
-        absorb = self._conditioner.absorb
-        while position < len(view):
+        conditioner = self._conditioner
+        block_credit = self._block_credit
+        # Input bytes of a block that starts from no credit.
+        per_block = -(-_NEEDED_MILLIBITS // rate)
+        while position < size:
             if self._credit_millibits >= _NEEDED_MILLIBITS:
                 # No room for a complete block: blocked readers may make some.
                 self._dispatch()
@@ -297,19 +300,47 @@ class EntropyPool:
             if missing <= 0:
                 # The block still waits for room; the state holds no more
                 # credit than that, so the rest is mixed in uncredited.
-                absorb(view[position:])
+                conditioner.absorb(memoryview(data)[position:])
                 break
-            take = -(-missing // rate)  # ceiling division
-            piece = view[position : position + take]
-            absorb(piece)
-            position += len(piece)
-            credit = len(piece) * rate
-            self._credit_millibits += credit
-            self._block_credit[tier] = self._block_credit.get(tier, 0) + credit
-            produced |= self._emit_block()
+            first = -(-missing // rate)  # ceiling division
+            left = size - position
+            if left < first:
+                # Not enough for the block: credit what there is.
+                conditioner.absorb(memoryview(data)[position:])
+                self._credit(tier, left * rate)
+                break
+            room = (self.capacity - self.level) // BLOCK_BYTES
+            if not room:
+                # Complete the block; it waits in the conditioner for room.
+                conditioner.absorb(memoryview(data)[position : position + first])
+                position += first
+                self._credit(tier, first * rate)
+                continue
+            # As many blocks as the input backs and the buffer holds, in one
+            # pass: only the first can have credit from earlier input.
+            count = min(room, 1 + (left - first) // per_block)
+            block_credit[tier] = block_credit.get(tier, 0) + first * rate
+            first_tier = majority_tier(block_credit)
+            self._buffer += conditioner.emit_blocks(
+                data, position, first, per_block, count
+            )
+            position += first + (count - 1) * per_block
+            self._ledger.append(first_tier, BLOCK_BYTES)
+            if count > 1:
+                self._ledger.append(tier, (count - 1) * BLOCK_BYTES)
+            # Surplus credit inside a block's last piece is dropped:
+            # under-crediting is safe.
+            self._credit_millibits = 0
+            block_credit.clear()
+            self.blocks_out += count
+            produced = True
         if produced:
             self._dispatch()
             self._update_space()
+
+    def _credit(self, tier: Tier, millibits: int) -> None:
+        self._credit_millibits += millibits
+        self._block_credit[tier] = self._block_credit.get(tier, 0) + millibits
 
     def mix(self, data: bytes) -> None:
         """

@@ -9,6 +9,8 @@ import os
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker.conditioner import (
     BLOCK_BYTES,
@@ -137,3 +139,45 @@ def test_reseed_interval_must_be_positive() -> None:
     """
     with pytest.raises(ValueError, match="reseed"):
         Conditioner(reseed_blocks=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    runs=st.lists(
+        st.tuples(
+            st.integers(0, 50),  # uncredited input before the run
+            st.integers(0, 60),  # first piece
+            st.integers(1, 60),  # later pieces
+            st.integers(1, 9),  # blocks
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    interval=st.sampled_from([1, 2, 3, 7, RESEED_BLOCKS]),
+)
+def test_emitting_many_blocks_equals_emitting_one_by_one(
+    runs: list[tuple[int, int, int, int]], interval: int
+) -> None:
+    """
+    `emit_blocks` gives the same blocks, and leaves the same state, as the
+    same pieces absorbed and emitted one block at a time, across reseeds.
+    """
+    one = Conditioner(fixed_secret(b"s"), reseed_blocks=interval)
+    many = Conditioner(fixed_secret(b"s"), reseed_blocks=interval)
+    expected = bytearray()
+    actual = bytearray()
+    for mixed, first, step, count in runs:
+        extra = os.urandom(mixed)
+        one.absorb(extra)
+        many.absorb(extra)
+        data = os.urandom(3 + first + step * (count - 1))
+        position, size = 3, first
+        for _ in range(count):
+            one.absorb(data[position : position + size])
+            expected += one.emit()
+            position += size
+            size = step
+        actual += many.emit_blocks(data, 3, first, step, count)
+    assert expected == actual
+    assert (one.blocks, one.reseeds) == (many.blocks, many.reseeds)
+    assert one.emit() == many.emit()

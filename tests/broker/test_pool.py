@@ -5,6 +5,7 @@ handed out twice, and no waiter is skipped.
 
 import asyncio
 import hashlib
+import itertools
 import os
 
 import pytest
@@ -338,6 +339,31 @@ def test_same_secret_reproduces_output() -> None:
     first = replay(EntropyPool(1 << 20, secret=fixed_secret(b"k")))
     second = replay(EntropyPool(1 << 20, secret=fixed_secret(b"k")))
     assert first == second
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    size=st.integers(1, 20_000),
+    cuts=st.lists(st.integers(0, 20_000), max_size=20),
+    credit=st.sampled_from([0.5, 3.5, 7.9, 8.0]),
+    capacity=st.sampled_from([64, 1000, 1 << 20]),
+)
+def test_output_does_not_depend_on_how_input_is_split(
+    size: int, cuts: list[int], credit: float, capacity: int
+) -> None:
+    """
+    One large add and the same bytes in many small adds give the same blocks
+    with the same secret: blocks end where credit says, not where calls do.
+    """
+    data = os.urandom(size)
+    whole = EntropyPool(capacity, secret=fixed_secret(b"k"))
+    whole.add(data, credit)
+    pieces = EntropyPool(capacity, secret=fixed_secret(b"k"))
+    bounds = [0, *sorted({cut for cut in cuts if cut < size}), size]
+    for start, end in itertools.pairwise(bounds):
+        pieces.add(data[start:end], credit)
+    assert whole.stats() == pieces.stats()
+    assert whole.read_nowait(capacity) == pieces.read_nowait(capacity)
 
 
 def test_key_adds_no_credit() -> None:
