@@ -24,6 +24,10 @@ from typing import Literal
 from broker.health_cutoffs import APT_WINDOW
 
 _FORMATS: dict[int, Literal["B", "H", "I", "Q"]] = {1: "B", 2: "H", 4: "I", 8: "Q"}
+_MASKS_KEPT = 4
+"""Lane masks kept by length: a source's reads come in a few sizes."""
+_MASKS_BYTES = 1 << 17
+"""Longest data whose lane masks are kept (each mask is as long as the data)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +97,7 @@ class RepetitionCountTest:
         self._format = _FORMATS[sample_bytes]
         self._thresholds = _thresholds(cutoff, permanent_cutoff)
         self._longest = (permanent_cutoff or cutoff) - 1
+        self._masks: dict[int, tuple[int, int]] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -124,6 +129,13 @@ class RepetitionCountTest:
         if fresh == 0:
             self._pending = buf[start:]
             return []
+        if self._all_differ(buf, usable):
+            # No sample equals the one before it: no run continues or grows.
+            self.run = 1
+            self.samples += fresh
+            self._last = buf[usable - size : usable]
+            self._pending = buf[usable:]
+            return []
         view = memoryview(buf)[:usable].cast(self._format)
         # flags[j] is 1 when new sample j equals the sample before it.
         flags = bytes(map(operator.eq, view[1:], view[:-1]))
@@ -138,6 +150,43 @@ class RepetitionCountTest:
         self._last = buf[usable - size : usable]
         self._pending = buf[usable:]
         return failures
+
+    def _all_differ(self, buf: bytes, usable: int) -> bool:
+        """
+        Whether no sample of ``buf[:usable]`` equals the one before it.
+
+        The samples are the lanes of one integer: XOR with itself shifted by
+        a sample gives each lane the XOR of two neighbours, which is zero
+        exactly where they are equal. A lane v is nonzero iff the top bit of
+        ``(v & low) + low | v`` is set (low = all lane bits but the top one;
+        the sum never carries into the next lane). A few big-integer passes
+        in C instead of a comparison per sample.
+        """
+        pairs = usable // self.sample_bytes - 1
+        if pairs < 1:
+            return True
+        value = int.from_bytes(memoryview(buf)[:usable], "little")
+        # The top lane holds the last sample itself; the masks leave it out.
+        lanes = value ^ (value >> (8 * self.sample_bytes))
+        low, high = self._lane_masks(pairs)
+        return (((lanes & low) + low) | lanes) & high == high
+
+    def _lane_masks(self, pairs: int) -> tuple[int, int]:
+        """
+        For ``pairs`` lanes of one sample each: every lane's bits but its top
+        one, and every lane's top bit (kept for the last few lengths seen).
+        """
+        masks = self._masks.get(pairs)
+        if masks is None:
+            size = self.sample_bytes
+            high = int.from_bytes((b"\x00" * (size - 1) + b"\x80") * pairs, "little")
+            low = (high >> (8 * size - 1)) * ((1 << (8 * size - 1)) - 1)
+            masks = (low, high)
+            if pairs * size <= _MASKS_BYTES:
+                if len(self._masks) >= _MASKS_KEPT:
+                    self._masks.clear()
+                self._masks[pairs] = masks
+        return masks
 
     def _crossings(self, flags: bytes, pending: int) -> list[CutoffReached]:
         # The current run continues into this data as leading ones; capping
