@@ -35,12 +35,12 @@ tier -1 in `PoolStats`). Bytes remember their tier while buffered, while a
 waiter holds them and when given back, so `PoolStats.level_by_tier` and
 `PoolStats.bytes_out_by_tier` each add up to ``level`` and ``bytes_out``.
 
-Waiters queue in a `WaitPolicy`. Each turn gives the waiter at the head at most
-``chunk`` bytes; a waiter that still needs more goes to the back. With the plain
-`WaitQueue` blocked readers share scarce output round-robin, and nobody is ever
-skipped; the broker uses `broker.accounts.WeightedWaitQueue`, which orders turns
-weighted-fair across customers (the pool tells it each turn's size through
-``charge``).
+Waiters queue in a `WaitPolicy` (`broker.waiters`). Each turn gives the waiter
+at the head at most ``chunk`` bytes; a waiter that still needs more goes to the
+back. With the plain `WaitQueue` blocked readers share scarce output
+round-robin, and nobody is ever skipped; the broker uses
+`broker.accounts.WeightedWaitQueue`, which orders turns weighted-fair across
+customers (the pool tells it each turn's size through ``charge``).
 
 A weighted policy may *reserve* buffered output (`WaitPolicy.reserved`) for a
 customer that is owed output and whose next request is on its way. Nobody is
@@ -48,21 +48,28 @@ made to wait for it: the reader at the head is served from the bytes beyond the
 reserve, and only when the buffer holds no more than the reserve does the pass
 stop, with a timer (``release_in``) to look again when the reserve lapses. The
 reserve never passes half of ``capacity``, so sources always have room to add
-output for everyone else. Every blocked read goes through the policy, even when
-the buffer could answer it at once, so every byte handed out to a blocked reader
-is charged to its customer; a non-blocking read leaves the reserve alone too and
-is charged (``charge_key``); bytes given back by a waiter that gave up are
-charged back (a negative ``charge``).
+output for everyone else. Every byte handed out is charged to its reader's
+customer: a turn through ``charge``; a non-blocking read, which never jumps the
+queue and leaves the reserve alone too, through ``charge_key``; bytes given
+back by a waiter that gave up are charged back (a negative ``charge``).
+
+The output side is built for synchronous callers (protocol callbacks). While
+nobody is queued and the buffer holds the bytes, `available`, `read_nowait`
+and `read` do O(1) work (a weighted policy's reserve is only worked out when
+the buffer is less than half full) and create no future, timer or task: a
+blocked read that the buffer answers at once is served on the spot and charged
+per turn it would have had (``charge_key``), which leaves a policy exactly as
+the queued turns would have. Only a read that must wait becomes a `Waiter`.
+The event loop is looked up once, not per read (each lookup is a ``getpid``
+system call).
 """
 
 import asyncio
 import contextlib
 import math
 import os
-from collections import deque
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
 from broker.conditioner import BLOCK_BYTES as BLOCK_BYTES
 from broker.conditioner import Conditioner, SecretSource
@@ -70,6 +77,9 @@ from broker.errors import PoolClosedError
 from broker.provenance import NO_TIER as NO_TIER
 from broker.provenance import Ledger, Runs, majority_tier, stat_key
 from broker.provenance import Tier as Tier
+from broker.waiters import Waiter as Waiter
+from broker.waiters import WaitPolicy as WaitPolicy
+from broker.waiters import WaitQueue as WaitQueue
 
 BLOCK_BITS = BLOCK_BYTES * 8
 RESERVE_BITS = 64
@@ -77,122 +87,6 @@ RESERVE_BITS = 64
 _MILLI = 1000
 _NEEDED_MILLIBITS = (BLOCK_BITS + RESERVE_BITS) * _MILLI
 _COMPACT_AT = 64 * 1024
-
-
-@dataclass(slots=True)
-class Waiter:
-    """
-    One blocked withdrawal.
-    """
-
-    wanted: int
-    partial: bool
-    """Resolve as soon as some bytes arrived, instead of waiting for all of them."""
-    future: asyncio.Future[bytes]
-    key: Hashable = None
-    """Who is waiting (a connection, a client); used by fair queue policies."""
-    collected: bytearray | None = None
-    provenance: Runs = field(default_factory=list)
-    """Tiers of the bytes taken for this waiter so far, in order."""
-
-    @property
-    def remaining(self) -> int:
-        return self.wanted - (len(self.collected) if self.collected else 0)
-
-
-class WaitQueue:
-    """
-    Order in which blocked withdrawals are served: first come, first served, with
-    a waiter that needs more going to the back after each turn.
-    """
-
-    def __init__(self) -> None:
-        self._queue: deque[Waiter] = deque()
-
-    def __len__(self) -> int:
-        return len(self._queue)
-
-    def push(self, waiter: Waiter) -> None:
-        self._queue.append(waiter)
-
-    def peek(self) -> Waiter:
-        return self._queue[0]
-
-    def pop(self) -> Waiter:
-        return self._queue.popleft()
-
-    def requeue(self, waiter: Waiter) -> None:
-        self._queue.append(waiter)
-
-    def remove(self, waiter: Waiter) -> None:
-        # Already gone when the dispatcher served it before the caller gave up.
-        with contextlib.suppress(ValueError):
-            self._queue.remove(waiter)
-
-    def drain(self) -> list[Waiter]:
-        waiters = list(self._queue)
-        self._queue.clear()
-        return waiters
-
-    def charge(self, waiter: Waiter, nbytes: int) -> None:
-        """
-        Told after each turn how many bytes ``waiter`` got (negative: bytes
-        taken for it went back unserved); weighted policies account with it,
-        plain turns need not.
-        """
-
-    def charge_key(self, key: Hashable, nbytes: int) -> None:
-        """
-        Told how many bytes a non-blocking reader with ``key`` took.
-        """
-
-    def turn_for(self, key: Hashable) -> bool:
-        """
-        A non-blocking reader never jumps the queue.
-        """
-        return not self._queue
-
-    def reserved(self, key: Hashable) -> int:
-        """
-        Plain turns keep nothing back for anyone.
-        """
-        return 0
-
-    def release_in(self) -> float | None:
-        """
-        Plain turns have no reserve to lapse.
-        """
-        return None
-
-
-class WaitPolicy(Protocol):
-    """
-    What the pool needs of a waiter queue (`WaitQueue`, or a weighted one).
-    """
-
-    def __len__(self) -> int: ...
-
-    def push(self, waiter: Waiter) -> None: ...
-
-    def peek(self) -> Waiter: ...
-
-    def pop(self) -> Waiter: ...
-
-    def requeue(self, waiter: Waiter) -> None: ...
-
-    def remove(self, waiter: Waiter) -> None: ...
-
-    def drain(self) -> list[Waiter]: ...
-
-    def charge(self, waiter: Waiter, nbytes: int) -> None: ...
-
-    def charge_key(self, key: Hashable, nbytes: int) -> None: ...
-
-    def turn_for(self, key: Hashable) -> bool: ...
-
-    def reserved(self, key: Hashable) -> int: ...
-
-    def release_in(self) -> float | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +141,13 @@ class EntropyPool:
         self._ledger = Ledger()
         self._offset = 0
         self._waiters: WaitPolicy = waiters if waiters is not None else WaitQueue()
+        self._half = capacity // 2
+        """The most a policy may reserve: sources keep room for everyone else."""
+        # The loop futures are made on, looked up once: asking for the running
+        # loop costs a getpid system call each time.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        with contextlib.suppress(RuntimeError):
+            self._loop = asyncio.get_running_loop()
         self._space = asyncio.Event()
         self._space.set()
         self._below: list[tuple[int, asyncio.Future[None]]] = []
@@ -388,7 +289,10 @@ class EntropyPool:
         """
         if self._closed or (self.has_space and self.level < limit):
             return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
         entry = (limit, future)
         self._below.append(entry)
         try:
@@ -400,11 +304,12 @@ class EntropyPool:
     def _update_space(self) -> None:
         # Called whenever the level fell: a block the conditioner was holding
         # for want of room may fit now.
-        if self._emit_block():
+        if self._credit_millibits >= _NEEDED_MILLIBITS and self._emit_block():
             self._dispatch()
-        if self.has_space:
-            self._space.set()
-            level = self.level
+        level = len(self._buffer) - self._offset
+        if level + BLOCK_BYTES <= self.capacity:
+            if not self._space.is_set():
+                self._space.set()
             for limit, future in self._below:
                 if level < limit and not future.done():
                     future.set_result(None)
@@ -430,18 +335,20 @@ class EntropyPool:
         provenance goes with them to ``waiter``; without one they are handed
         out at once (counted in ``bytes_out``).
         """
-        count = min(count, self.level)
+        buffer = self._buffer
         start = self._offset
-        data = bytes(self._buffer[start : start + count])
+        count = min(count, len(buffer) - start)
+        end = start + count
+        data = bytes(buffer[start:end])
         runs = self._ledger.take(count)
         if waiter is None:
             self._count_out(runs)
         else:
             waiter.provenance += runs
-        self._offset += count
-        if self._offset >= _COMPACT_AT and self._offset * 2 >= len(self._buffer):
-            del self._buffer[: self._offset]
-            self._offset = 0
+        if end >= _COMPACT_AT and end * 2 >= len(buffer):
+            del buffer[:end]
+            end = 0
+        self._offset = end
         return data
 
     def _count_out(self, runs: Iterable[tuple[Tier, int]], sign: int = 1) -> None:
@@ -474,13 +381,27 @@ class EntropyPool:
 
     def _reserve(self, key: Hashable) -> int:
         # Bounded so sources keep room to add output for everyone else.
-        return min(self._waiters.reserved(key), self.capacity // 2)
+        return min(self._waiters.reserved(key), self._half)
+
+    def _spare(self, key: Hashable, wanted: int) -> int:
+        """
+        Buffered bytes beyond what the policy keeps for others, or just
+        ``wanted`` when the buffer holds so much that no reserve can reach it.
+        """
+        level = len(self._buffer) - self._offset
+        if level - wanted >= self._half:
+            return wanted
+        return level - self._reserve(key)
 
     def available(self, key: Hashable = None) -> int:
         """
         Bytes `read_nowait` would give a reader with ``key`` now.
+
+        O(1) unless a weighted policy keeps a reserve for other customers
+        (then O(resting customers)); creates no future and yields nothing.
         """
-        if not self._waiters.turn_for(key):
+        waiters = self._waiters
+        if len(waiters) and not waiters.turn_for(key):
             return 0
         return max(0, self.level - self._reserve(key))
 
@@ -492,20 +413,28 @@ class EntropyPool:
         the wait policy says it is ``key``'s turn (with plain turns: nobody is
         waiting), never what the policy keeps for a customer whose next request
         is on its way, and what it takes is charged to ``key``'s customer as a
-        blocked turn would be.
+        blocked turn would be. Safe to call from a protocol callback: it never
+        waits, and creates no future.
 
         Args:
             count: most bytes wanted.
             key: identity of the reader, for fair queue policies.
+
+        Raises:
+            PoolClosedError: the pool is closed.
         """
         if self._closed:
             raise PoolClosedError("pool is closed")
-        count = min(count, self.available(key))
-        data = self._take(count) if count > 0 else b""
-        self._waiters.charge_key(key, len(data))
-        if data:
-            self._update_space()
-        return data
+        waiters = self._waiters
+        if count > 0 and (not len(waiters) or waiters.turn_for(key)):
+            count = min(count, self._spare(key, count))
+            if count > 0:
+                data = self._take(count)
+                waiters.charge_key(key, count)
+                self._update_space()
+                return data
+        waiters.charge_key(key, 0)
+        return b""
 
     async def read(
         self,
@@ -517,6 +446,11 @@ class EntropyPool:
     ) -> bytes:
         """
         Withdraw ``count`` bytes, waiting for them.
+
+        When nobody is queued and the buffer can answer at once, the read is
+        served on the spot, with no future, timer or task switch, and charged
+        as the turns that would have served it (`WaitPolicy.charge_key` per
+        turn); otherwise it queues as a `Waiter`.
 
         Args:
             count: bytes wanted.
@@ -536,11 +470,13 @@ class EntropyPool:
             raise PoolClosedError("pool is closed")
         if count <= 0:
             return b""
-        # No shortcut past the policy when bytes are ready: they may be held
-        # for another customer, and a weighted policy must charge every turn.
-        # A waiter served at once has a done future, so awaiting it does not
-        # give up the loop.
-        loop = asyncio.get_running_loop()
+        if not len(self._waiters):
+            data = self._serve_at_once(count, partial, key)
+            if data:
+                return data
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
         waiter = Waiter(count, partial, loop.create_future(), key)
         self._waiters.push(waiter)
         self._dispatch()
@@ -550,6 +486,29 @@ class EntropyPool:
         except BaseException:
             self._abandon(waiter)
             raise
+
+    def _serve_at_once(self, count: int, partial: bool, key: Hashable) -> bytes:
+        """
+        Serve a blocked read that nobody is queued ahead of, if the buffer can
+        answer it now exactly as its turns would: a partial read's one turn,
+        or a whole read that no reserve can cut short. Else return nothing.
+        """
+        chunk = self.chunk
+        if partial:
+            size = min(count, chunk, self._spare(key, min(count, chunk)))
+        elif count <= chunk or self.level - count >= self._half:
+            # One turn, or turns that no reserve can reach into.
+            size = count if self._spare(key, count) >= count else 0
+        else:
+            size = 0
+        if size <= 0:
+            return b""
+        data = self._take(size)
+        charge = self._waiters.charge_key
+        for turn in range(0, size, chunk):
+            charge(key, min(chunk, size - turn))
+        self._update_space()
+        return data
 
     def _abandon(self, waiter: Waiter) -> None:
         self._waiters.remove(waiter)

@@ -1,5 +1,5 @@
 """
-Weighted fair order for blocked withdrawals: a drop-in for `broker.pool.WaitQueue`.
+Weighted fair order for blocked withdrawals: a drop-in for `broker.waiters.WaitQueue`.
 
 Theory of operation
 -------------------
@@ -69,7 +69,7 @@ from collections.abc import Hashable
 from typing import Protocol, cast, runtime_checkable
 
 from broker.clock import SYSTEM_CLOCK, Clock
-from broker.pool import Waiter
+from broker.waiters import Waiter
 
 DEFAULT_FLOW = "default"
 REST_GRACE = 0.050
@@ -121,7 +121,7 @@ def _identity(key: Hashable) -> tuple[str, float]:
 class WeightedWaitQueue:
     """
     Weighted fair queuing across customers, round-robin across each customer's
-    clients. Same interface as `broker.pool.WaitQueue`.
+    clients. Same interface as `broker.waiters.WaitQueue`.
     """
 
     def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
@@ -295,8 +295,10 @@ class WeightedWaitQueue:
             # place for a grace, and is owed output if it fell behind.
             self._rest(flow, now)
         if nbytes > 0:
-            self._advance(flow.vtime, now)
-            flow.vtime += nbytes / flow.weight
+            start = flow.vtime
+            if start > self._vclock:
+                self._advance(start, now)
+            flow.vtime = start + nbytes / flow.weight
 
     def turn_for(self, key: Hashable) -> bool:
         """
@@ -315,14 +317,19 @@ class WeightedWaitQueue:
         Buffered bytes a reader with ``key`` must leave for resting customers
         that are owed output against it (behind it in virtual time).
         """
+        resting = self._resting
+        if not resting:
+            return 0
         flow = self._flow_for(key)
+        if len(resting) == 1 and flow.customer_id in resting:
+            return 0  # only its own customer rests: nobody else is owed
         now = self._clock.monotonic()
         if flow.customer_id in self._backlogged:
             reference = flow.vtime
         else:
             reference = self._start(flow, now)
         owed = 0.0
-        for other in list(self._resting.values()):
+        for other in list(resting.values()):
             if other is flow or not self._resting_within(other, now):
                 continue
             behind = reference - max(other.vtime, self._floor(now))

@@ -694,3 +694,51 @@ async def test_reserve_never_passes_half_the_capacity() -> None:
     assert 64 == pool.level
     assert 32 == pool.available()
     assert 32 == len(pool.read_nowait(64))
+
+
+class CountingQueue(RecordingQueue):
+    """
+    Recording turns that also count the waiters queued.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pushed = 0
+
+    def push(self, waiter: Waiter) -> None:
+        self.pushed += 1
+        super().push(waiter)
+
+
+async def test_read_the_buffer_can_answer_is_served_on_the_spot() -> None:
+    """
+    With nobody queued, a blocked read that the buffer can answer returns at
+    once without becoming a waiter, and is charged like the turn it would
+    have had; one that cannot be answered still queues.
+    """
+    policy = CountingQueue()
+    pool = EntropyPool(4096, chunk=64, waiters=policy)
+    pool.add(os.urandom(40 * 4), 8)
+    assert 32 == len(await pool.read(32, key="a"))
+    assert 64 == len(await pool.read(500, partial=True, key="b"))
+    assert 0 == policy.pushed
+    assert [("a", 32), ("b", 64)] == policy.charges
+    reader = asyncio.create_task(pool.read(64, key="c"))
+    await asyncio.sleep(0)
+    assert 1 == policy.pushed
+    pool.add(os.urandom(40 * 2), 8)
+    assert 64 == len(await reader)
+
+
+async def test_large_read_on_the_spot_is_charged_turn_by_turn() -> None:
+    """
+    A whole read larger than a turn, answered at once from a well-stocked
+    buffer, is charged in turn-sized pieces, as queued turns would be.
+    """
+    policy = CountingQueue()
+    pool = EntropyPool(4096, chunk=16, waiters=policy)
+    pool.add(os.urandom(40 * 100), 8)
+    assert 40 == len(await pool.read(40, key="a"))
+    assert 0 == policy.pushed
+    assert [("a", 16), ("a", 16), ("a", 8)] == policy.charges
+    assert 40 == pool.stats().bytes_out

@@ -371,3 +371,38 @@ async def test_bytes_given_back_are_charged_back() -> None:
     queue.charge(waiter, -CHUNK)
     assert 0 == queue.shares()["a"]
     assert 0 == queue.reserved(Key("b", 1))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 3 * CHUNK), min_size=1, max_size=6),
+    rest=st.sampled_from([0.0, REST_GRACE / 2, 2 * REST_GRACE]),
+)
+async def test_charging_turns_outside_the_queue_equals_queued_turns(
+    sizes: list[int], rest: float
+) -> None:
+    """
+    A read answered at once while nobody is queued is charged per turn with
+    ``charge_key``; that leaves the queue exactly as pushing the read and
+    serving it turn by turn would: same shares, same reserve for a resting
+    customer, same start for a newcomer.
+    """
+    clock = FakeClock()
+    turned, charged = WeightedWaitQueue(clock), WeightedWaitQueue(clock)
+    other, me, late = Key("other", 1), Key("me", 2), Key("late", 1)
+    for queue in (turned, charged):
+        queue.push(new_waiter(other, wanted=CHUNK, partial=True))
+        serve(queue, CHUNK)
+    for size in sizes:
+        await clock.advance(rest)
+        turned.push(new_waiter(me, wanted=size))
+        serve(turned, size)
+        for turn in range(0, size, CHUNK):
+            charged.charge_key(me, min(CHUNK, size - turn))
+        assert turned.shares() == charged.shares()
+        assert turned.reserved(other) == charged.reserved(other)
+        assert turned.reserved(me) == charged.reserved(me)
+    for queue in (turned, charged):
+        queue.push(new_waiter(late, wanted=CHUNK, partial=True))
+        serve(queue, CHUNK)
+    assert turned.shares() == charged.shares()
