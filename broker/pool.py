@@ -20,7 +20,9 @@ the block stays inside the conditioner, complete and credited, until a
 withdrawal makes room. Further input meanwhile is still mixed in, but its
 credit is dropped: the state cannot hold more than that one block's worth, and
 under-crediting is safe. Sources pause while there is no room for a block
-(`wait_for_space`), so that costs at most the read each had in flight.
+(`wait_for_space`), so that costs at most the read each had in flight; once
+the buffer has filled up, until a sixteenth of it has been drawn
+(`broker.room`).
 
 Withdrawals take bytes from the front of the buffer; a byte leaves the buffer
 exactly once and goes to exactly one caller. Bytes a waiter had collected but
@@ -53,15 +55,12 @@ customer: a turn through ``charge``; a non-blocking read, which never jumps the
 queue and leaves the reserve alone too, through ``charge_key``; bytes given
 back by a waiter that gave up are charged back (a negative ``charge``).
 
-The output side is built for synchronous callers (protocol callbacks). While
-nobody is queued and the buffer holds the bytes, `available`, `read_nowait`
-and `read` do O(1) work (a weighted policy's reserve is only worked out when
-the buffer is less than half full) and create no future, timer or task: a
-blocked read that the buffer answers at once is served on the spot and charged
-per turn it would have had (``charge_key``), which leaves a policy exactly as
-the queued turns would have. Only a read that must wait becomes a `Waiter`.
-The event loop is looked up once, not per read (each lookup is a ``getpid``
-system call).
+Built for synchronous callers (protocol callbacks): while nobody is queued
+and the buffer holds the bytes, `available`, `read_nowait` and `read` do O(1)
+work (a reserve is only worked out when the buffer is under half full) and
+create no future, timer or task. A blocked read answered at once is charged
+per turn it would have had (``charge_key``), which leaves a policy as queued
+turns would. The event loop is looked up once (each lookup costs a getpid).
 """
 
 import asyncio
@@ -77,6 +76,7 @@ from broker.errors import PoolClosedError
 from broker.provenance import NO_TIER as NO_TIER
 from broker.provenance import Ledger, Runs, majority_tier, stat_key
 from broker.provenance import Tier as Tier
+from broker.room import Room
 from broker.waiters import Waiter as Waiter
 from broker.waiters import WaitPolicy as WaitPolicy
 from broker.waiters import WaitQueue as WaitQueue
@@ -143,14 +143,10 @@ class EntropyPool:
         self._waiters: WaitPolicy = waiters if waiters is not None else WaitQueue()
         self._half = capacity // 2
         """The most a policy may reserve: sources keep room for everyone else."""
-        # The loop futures are made on, looked up once: asking for the running
-        # loop costs a getpid system call each time.
         self._loop: asyncio.AbstractEventLoop | None = None
         with contextlib.suppress(RuntimeError):
             self._loop = asyncio.get_running_loop()
-        self._space = asyncio.Event()
-        self._space.set()
-        self._below: list[tuple[int, asyncio.Future[None]]] = []
+        self._room = Room(capacity)
         self._closed = False
         self._release: asyncio.TimerHandle | None = None
         self.bytes_in = 0
@@ -268,53 +264,46 @@ class EntropyPool:
     @property
     def has_space(self) -> bool:
         """
-        Whether one more block fits without the buffer passing ``capacity``.
+        Whether sources may add output: one more block fits, and once the
+        buffer has filled up, ``resume_room`` bytes do (`broker.room`).
         """
-        return self.level + BLOCK_BYTES <= self.capacity
+        return self._room.has_space(self.level)
+
+    @property
+    def resume_room(self) -> int:
+        return self._room.resume_room
 
     async def wait_for_space(self) -> None:
         """
-        Return once the output buffer has room for a block (sources call this
-        before each read, which is how a full pool pauses them).
+        Return once sources may add output (sources call this before each
+        read, which is how a full pool pauses them).
         """
         while not self.has_space and not self._closed:
-            self._space.clear()
-            await self._space.wait()
+            await self._room.wait_open()
 
     async def wait_for_level_below(self, limit: int) -> None:
         """
-        Return once the buffer holds fewer than ``limit`` bytes and has room
-        for a block (or the pool is closed): how a source that may fill only
-        part of the pool is paused.
+        Return once the buffer holds fewer than ``limit`` bytes and sources
+        may add output (or the pool is closed): how a source that may fill
+        only part of the pool is paused.
         """
         if self._closed or (self.has_space and self.level < limit):
             return
+        await self._room.wait_below(limit, self._running_loop())
+
+    def _update_space(self) -> None:
+        # Called whenever the level changed: a block the conditioner was
+        # holding for want of room may fit now.
+        if self._credit_millibits >= _NEEDED_MILLIBITS and self._emit_block():
+            self._dispatch()
+        self._room.update(len(self._buffer) - self._offset)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        # Looked up once: asking for the running loop is a getpid system call.
         loop = self._loop
         if loop is None or loop.is_closed():
             loop = self._loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        entry = (limit, future)
-        self._below.append(entry)
-        try:
-            await future
-        finally:
-            with contextlib.suppress(ValueError):
-                self._below.remove(entry)
-
-    def _update_space(self) -> None:
-        # Called whenever the level fell: a block the conditioner was holding
-        # for want of room may fit now.
-        if self._credit_millibits >= _NEEDED_MILLIBITS and self._emit_block():
-            self._dispatch()
-        level = len(self._buffer) - self._offset
-        if level + BLOCK_BYTES <= self.capacity:
-            if not self._space.is_set():
-                self._space.set()
-            for limit, future in self._below:
-                if level < limit and not future.done():
-                    future.set_result(None)
-        else:
-            self._space.clear()
+        return loop
 
     # ---- output side ------------------------------------------------------------
 
@@ -474,10 +463,7 @@ class EntropyPool:
             data = self._serve_at_once(count, partial, key)
             if data:
                 return data
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            loop = self._loop = asyncio.get_running_loop()
-        waiter = Waiter(count, partial, loop.create_future(), key)
+        waiter = Waiter(count, partial, self._running_loop().create_future(), key)
         self._waiters.push(waiter)
         self._dispatch()
         try:
@@ -582,13 +568,10 @@ class EntropyPool:
         Fail every waiter with `PoolClosedError` and refuse further withdrawals.
         """
         self._closed = True
-        self._space.set()
+        self._room.close()
         if self._release is not None:
             self._release.cancel()
             self._release = None
-        for _, future in self._below:
-            if not future.done():
-                future.set_result(None)
         for waiter in self._waiters.drain():
             if not waiter.future.done():
                 waiter.future.set_exception(PoolClosedError("pool is closed"))
