@@ -17,12 +17,17 @@ filled the pool and no client draws. A healthy source waits for room, but at
 most ``standby_probe`` seconds: then it is read once anyway (mixed in without
 credit), so a device that dies while the pool is full is noticed. Room is what
 the supervisor grants: the whole pool, or only up to the low watermark while a
-better tier is in its start-up test. A source
-whose tests fail too often is ``failed`` for good (restart the broker to clear
-it). A watchdog bounds each read: a source that delivers nothing for longer
-than its ``watchdog`` (derived from its nominal rate unless configured) is
-``stalled``: the read is cancelled, the driver closed and restarted. The
-watchdog is the only bound on a read; drivers keep none of their own.
+better tier is in its start-up test; a full pool resumes sources once a
+sixteenth of it is drawn (`broker.room`). A healthy driver that can read less
+(`SizedRead`: getrandom) is asked for just the input that backs the room, so
+the read that fills the pool is not mostly dropped. After each read the loop
+gets a turn: a read that did not wait (a seeded kernel generator) must not
+hold up the sinks. A source whose tests fail too often is ``failed`` for good
+(restart the broker to clear it). A watchdog bounds each read: a source that
+delivers nothing for longer than its ``watchdog`` (derived from its nominal
+rate unless configured) is ``stalled``: the read is cancelled, the driver
+closed and restarted. The watchdog is the only bound on a read; drivers keep
+none of their own.
 
 The rate a source reports is what it delivered over the last ten seconds,
 and 0 from the moment its driver is closed (failed, stalled, stopped). A raw
@@ -40,13 +45,15 @@ health state after each read (``starting``, ``healthy``, ``quarantined``,
 device is absent).
 """
 
+import asyncio
+import math
 import os
 import random
 import stat
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import structlog
 
@@ -59,7 +66,7 @@ from broker.health import (
     HealthState,
     SourceHealth,
 )
-from broker.pool import EntropyPool
+from broker.pool import BLOCK_BITS, BLOCK_BYTES, RESERVE_BITS, EntropyPool
 from broker.status import SourceState, SourceStatus
 from sources.base import Source
 
@@ -75,6 +82,8 @@ _WATCHDOG_BYTES = 16384
 _CLOSED_STATES = frozenset(
     {SourceState.FAILED, SourceState.STALLED, SourceState.STOPPED}
 )
+# Credit behind one output block, in thousandths of a bit as the pool counts it.
+_BLOCK_MILLIBITS = (BLOCK_BITS + RESERVE_BITS) * 1000
 # Owner-only: raw device output is key material until it has been conditioned.
 _RECORD_FILE_MODE = 0o600
 _RECORD_DIR_MODE = 0o700
@@ -182,6 +191,12 @@ class Tiers(Protocol):
         """
         ...
 
+    def fill_limit(self, runner: "SourceRunner") -> int:
+        """
+        The pool level up to which ``runner`` may add credited bytes.
+        """
+        ...
+
     async def wait_for_room(self, runner: "SourceRunner") -> None:
         """
         Return once ``runner`` may add credited bytes to the pool.
@@ -197,6 +212,19 @@ class Tiers(Protocol):
     def source_changed(self) -> None:
         """
         A runner's state changed: the active tier may have to move.
+        """
+        ...
+
+
+@runtime_checkable
+class SizedRead(Protocol):
+    """
+    A driver that can read less than its usual amount when asked to.
+    """
+
+    async def read_up_to(self, limit: int) -> bytes:
+        """
+        Like `Source.read`, but return at most ``limit`` bytes (limit ≥ 1).
         """
         ...
 
@@ -251,6 +279,11 @@ class SourceRunner:
         self.stalls = 0
         self._opened_once = False
         self._meter = RateMeter()
+        # Input bytes that back one output block at this source's credit
+        # (None: never credited, so reads need no bound).
+        millibits = math.floor(source.credit * 1000)
+        self._block_input = -(-_BLOCK_MILLIBITS // millibits) if millibits else None
+        self._read_up_to = source.read_up_to if isinstance(source, SizedRead) else None
         self._log = log.bind(source=source.name, kind=source.kind)
 
     def set_state(self, state: SourceState, reason: str) -> None:
@@ -382,17 +415,23 @@ class SourceRunner:
             self._apply_health_state()
             while True:
                 probe = False
+                limit = None
                 if self.healthy:
                     if not self._tiers.is_active(self):
                         await self._tiers.wait_until_needed(self)
                     probe = not await self._room_or_probe()
+                    if not probe:
+                        limit = self._room_limit()
                 # A source in its start-up test or in quarantine is read even
                 # while the pool is full: its bytes are only mixed in, so they
                 # need no room, and it must get through its start-up test to
                 # take over from a fallback tier that filled the pool.
                 try:
                     async with self._clock.timeout(self.watchdog):
-                        data = await source.read()
+                        if limit is not None and self._read_up_to is not None:
+                            data = await self._read_up_to(limit)
+                        else:
+                            data = await source.read()
                 except TimeoutError:
                     raise SourceStalled(
                         f"delivered nothing for {self.watchdog:g} s (watchdog)"
@@ -400,6 +439,8 @@ class SourceRunner:
                 if not data:
                     raise SourceError("driver returned no data")
                 self._absorb(data, probe=probe)
+                # A read that did not wait gave the loop no turn: give it one.
+                await asyncio.sleep(0)
 
     async def _room_or_probe(self) -> bool:
         """
@@ -415,12 +456,22 @@ class SourceRunner:
         Returns:
             True when there is room; False when a probe read is due.
         """
+        tiers = self._tiers
+        if tiers.has_room(self):
+            return True  # the usual case: no timer to arm
         try:
-            async with self._clock.timeout(self._tiers.standby_probe):
-                await self._tiers.wait_for_room(self)
+            async with self._clock.timeout(tiers.standby_probe):
+                await tiers.wait_for_room(self)
         except TimeoutError:
-            return self._tiers.has_room(self)
+            return tiers.has_room(self)
         return True
+
+    def _room_limit(self) -> int | None:
+        # Input that backs the output the pool has room for, at least a block.
+        if self._block_input is None:
+            return None
+        room = self._tiers.fill_limit(self) - self._tiers.pool.level
+        return max(1, -(-room // BLOCK_BYTES)) * self._block_input
 
     def _stop_recording(self, error: OSError | None) -> None:
         record, self._record = self._record, None
