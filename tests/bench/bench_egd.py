@@ -12,11 +12,11 @@ serve`` with the default-shaped config and a getrandom source (`daemons.py`),
 once more with a customer covering 127.0.0.0/8 whose limits never bind.
 
 Each scenario runs `REPEATS` times on each side, alternating which goes first.
-Before a daemon run its pool is refilled, so every run starts alike, and the
-first `WARMUP` seconds of load are not counted, so what is measured is the
-sustained rate, not the pool's contents. Medians are compared: ratio =
-ebroker / bare. Server and client cores are CPU seconds over wall seconds, so a
-reader can see which side was saturated.
+Before a daemon run its pool refills until its sources pause, so every run
+starts alike, and the first `WARMUP` seconds of load are not counted, so what
+is measured is the sustained rate, not the pool's contents. Medians are
+compared: ratio = ebroker / bare. Server and client cores are CPU seconds over
+wall seconds, so a reader can see which side was saturated.
 """
 
 from dataclasses import dataclass

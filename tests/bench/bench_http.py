@@ -12,8 +12,9 @@ a request at once, counted as non-2xx) and ``bytes=4096&wait=5`` (a request
 waits for the pool instead).
 
 Each scenario runs `REPEATS` times on each side, alternating which goes first.
-A daemon run starts with a full pool, and every run follows `WARMUP` seconds of
-the same load, unmeasured, so it measures the sustained rate. Entropy MB/s
+A daemon run starts once its pool has refilled until its sources pause, and
+every run follows `WARMUP` seconds of the same load, unmeasured, so it measures
+the sustained rate. Entropy MB/s
 counts the bodies of 200 answers only; wrk's transfer rate (headers and every
 body) is in ``--json``. Client cores are wrk's CPU seconds (wait4) over its
 wall time.

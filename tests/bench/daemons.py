@@ -14,12 +14,12 @@ import json
 import subprocess
 import tempfile
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from broker.pool import BLOCK_BITS
 from tests.integration.daemon import Daemon, start_daemon
 
 from .common import poll
@@ -35,6 +35,9 @@ STATUS_INTERVAL = 0.02
 """Seconds between two status requests while waiting on the daemon: each one
 costs the daemon a little CPU."""
 SETTLE_TIMEOUT = 60.0
+SETTLE_QUIET = 0.25
+"""Seconds without input that mean the sources have paused: a source that is
+filling the pool reads again within milliseconds."""
 
 
 def config_text(
@@ -154,12 +157,25 @@ class Ebroker:
 
     def settle(self) -> None:
         """
-        Wait until the pool is full again after a run, so every run starts
-        from the same state. Output comes in whole blocks, so a full pool may
-        lack less than one block.
+        Wait until the pool has stopped absorbing input for `SETTLE_QUIET`
+        seconds: its sources pause once it is as full as the pool's own policy
+        keeps it, so every run starts alike whatever that policy is.
+
+        Raises:
+            TimeoutError: input never paused in time.
         """
-        block = BLOCK_BITS // 8
-        self.wait(lambda s: s["pool"]["capacity"] - s["pool"]["level"] < block)
+        seen: list[float] = []
+
+        def paused() -> bool:
+            absorbed = self.status()["pool"]["bytes_in"]
+            now = time.monotonic()
+            if not seen or absorbed != seen[0]:
+                seen[:] = [absorbed, now]
+                return False
+            return now - seen[1] >= SETTLE_QUIET
+
+        if not poll(paused, SETTLE_TIMEOUT, STATUS_INTERVAL):
+            raise TimeoutError("the daemon's pool never stopped absorbing input")
 
 
 @contextlib.contextmanager
