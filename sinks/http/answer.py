@@ -107,10 +107,13 @@ class RawAnswer(web.StreamResponse):
                 connection = "Connection: close\r\n"
         elif version == HttpVersion10 and keep_alive:
             connection = "Connection: keep-alive\r\n"
-        headers = self.headers
-        extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        extra = ""
+        lines = 0
+        for name, value in self.headers.items():
+            extra += f"{name}: {value}\r\n"
+            lines += 1
         # One line break per header: none may hide inside a name or value.
-        if extra.count("\n") != len(headers) or extra.count("\r") != len(headers):
+        if extra.count("\n") != lines or extra.count("\r") != lines:
             raise ValueError("a header of a raw answer holds a line break")
         head = (
             f"HTTP/{version.major}.{version.minor} {self.status} {self.reason}\r\n"
