@@ -11,6 +11,7 @@ measured.
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -65,12 +66,27 @@ def _git(*args: str) -> str | None:
     return done.stdout.rstrip()
 
 
-def _meta(seconds: float) -> dict[str, Any]:
-    changed = _git("status", "--porcelain", "--", "broker", "sinks", "sources")
+DAEMON_PATHS = ("broker", "sinks", "sources")
+
+
+def _tree() -> dict[str, Any]:
+    """
+    The commit checked out, the daemon's files changed on top of it, and a
+    digest of those changes (tracked files), so two states can be told apart.
+    """
+    changed = _git("status", "--porcelain", "--", *DAEMON_PATHS)
+    diff = _git("diff", "HEAD", "--", *DAEMON_PATHS) or ""
     return {
-        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": _git("rev-parse", "HEAD"),
         "uncommitted": changed.splitlines() if changed else [],
+        "diff_sha256": hashlib.sha256(diff.encode()).hexdigest(),
+    }
+
+
+def _meta(seconds: float) -> dict[str, Any]:
+    return {
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **_tree(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
@@ -100,7 +116,15 @@ def main() -> int:
     print()
     results: dict[str, Any] = {"meta": meta, "benchmarks": {}}
     for name in names:
-        print(f"## {name}")
+        # Each benchmark starts its own daemon, so the code it measures is
+        # what is checked out when it starts: say so when that moved.
+        tree = _tree()
+        moved = ""
+        if any(tree[key] != meta[key] for key in tree):
+            moved = " (daemon code changed since the start: now at "
+            moved += f"{(tree['commit'] or 'unknown')[:12]}"
+            moved += ", modified)" if tree["uncommitted"] else ")"
+        print(f"## {name}{moved}")
         sys.stdout.flush()
         try:
             report = BENCHMARKS[name](args.seconds)
@@ -112,7 +136,11 @@ def main() -> int:
             print(line)
         print()
         sys.stdout.flush()
-        results["benchmarks"][name] = {"lines": report.lines, "data": report.data}
+        results["benchmarks"][name] = {
+            "tree": tree,
+            "lines": report.lines,
+            "data": report.data,
+        }
         if args.json is not None:
             args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0
