@@ -594,9 +594,15 @@ class EgdConnection(asyncio.Protocol):
             await self._output.room()
             if self._gone():
                 return
-            data, granted_at = await withdrawals.stream_piece(
-                client, min(remaining, self._sink.config.chunk_size)
-            )
+            # What is ready now first, as a new request would get it; only
+            # then a place in the pool's queue, a chunk per turn.
+            taken = withdrawals.now(client, remaining, least=1)
+            if taken is not None and taken.data:
+                data, granted_at = taken.data, taken.granted_at
+            else:
+                data, granted_at = await withdrawals.stream_piece(
+                    client, min(remaining, self._sink.config.chunk_size)
+                )
             self._served.append((len(data), granted_at))
             if not self._send([data]):
                 return
