@@ -17,6 +17,7 @@ connection stays reachable by reloads through a weak set.
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from broker.accounts.clients import Client, CustomerState, Denied
 from broker.accounts.config import (
@@ -27,6 +28,8 @@ from broker.accounts.config import (
 from broker.accounts.identity import IdentityMap, Peer, hash_token, normalise_ip
 from broker.errors import ConfigError
 
+MATCH_CACHE_SIZE = 65536
+"""Addresses and uids whose customer is remembered between reloads."""
 # Clients unseen for this long are forgotten (their buckets would be full anyway).
 CLIENT_IDLE_FORGET = 3600.0
 
@@ -78,6 +81,10 @@ class Customers:
         self.clients: dict[str, Client] = {}
         """Clients by display key, as `identify` finds them again."""
         self._live: weakref.WeakSet[Client] = weakref.WeakSet()
+        self._matched: dict[tuple[str, str | None, int | None], _Match] = {}
+        """Who an address or uid was found to be, until the next reload: every
+        EGD connection and HTTP request is identified, and matching parses
+        the address and walks the networks."""
         self._apply(customers)
 
     def __iter__(self) -> Iterator[CustomerState]:
@@ -143,6 +150,7 @@ class Customers:
                 _carry(state, implicit)
             current[DEFAULT_CUSTOMER] = implicit
         self._states = current
+        self._matched.clear()
         self._identity = IdentityMap.build(
             (c.id, c.networks, c.uids, c.tokens) for c in customers
         )
@@ -159,9 +167,18 @@ class Customers:
                 return Denied(None, "unknown bearer token")
             ident: Ident = ("token", token_hash)
             key = f"token:{token_hash.removeprefix('sha256:')[:12]}"
+            customer = self._states[self._match(ident)]
         else:
-            ident, key = _plain_ident(peer)
-        customer = self._states[self._match(ident)]
+            probe = (peer.transport, peer.ip, peer.uid)
+            match = self._matched.get(probe)
+            if match is None:
+                ident, key = _plain_ident(peer)
+                match = _Match(ident, key, self._match(ident))
+                if len(self._matched) >= MATCH_CACHE_SIZE:
+                    self._matched.clear()  # a scan of many addresses: start over
+                self._matched[probe] = match
+            ident, key = match.ident, match.key
+            customer = self._states[match.customer_id]
         if customer.config.deny:
             customer.denied += 1
             reason = (
@@ -209,6 +226,12 @@ def _opens(before: CustomerConfig | None, after: CustomerConfig | None) -> bool:
     if after is None:
         return True
     return before.deny and not after.deny
+
+
+class _Match(NamedTuple):
+    ident: Ident
+    key: str
+    customer_id: str
 
 
 def _plain_ident(peer: Peer) -> tuple[Ident, str]:

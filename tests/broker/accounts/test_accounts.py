@@ -709,3 +709,18 @@ def test_reload_lifting_deny_on_default_opens_it() -> None:
     assert ["reload_opens_default"] == [
         e["event"] for e in logs if e["log_level"] == "warning"
     ]
+
+
+def test_an_address_is_matched_again_after_a_reload() -> None:
+    """
+    Who an address belongs to is remembered between requests, and a reload
+    that gives its network to a customer applies to its next request.
+    """
+    acc = accounts()
+    peer = Peer("tcp", ip="10.1.0.5")
+    before = [client_of(acc, peer).customer_id for _ in range(2)]
+    acc.reload([acme()])
+    assert (["default", "default"], "acme") == (
+        before,
+        client_of(acc, peer).customer_id,
+    )
