@@ -20,9 +20,8 @@ the block stays inside the conditioner, complete and credited, until a
 withdrawal makes room. Further input meanwhile is still mixed in, but its
 credit is dropped: the state cannot hold more than that one block's worth, and
 under-crediting is safe. Sources pause while there is no room for a block
-(`wait_for_space`), so that costs at most the read each had in flight; once
-the buffer has filled up, until a sixteenth of it has been drawn
-(`broker.room`).
+(`wait_for_space`, `broker.room`), so that costs at most the read each had in
+flight.
 
 Withdrawals take bytes from the front of the buffer; a byte leaves the buffer
 exactly once and goes to exactly one caller. Bytes a waiter had collected but
@@ -264,28 +263,23 @@ class EntropyPool:
     @property
     def has_space(self) -> bool:
         """
-        Whether sources may add output: one more block fits, and once the
-        buffer has filled up, ``resume_room`` bytes do (`broker.room`).
+        Whether one more block fits without the buffer passing ``capacity``.
         """
         return self._room.has_space(self.level)
 
-    @property
-    def resume_room(self) -> int:
-        return self._room.resume_room
-
     async def wait_for_space(self) -> None:
         """
-        Return once sources may add output (sources call this before each
-        read, which is how a full pool pauses them).
+        Return once the output buffer has room for a block (sources call this
+        before each read, which is how a full pool pauses them).
         """
         while not self.has_space and not self._closed:
             await self._room.wait_open()
 
     async def wait_for_level_below(self, limit: int) -> None:
         """
-        Return once the buffer holds fewer than ``limit`` bytes and sources
-        may add output (or the pool is closed): how a source that may fill
-        only part of the pool is paused.
+        Return once the buffer holds fewer than ``limit`` bytes and has room
+        for a block (or the pool is closed): how a source that may fill only
+        part of the pool is paused.
         """
         if self._closed or (self.has_space and self.level < limit):
             return

@@ -17,12 +17,14 @@ filled the pool and no client draws. A healthy source waits for room, but at
 most ``standby_probe`` seconds: then it is read once anyway (mixed in without
 credit), so a device that dies while the pool is full is noticed. Room is what
 the supervisor grants: the whole pool, or only up to the low watermark while a
-better tier is in its start-up test; a full pool resumes sources once a
-sixteenth of it is drawn (`broker.room`). A healthy driver that can read less
-(`SizedRead`: getrandom) is asked for just the input that backs the room, so
-the read that fills the pool is not mostly dropped. After each read the loop
-gets a turn: a read that did not wait (a seeded kernel generator) must not
-hold up the sinks. A source whose tests fail too often is ``failed`` for good
+better tier is in its start-up test. A driver that can read less (`SizedRead`:
+getrandom, whose reads never wait) is asked for just the input that backs that
+room (and a start-up test's worth, if it has yet to pass one), so a read never
+overshoots the room nor is mostly dropped; once such a source has filled the
+pool it rests until a sixteenth of it (at most 64 KiB) is drawn: it is read
+once per that much output, not once per withdrawal.
+After each read the loop gets a turn: a read that did not wait must not hold
+up the sinks. A source whose tests fail too often is ``failed`` for good
 (restart the broker to clear it). A watchdog bounds each read: a source that
 delivers nothing for longer than its ``watchdog`` (derived from its nominal
 rate unless configured) is ``stalled``: the read is cancelled, the driver
@@ -31,8 +33,7 @@ none of their own.
 
 The rate a source reports is what it delivered over the last ten seconds,
 and 0 from the moment its driver is closed (failed, stalled, stopped). A raw
-recording (``record_raw``) is opened owner-only: raw output is as secret as
-the pool's input.
+recording (``record_raw``) is opened owner-only (`broker.recording`).
 
 Which tier is credited, and when a standby source is read, is the
 supervisor's decision (`broker.supervisor`); a runner asks it through `Tiers`.
@@ -47,13 +48,11 @@ device is absent).
 
 import asyncio
 import math
-import os
 import random
-import stat
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -67,6 +66,7 @@ from broker.health import (
     SourceHealth,
 )
 from broker.pool import BLOCK_BITS, BLOCK_BYTES, RESERVE_BITS, EntropyPool
+from broker.recording import RawRecording
 from broker.status import SourceState, SourceStatus
 from sources.base import Source
 
@@ -82,11 +82,10 @@ _WATCHDOG_BYTES = 16384
 _CLOSED_STATES = frozenset(
     {SourceState.FAILED, SourceState.STALLED, SourceState.STOPPED}
 )
+# The most a pool filled by a sized reader must drain before it is read again.
+_RESUME_MOST = 64 * 1024
 # Credit behind one output block, in thousandths of a bit as the pool counts it.
 _BLOCK_MILLIBITS = (BLOCK_BITS + RESERVE_BITS) * 1000
-# Owner-only: raw device output is key material until it has been conditioned.
-_RECORD_FILE_MODE = 0o600
-_RECORD_DIR_MODE = 0o700
 
 
 class SourceFailedForGood(SourceError):
@@ -263,8 +262,6 @@ class SourceRunner:
         self._tiers = tiers
         self._clock = clock
         self._optional = optional
-        self._record_path = record_raw
-        self._record: BinaryIO | None = None
         self.state = SourceState.STARTING
         self.reason = "starting"
         self.since = clock.time()
@@ -284,7 +281,13 @@ class SourceRunner:
         millibits = math.floor(source.credit * 1000)
         self._block_input = -(-_BLOCK_MILLIBITS // millibits) if millibits else None
         self._read_up_to = source.read_up_to if isinstance(source, SizedRead) else None
+        capacity = tiers.pool.capacity
+        self._resume = min(capacity // 16, _RESUME_MOST) if self._read_up_to else 0
+        self._filled = False
         self._log = log.bind(source=source.name, kind=source.kind)
+        self._recording = (
+            RawRecording(record_raw, self._log) if record_raw is not None else None
+        )
 
     def set_state(self, state: SourceState, reason: str) -> None:
         if state == self.state and reason == self.reason:
@@ -328,14 +331,8 @@ class SourceRunner:
         """
         first_attempt = True
         try:
-            if self._record_path is not None:
-                try:
-                    self._record = self._open_record(self._record_path)
-                except OSError as exc:
-                    # The source's data is still good: serve it, unrecorded.
-                    self._log.error(
-                        "record_raw_failed", path=str(self._record_path), error=str(exc)
-                    )
+            if self._recording is not None:
+                self._recording.open()
             while True:
                 try:
                     await self._run_once()
@@ -362,50 +359,10 @@ class SourceRunner:
                 await self._clock.sleep(delay)
                 self.restarts += 1
         finally:
-            self._stop_recording(None)
+            if self._recording is not None:
+                self._recording.close()
             if not self.skipped and self.state != SourceState.FAILED:
                 self.set_state(SourceState.STOPPED, "stopped")
-
-    def _open_record(self, path: Path) -> BinaryIO:
-        """
-        Open ``path`` to append raw bytes, for the broker's user only.
-
-        Missing directories on the way are created 0700 and the file 0600. An
-        existing regular file readable by others is tightened to 0600, and
-        that is logged: the bytes appended from now on are as secret as the
-        pool's input. A FIFO or device node (``/dev/null``) is left as it is.
-
-        Raises:
-            OSError: the directory or file cannot be created, opened or
-                tightened (another user's file).
-        """
-        missing = [
-            directory
-            for directory in (path.parent, *path.parent.parents)
-            if not directory.exists()
-        ]
-        for directory in reversed(missing):
-            directory.mkdir(mode=_RECORD_DIR_MODE, exist_ok=True)
-        fd = os.open(
-            path,
-            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-            _RECORD_FILE_MODE,
-        )
-        try:
-            info = os.fstat(fd)
-            mode = stat.S_IMODE(info.st_mode)
-            if stat.S_ISREG(info.st_mode) and mode & ~_RECORD_FILE_MODE:
-                os.fchmod(fd, _RECORD_FILE_MODE)
-                self._log.warning(
-                    "record_raw_mode_tightened",
-                    path=str(path),
-                    previous=f"{mode:04o}",
-                    mode=f"{_RECORD_FILE_MODE:04o}",
-                )
-            return os.fdopen(fd, "ab")
-        except BaseException:
-            os.close(fd)
-            raise
 
     async def _run_once(self) -> None:
         async with self.source as source:
@@ -415,13 +372,11 @@ class SourceRunner:
             self._apply_health_state()
             while True:
                 probe = False
-                limit = None
                 if self.healthy:
                     if not self._tiers.is_active(self):
                         await self._tiers.wait_until_needed(self)
                     probe = not await self._room_or_probe()
-                    if not probe:
-                        limit = self._room_limit()
+                limit = None if probe else self._read_limit()
                 # A source in its start-up test or in quarantine is read even
                 # while the pool is full: its bytes are only mixed in, so they
                 # need no room, and it must get through its start-up test to
@@ -457,48 +412,54 @@ class SourceRunner:
             True when there is room; False when a probe read is due.
         """
         tiers = self._tiers
-        if tiers.has_room(self):
+        if not self._resting() and tiers.has_room(self):
             return True  # the usual case: no timer to arm
         try:
             async with self._clock.timeout(tiers.standby_probe):
                 await tiers.wait_for_room(self)
+                if self._resting():
+                    pool = tiers.pool
+                    await pool.wait_for_level_below(pool.capacity - self._resume + 1)
         except TimeoutError:
             return tiers.has_room(self)
         return True
 
-    def _room_limit(self) -> int | None:
-        # Input that backs the output the pool has room for, at least a block.
+    def _resting(self) -> bool:
+        """
+        Whether a source that reads in sized pieces, having filled the pool,
+        still waits for a sixteenth of it to be drawn: it is then read about
+        once per that much output, not once per withdrawal.
+        """
+        if not self._resume:
+            return False
+        pool = self._tiers.pool
+        room = pool.capacity - pool.level
+        if room < BLOCK_BYTES:
+            self._filled = True
+        elif room >= self._resume:
+            self._filled = False
+        return self._filled
+
+    def _read_limit(self) -> int | None:
+        """
+        Input that backs the output the pool has room for (at least a block
+        when healthy; plus a start-up test's worth when not yet): what a read
+        may credit. None: no bound.
+        """
         if self._block_input is None:
             return None
         room = self._tiers.fill_limit(self) - self._tiers.pool.level
-        return max(1, -(-room // BLOCK_BYTES)) * self._block_input
-
-    def _stop_recording(self, error: OSError | None) -> None:
-        record, self._record = self._record, None
-        if record is None:
-            return
-        try:
-            record.close()
-        except OSError as exc:
-            error = error or exc
-        if error is not None:
-            # A full or failing disk costs the recording, never the source.
-            self._log.error(
-                "record_raw_failed",
-                path=str(self._record_path),
-                error=str(error),
-                kept="serving, unrecorded",
-            )
+        blocks = max(0, -(-room // BLOCK_BYTES))
+        if self.healthy:
+            return max(1, blocks) * self._block_input
+        return STARTUP_SAMPLES + blocks * self._block_input
 
     def _absorb(self, data: bytes, *, probe: bool = False) -> None:
         pool = self._tiers.pool
         self.bytes_in += len(data)
         self._meter.add(self._clock.monotonic(), len(data))
-        if self._record is not None:
-            try:
-                self._record.write(data)
-            except OSError as exc:
-                self._stop_recording(exc)
+        if self._recording is not None:
+            self._recording.write(data)
         verdict = self.health.feed(data, self._clock.time())
         for event in verdict.events:
             self._log_health_event(event)

@@ -742,27 +742,3 @@ async def test_large_read_on_the_spot_is_charged_turn_by_turn() -> None:
     assert 0 == policy.pushed
     assert [("a", 16), ("a", 16), ("a", 8)] == policy.charges
     assert 40 == pool.stats().bytes_out
-
-
-async def test_full_pool_resumes_sources_once_a_sixteenth_is_drawn() -> None:
-    """
-    Once the buffer has filled, sources stay paused until resume_room bytes
-    (a sixteenth of the capacity) were withdrawn, not at every withdrawal;
-    the buffer itself still takes any block that fits.
-    """
-    pool = EntropyPool(4096)
-    assert 256 == pool.resume_room
-    pool.add(os.urandom(40 * 128), 8)
-    assert 4096 == pool.level
-    waiter = asyncio.create_task(pool.wait_for_space())
-    pool.read_nowait(64)
-    await asyncio.sleep(0)
-    assert not pool.has_space
-    assert not waiter.done()
-    pool.add(os.urandom(40), 8)
-    assert 4064 == pool.level
-    pool.read_nowait(256 - 32)
-    async with asyncio.timeout(DEADLINE):
-        await waiter
-    assert pool.has_space
-    assert 64 * 1024 == EntropyPool(1 << 20).resume_room

@@ -69,7 +69,8 @@ async def test_full_pool_parks_a_fast_source(clock: FakeClock) -> None:
     """
     A source that never has to wait fills the pool and is then parked: it is
     not read again, however many loop turns pass, until a sixteenth of the
-    pool has been drawn; then it reads only what the room backs.
+    pool has been drawn; then it reads just what that room backs (40 input
+    bytes a block at 8 bits per byte) and is parked again.
     """
     pool = EntropyPool(256 * 1024)
     supervisor, source = await start(pool, clock)
@@ -78,15 +79,17 @@ async def test_full_pool_parks_a_fast_source(clock: FakeClock) -> None:
         reads = len(source.limits)
         await settle(500)
         assert reads == len(source.limits)
-        pool.read_nowait(pool.resume_room - BLOCK_BYTES)
+        resume = pool.capacity // 16
+        pool.read_nowait(resume - BLOCK_BYTES)
         await settle()
         assert reads == len(source.limits)
         pool.read_nowait(BLOCK_BYTES)
         await settle()
         assert len(source.limits) > reads
         assert not pool.has_space
-        room = pool.resume_room + pool.capacity % BLOCK_BYTES
-        assert all(limit <= room // BLOCK_BYTES * 40 for limit in source.limits[reads:])
+        assert all(
+            limit == resume // BLOCK_BYTES * 40 for limit in source.limits[reads:]
+        )
     finally:
         await supervisor.stop()
 
@@ -129,4 +132,25 @@ async def test_loop_runs_between_reads(clock: FakeClock) -> None:
         assert ticks >= len(source.limits) - 1
     finally:
         task.cancel()
+        await supervisor.stop()
+
+
+async def test_first_read_asks_for_a_startup_test_and_the_room(
+    clock: FakeClock,
+) -> None:
+    """
+    A source yet to pass its start-up test asks for that test's 1,024 bytes
+    plus the input the room backs, so the bytes credited once it passes
+    within the read never overshoot the room.
+    """
+    pool = EntropyPool(64 * 1024)
+    supervisor, source = await start(pool, clock)
+    try:
+        await until_full(pool)
+        assert 1024 + pool.capacity // BLOCK_BYTES * 40 == source.limits[0]
+        stats = pool.stats()
+        assert stats.credited_bits_in - stats.blocks_out * 320 < 320 * len(
+            source.limits
+        )
+    finally:
         await supervisor.stop()
