@@ -146,6 +146,21 @@ class Withdrawals:
             accounts.refund(client, allowed - len(data), granted_at)
         return data, granted_at
 
+    def grant_all_nowait(self, client: Client, wanted: int) -> Grant | None:
+        """
+        `grant_all_now` decided without waiting; None when the limits need
+        I/O (then await `grant_all_now`).
+        """
+        accounts = self.accounts
+        now = accounts.clock.time()
+        grant = accounts.try_grant(client, wanted, now)
+        if grant is None:
+            return None
+        if 0 < grant.granted < wanted:
+            # Refunded: ``granted`` stays only to say how much was allowed.
+            accounts.refund(client, grant.granted, now)
+        return dataclasses.replace(grant, charged_at=now)
+
     async def grant_all_now(self, client: Client, wanted: int) -> Grant:
         """
         All of ``wanted`` from the limits, or nothing: a partial grant is

@@ -319,8 +319,18 @@ class EntropyEndpoint:
             raise RuntimeError(f"pool returned {len(data)} of {count} bytes")
         if grant is not None and not query.wait:
             return refusal(grant, count, taken.granted_at)
-        # Limits short with time to wait, or the pool short: the limits
-        # decide (and may wait), then the pool.
+        if grant is None and not query.wait:
+            # The pool is short: the limits still speak first (429/403).
+            full = withdrawals.grant_all_nowait(client, count)
+            if full is None:
+                return Pending(query, client)  # the limits need their backend
+            if full.granted < count:
+                return refusal(full, count, full.charged_at or taken.granted_at)
+            withdrawals.unserved(client, count, full.charged_at)
+            ready = self._broker.pool.available(client)
+            return self._unavailable(count, f"only {ready} bytes ready, {count} asked")
+        # Limits short with time to wait: the limits decide (and may wait),
+        # then the pool.
         return Pending(query, client)
 
     async def answer_later(self, pending: Pending) -> web.StreamResponse:
