@@ -324,10 +324,16 @@ class EntropyPool:
         end = start + count
         data = bytes(buffer[start:end])
         runs = self._ledger.take(count)
-        if waiter is None:
-            self._count_out(runs)
-        else:
+        if waiter is not None:
             waiter.provenance += runs
+        elif len(runs) == 1:
+            # The usual case, inline: all from one tier.
+            tier = runs[0][0]
+            self.bytes_out += count
+            by_tier = self.bytes_out_by_tier
+            by_tier[tier] = by_tier.get(tier, 0) + count
+        else:
+            self._count_out(runs)
         if end >= _COMPACT_AT and end * 2 >= len(buffer):
             del buffer[:end]
             end = 0

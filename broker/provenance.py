@@ -69,9 +69,10 @@ class Ledger:
         """
         Remove ``count`` bytes from the front and say where they came from.
         """
-        run = self._runs[0] if self._runs else None
-        if run is not None and run.size > count > 0:
+        runs = self._runs
+        if runs and runs[0].size > count > 0:
             # The usual case: the bytes all come from the oldest run.
+            run = runs[0]
             run.size -= count
             self.level_by_tier[run.tier] -= count
             return [(run.tier, count)]
