@@ -22,14 +22,15 @@ getrandom, whose reads never wait) is asked for just the input that backs that
 room (and a start-up test's worth, if it has yet to pass one), so a read never
 overshoots the room nor is mostly dropped; once such a source has filled the
 pool it rests until a sixteenth of it (at most 64 KiB) is drawn: it is read
-once per that much output, not once per withdrawal.
-After each read the loop gets a turn: a read that did not wait must not hold
-up the sinks. A source whose tests fail too often is ``failed`` for good
-(restart the broker to clear it). A watchdog bounds each read: a source that
-delivers nothing for longer than its ``watchdog`` (derived from its nominal
-rate unless configured) is ``stalled``: the read is cancelled, the driver
-closed and restarted. The watchdog is the only bound on a read; drivers keep
-none of their own.
+once per that much output, not once per withdrawal. After each read the loop
+gets a turn: a read that did not wait must not hold up the sinks.
+
+A source whose tests fail too often is ``failed`` for good (restart the broker
+to clear it). A watchdog bounds each read: a source that delivers nothing for
+longer than its ``watchdog`` (derived from its nominal rate unless
+configured) is ``stalled``: the read is cancelled, the driver closed and
+restarted. The watchdog is the only bound on a read; drivers keep none of
+their own.
 
 The rate a source reports is what it delivered over the last ten seconds,
 and 0 from the moment its driver is closed (failed, stalled, stopped). A raw
