@@ -72,7 +72,7 @@ those of the search, byte for byte.
 
 On random data none of this happens (a false hit needs a 64-bit match), so
 512 bytes cost 32 set insertions and 30 set lookups, in C, instead of two
-64 KiB scans: about six times the throughput. On data that repeats (a stuck
+64 KiB scans: about five times the throughput. On data that repeats (a stuck
 or replaying source) the search runs as before. The set is rebuilt from the
 window once it holds three windows' worth of words (some 12,000 at the
 default window, under a MiB). Probes shorter than 23 bytes (never at the
