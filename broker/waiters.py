@@ -2,11 +2,11 @@
 Blocked withdrawals and the order they are served in.
 
 A blocked read from the pool is a `Waiter`. Waiters queue in a `WaitPolicy`;
-each turn the pool gives the waiter at the head at most its ``chunk`` bytes,
-and a waiter that still needs more goes to the back. With the plain `WaitQueue`
-blocked readers share scarce output round-robin and nobody is ever skipped; the
-broker uses `broker.accounts.WeightedWaitQueue`, which orders turns
-weighted-fair across customers.
+each turn the pool gives the waiter at the head at most the pool's ``chunk``
+bytes, and a waiter that still needs more goes to the back. With the plain
+`WaitQueue` blocked readers share scarce output round-robin and nobody is ever
+skipped; the broker uses `broker.accounts.WeightedWaitQueue`, which orders
+turns weighted-fair across customers.
 
 What the pool tells a policy, and asks of it:
 
@@ -14,8 +14,8 @@ What the pool tells a policy, and asks of it:
   waiter that gave up went back unserved);
 * ``charge_key(key, n)`` for bytes taken outside the queue: by a non-blocking
   reader (``n`` may be 0: it asked), and by a blocked read that the buffer
-  answered at once while nobody was queued, once per turn it would have had
-  (for a policy that is the same as that reader pushed, served and popped);
+  answered at once while nobody was queued, once per turn it would have had,
+  which must leave a policy as pushing, serving and popping that read would;
 * ``turn_for(key)``, only while someone is queued: whether a reader outside
   the queue may take bytes now (it never jumps the queue);
 * ``reserved(key)``: buffered bytes a reader with ``key`` must leave for
