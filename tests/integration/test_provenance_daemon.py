@@ -33,7 +33,8 @@ FIFO = "fifo"
 LOW_WATERMARK = 1024
 """What `default_config` sets."""
 READ = 4096
-"""Raw bytes in one getrandom read (its default); its output is less."""
+"""Slack past the watermark for one read: getrandom asks only for what the room
+backs (plus the start-up test's headroom), so its output stays well within."""
 FALLBACK_BOUND = LOW_WATERMARK + READ
 DRAW = 4096
 
