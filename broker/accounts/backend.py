@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import structlog
 
 from broker.accounts.bucket import TokenBucket
-from broker.accounts.reservations import reserved_mark
+from broker.accounts.reservations import reservation, reserved_mark
 
 log = structlog.get_logger("ebroker.accounts")
 
@@ -216,6 +216,8 @@ class MemoryBackend:
         self._buckets: dict[str, TokenBucket] = {}
         self._latest = 0.0
         self._write_lock = asyncio.Lock()
+        self._ahead: asyncio.Task[None] | None = None
+        """The write moving marks ahead while grants go on, if one runs."""
         self._write_failed_at: float | None = None
         self.writes = 0
         """State files written (a measure of what durability costs)."""
@@ -228,8 +230,9 @@ class MemoryBackend:
         self._latest = max(self._latest, now)
 
     async def close(self) -> None:
-        # Nothing to release; saving is the owner's call because it knows the path.
-        return None
+        # Saving is the owner's call because it knows the path; a write ahead
+        # in flight is let finish, so the file is never left half-decided.
+        await self.settled()
 
     async def probe(self, now: float) -> bool:
         self.prune(now)
@@ -354,6 +357,9 @@ class MemoryBackend:
             slot = (customer_id, quota.period_key)
             if self._used.get(slot, 0) + max(0, amount) > self._durable.get(slot, 0):
                 return None  # the state file must count these first: `take` writes it
+            charge = self.take_now(customer_id, amount, now, bucket, quota)
+            self._keep_ahead(slot, quota.limit, now)
+            return charge
         return self.take_now(customer_id, amount, now, bucket, quota)
 
     def give_back_nowait(
@@ -378,7 +384,9 @@ class MemoryBackend:
     ) -> Charge:
         charge = self.take_now(customer_id, amount, now, bucket, quota)
         if quota is not None and charge.granted:
-            await self._cover((customer_id, quota.period_key), now)
+            slot = (customer_id, quota.period_key)
+            await self._cover(slot, now)
+            self._keep_ahead(slot, quota.limit, now)
         return charge
 
     async def give_back(
@@ -428,27 +436,64 @@ class MemoryBackend:
             return
         async with self._write_lock:
             # A write that finished while this one queued may cover it already.
-            if self._covered(slot):
-                return
-            if (
-                self._write_failed_at is not None
-                and now < self._write_failed_at + WRITE_RETRY
-            ):
-                return  # the disk just failed: serve on, try again shortly
-            try:
-                await self._write_locked(path, reserve=True)
-            except OSError as exc:
-                # Refusing every metered grant over a full or broken disk would
-                # stop the supply; counts stay exact in memory, and only a crash
-                # before the disk recovers could lose them.
-                self._write_failed_at = now
-                log.error(
-                    "accounts_state_save_failed",
-                    path=str(path),
-                    error=str(exc),
-                )
-            else:
-                self._write_failed_at = None
+            if not self._covered(slot):
+                await self._write_marks(path, now)
+
+    def _keep_ahead(self, slot: Slot, limit: int, now: float) -> None:
+        # Once half of a counter's head start is spent, move its mark ahead in
+        # the background: grants go on under the current mark meanwhile, so a
+        # customer drawing steadily never waits for the disk.
+        if self._ahead is not None or self.state_path is None:
+            return
+        mark = self._durable.get(slot, 0)
+        if mark >= limit or 2 * (mark - self._used.get(slot, 0)) >= reservation(limit):
+            return
+        self._ahead = asyncio.get_running_loop().create_task(
+            self._write_ahead(slot, limit, now)
+        )
+        self._ahead.add_done_callback(self._ahead_done)
+
+    def _ahead_done(self, task: "asyncio.Task[None]") -> None:
+        self._ahead = None
+
+    async def settled(self) -> None:
+        """
+        Return once no write ahead is in flight.
+        """
+        if self._ahead is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._ahead)
+
+    async def _write_ahead(self, slot: Slot, limit: int, now: float) -> None:
+        path = self.state_path
+        if path is None:
+            return
+        async with self._write_lock:
+            mark = self._durable.get(slot, 0)
+            if 2 * (mark - self._used.get(slot, 0)) < reservation(limit):
+                await self._write_marks(path, now)
+
+    async def _write_marks(self, path: Path, now: float) -> None:
+        # Write every counter's mark a reservation ahead (the write lock held).
+        if (
+            self._write_failed_at is not None
+            and now < self._write_failed_at + WRITE_RETRY
+        ):
+            return  # the disk just failed: serve on, try again shortly
+        try:
+            await self._write_locked(path, reserve=True)
+        except OSError as exc:
+            # Refusing every metered grant over a full or broken disk would
+            # stop the supply; counts stay exact in memory, and only a crash
+            # before the disk recovers could lose them.
+            self._write_failed_at = now
+            log.error(
+                "accounts_state_save_failed",
+                path=str(path),
+                error=str(exc),
+            )
+        else:
+            self._write_failed_at = None
 
     def _covered(self, slot: Slot) -> bool:
         return self._used.get(slot, 0) <= self._durable.get(slot, 0)

@@ -13,9 +13,11 @@ counter restarts from after a crash. The invariant is
 kept by the backend: a charge that takes ``used`` past the mark writes a new
 state file (temp file, fsync, rename, fsync of the directory, off the event
 loop) before the grant returns. A write sets every counter's mark to
-`reserved_mark` (``used + R``, capped at the quota), so a customer drawing
-steadily causes one write per ``R`` bytes, not one per grant. A clean shutdown
-writes exact counts (mark = used).
+`reserved_mark` (``used + R``, capped at the quota). Once half of a counter's
+head start is spent, a write moves the marks ahead in the background while
+grants go on under the current mark, so a customer drawing steadily waits for
+the disk only if it spends half a reservation faster than one write takes. A
+clean shutdown writes exact counts (mark = used).
 
 Worst case after SIGKILL or power loss
 --------------------------------------
@@ -37,7 +39,7 @@ quota          R       worst loss (no refunds)
 5 GiB/month    1 MiB   1 MiB (0.02 %)
 =============  ======  ==============================
 
-Cost: at most one state-file write per ``R`` bytes per metered customer,
+Cost: at most one state-file write per ``R / 2`` bytes per metered customer,
 plus one per ``persist_interval`` while counts change; grants of a customer
 below its mark touch no disk.
 """
