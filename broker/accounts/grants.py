@@ -133,17 +133,10 @@ class Grants:
     async def _attempt(
         self, client: Client, wanted: int, now: float, need: int | None
     ) -> Grant:
-        customer = client._customer
-        client._sync_bucket()
-        client.last_seen = now
-        if customer.config.deny:
-            return _DENIED
-        wanted = max(0, wanted)
-        quota = customer.quota_limit(now)
-        if client.bucket is None and customer.bucket is None and quota is None:
-            # No limit applies: skip the backend (and, with Redis, the round trip).
-            _served(client, customer, wanted, now, None)
-            return Grant(wanted, 0.0, None, None, None, 0, 0, now)
+        opened = _open(client, wanted, now)
+        if isinstance(opened, Grant):
+            return opened
+        customer, wanted, quota = opened
         charge = await self._charge(client, customer, wanted, now, quota)
         return self._conclude(client, customer, wanted, now, need, quota, charge)
 
@@ -153,17 +146,11 @@ class Grants:
         at once (a Redis round trip, a state-file write owed first), and the
         caller must take the asynchronous path instead.
         """
-        customer = client._customer
-        client._sync_bucket()
-        client.last_seen = now
-        if customer.config.deny:
-            return _DENIED
-        wanted = max(0, wanted)
-        quota = customer.quota_limit(now)
+        opened = _open(client, wanted, now)
+        if isinstance(opened, Grant):
+            return opened
+        customer, wanted, quota = opened
         own = client.bucket
-        if own is None and customer.bucket is None and quota is None:
-            _served(client, customer, wanted, now, None)
-            return Grant(wanted, 0.0, None, None, None, 0, 0, now)
         amount = own.take(wanted, now) if own is not None else wanted
         charge: Charge | None = None
         if amount:
@@ -432,6 +419,25 @@ def _served(
     # Again after the backend call, which lets other connections of this client
     # run: a sink reads the grant's time from here once `wait_grant` returns.
     client.last_seen = now
+
+
+def _open(
+    client: Client, wanted: int, now: float
+) -> Grant | tuple[CustomerState, int, QuotaLimit | None]:
+    # What every grant starts with: the answer already, when the customer is
+    # denied or nothing limits it; else the customer, the amount and the quota.
+    customer = client._customer
+    client._sync_bucket()
+    client.last_seen = now
+    if customer.config.deny:
+        return _DENIED
+    wanted = max(0, wanted)
+    quota = customer.quota_limit(now)
+    if client.bucket is None and customer.bucket is None and quota is None:
+        # No limit applies: skip the backend (and, with Redis, the round trip).
+        _served(client, customer, wanted, now, None)
+        return Grant(wanted, 0.0, None, None, None, 0, 0, now)
+    return customer, wanted, quota
 
 
 def _piece(client: Client, wanted: int) -> int:
