@@ -13,17 +13,10 @@ A blocking read (0x02) streams bytes as the pool releases them and never gives
 up on an empty pool, because QEMU cannot recover a request lost with its
 connection.
 
-Limits, all per connection (see `sinks.egd.flow` for the arithmetic):
-
-- Input: once ``max_pending_bytes`` are requested but unanswered, or
-  `MAX_QUEUED_REQUESTS` requests are queued, the server stops reading from the
-  client (TCP pushes back; nothing is dropped).
-- Output: nothing is withdrawn from the pool for a client while it holds
-  ``max_buffered_output`` bytes unread (user-space buffer plus kernel send
-  queue).
-- Work: a connection answers at most `TURN_REQUESTS` requests or
-  `TURN_BYTES` bytes of replies per callback of the event loop; the worker
-  goes on after a yield.
+Per connection, input is bounded by ``max_pending_bytes`` and
+`MAX_QUEUED_REQUESTS` (reading pauses: TCP pushes back, nothing is dropped),
+unread output by ``max_buffered_output``, and work per callback of the loop by
+the turn budget; `sinks.egd.flow` has the arithmetic.
 
 TCP connections pass their first bytes through a `ProxyGate`: only a trusted
 proxy may send a PROXY header, and its connections are identified by the client
@@ -56,7 +49,6 @@ import contextlib
 import functools
 import os
 import socket
-import struct
 from typing import Any, Final, Protocol, cast
 
 import structlog
@@ -66,11 +58,9 @@ from broker.errors import PoolClosedError
 from broker.pool import EntropyPool
 from broker.withdrawal import Withdrawals
 from sinks.egd.config import EgdSinkConfig
-from sinks.egd.flow import (
-    OutputBound,
-    TurnBudget,
-    kernel_queued,
-)
+from sinks.egd.flow import OutputBound, TurnBudget, kernel_queued
+from sinks.egd.peers import peer_text, unix_peer
+from sinks.egd.requests import CLOSE, MAX_QUEUED_REQUESTS, Close, reply_size, requested
 from sinks.egd.wire import (
     NEED_DATA,
     EgdServerConnection,
@@ -94,47 +84,6 @@ EOF_GRACE: Final = 1.0
 CLOSE_GRACE: Final = 5.0
 HEADER_TIMEOUT: Final = 10.0
 """Seconds a trusted proxy has to send its PROXY header (haproxy sends it at once)."""
-MAX_QUEUED_REQUESTS: Final = 1024
-"""Queued requests per connection before reading pauses, whatever their size:
-parsing this many costs about a millisecond, and a QEMU guest keeps a handful."""
-
-
-class _Close:
-    """
-    Queued after the requests that preceded a protocol error or EOF.
-    """
-
-
-_CLOSE = _Close()
-
-
-def _requested(event: Event) -> int:
-    # What a queued request costs against max_pending_bytes: the reply it is
-    # owed, or the data it carries, so a flood of any command is bounded.
-    match event:
-        case ReadBlocking(count=count) | ReadNonBlocking(count=count):
-            return max(count, 1)
-        case WriteEntropy(data=data):
-            return 4 + len(data)
-        case GetPid():
-            return 12
-        case _:
-            return 4
-
-
-def _reply_size(event: Event | _Close) -> int:
-    # Most bytes the reply to ``event`` can take.
-    match event:
-        case ReadBlocking(count=count):
-            return count
-        case ReadNonBlocking(count=count):
-            return 1 + count
-        case GetPid():
-            return 12
-        case GetLevel():
-            return 4
-        case _:
-            return 0
 
 
 class ConnectionHost(Protocol):
@@ -196,7 +145,7 @@ class EgdConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         # A list, not a deque: most connections never queue more than one
         # request, and an empty deque costs 600 bytes per connection.
-        self._queue: list[Event | _Close] = []
+        self._queue: list[Event | Close] = []
         self._output = OutputBound(sink.config.max_buffered_output)
         self._turn = TurnBudget()
         self._pending_bytes = 0
@@ -233,7 +182,7 @@ class EgdConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or transport.get_extra_info(
             "sockname"
         )
-        self._peer = _peer_text(peer)
+        self._peer = peer_text(peer)
         refusal = self._sink.admit(self)
         if refusal is not None:
             self._refuse(refusal, f"{refusal} (sink not admitting)")
@@ -247,7 +196,7 @@ class EgdConnection(asyncio.Protocol):
         limit = self._sink.config.max_buffered_output
         transport.set_write_buffer_limits(high=limit, low=limit // 4)
         if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-            self._start(_unix_peer(sock))
+            self._start(unix_peer(sock))
             return
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -315,7 +264,7 @@ class EgdConnection(asyncio.Protocol):
         self._eof_deadline = asyncio.get_running_loop().time() + EOF_GRACE
         if self._answering is not None:
             self._answering.reschedule(self._eof_deadline)
-        self._queue.append(_CLOSE)
+        self._queue.append(CLOSE)
         self._answer_ready()
         return True
 
@@ -339,7 +288,7 @@ class EgdConnection(asyncio.Protocol):
         self._cancel_header_timer()
         if outcome.proxied:
             # From here on the client is who the proxy says it is.
-            self._peer = _peer_text((outcome.host, outcome.port))
+            self._peer = peer_text((outcome.host, outcome.port))
         if self._client is None and not self._start(Peer("tcp", ip=outcome.host)):
             return None
         return outcome
@@ -411,7 +360,7 @@ class EgdConnection(asyncio.Protocol):
                 break
             if event is NEED_DATA:
                 break
-            self._pending_bytes += _requested(event)
+            self._pending_bytes += requested(event)
             queue.append(event)
             parsed += 1
         self._sink.requests += parsed
@@ -436,7 +385,7 @@ class EgdConnection(asyncio.Protocol):
     def _protocol_error(self, exc: Exception) -> None:
         self._sink.count_closed("malformed_request", peer=self._peer, detail=str(exc))
         self._closing = True
-        self._queue.append(_CLOSE)
+        self._queue.append(CLOSE)
 
     def _answer_ready(self) -> None:
         # The synchronous fast path; see the section comment.
@@ -458,18 +407,18 @@ class EgdConnection(asyncio.Protocol):
         written = 0
         while queue:
             item = queue[0]
-            if isinstance(item, _Close):
+            if isinstance(item, Close):
                 self._send(replies)
                 self._close_transport()
                 return
-            if not turn.room_for(_reply_size(item)):
+            if not turn.room_for(reply_size(item)):
                 turn.spend()  # the worker goes on after a yield
                 break
             reply = self._answer_now(item, written)
             if reply is None:
                 break
             del queue[0]
-            self._pending_bytes -= _requested(item)
+            self._pending_bytes -= requested(item)
             turn.answered()
             if reply:
                 replies.append(reply)
@@ -498,7 +447,7 @@ class EgdConnection(asyncio.Protocol):
         if isinstance(event, WriteEntropy):
             self._absorb(event.bits, event.data)
             return b""
-        if not self._output.has_room(pending + _reply_size(event)):
+        if not self._output.has_room(pending + reply_size(event)):
             return None
         if isinstance(event, ReadNonBlocking):
             taken = self._sink.withdrawals.now(
@@ -534,7 +483,7 @@ class EgdConnection(asyncio.Protocol):
                 if not queue or self._gone() or self._turn.spent:
                     continue
                 item = queue[0]
-                if isinstance(item, _Close):  # the batch closes on it first
+                if isinstance(item, Close):  # the batch closes on it first
                     self._close_transport()
                     return
                 self._busy = True
@@ -549,7 +498,7 @@ class EgdConnection(asyncio.Protocol):
                     self._answering = None
                     self._busy = False
                 del queue[0]
-                self._pending_bytes -= _requested(item)
+                self._pending_bytes -= requested(item)
                 self._turn.answered()
                 if self._reading_paused or self._wire.buffered:
                     self._parse()
@@ -718,23 +667,3 @@ class EgdConnection(asyncio.Protocol):
 
 def _nothing_queued() -> int:
     return 0
-
-
-def _unix_peer(sock: socket.socket | None) -> Peer:
-    if sock is None:
-        return Peer("unix")
-    try:
-        creds = sock.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
-        )
-    except OSError:
-        return Peer("unix")
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return Peer("unix", uid=uid)
-
-
-def _peer_text(peer: object) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host, port = peer[0], peer[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(peer) if peer else "unix"
