@@ -81,6 +81,8 @@ class CustomerState:
         "denied",
         "id",
         "implicit",
+        "period",
+        "period_start",
         "quota_key",
         "quota_used",
         "throttled_requests",
@@ -100,6 +102,11 @@ class CustomerState:
 
     def configure(self, config: CustomerConfig) -> None:
         self.config = config
+        self.period: QuotaLimit | None = None
+        """The quota period last asked about (from `period_start` to its
+        ``expires_at``): every grant asks, and the calendar arithmetic behind
+        the answer costs more than the rest of the grant."""
+        self.period_start = 0.0
         self.client_bucket = config.client_bucket
         limits = config.customer_bucket
         self.bucket = BucketLimit(*limits) if limits is not None else None
@@ -112,8 +119,13 @@ class CustomerState:
         quota = self.config.quota
         if quota is None:
             return None
-        _, end = period_bounds(quota.period, now)
-        return QuotaLimit(period_key(quota.period, now), quota.bytes, end)
+        period = self.period
+        if period is not None and self.period_start <= now < period.expires_at:
+            return period
+        start, end = period_bounds(quota.period, now)
+        period = QuotaLimit(period_key(quota.period, now), quota.bytes, end)
+        self.period, self.period_start = period, start
+        return period
 
     def quota_used_at(self, limit: QuotaLimit) -> int:
         # A cached count from an earlier period says nothing about this one.
