@@ -29,6 +29,7 @@ from broker.config import Config, SinkConfig, SourceConfig, load_config
 from broker.errors import BrokerError, ConfigError
 from broker.fdlimit import needed_for, raise_soft_limit
 from broker.health_policy import HealthInputs, assess
+from broker.ownership import StateDirLock
 from broker.pool import EntropyPool
 from broker.status import (
     ConfigStatus,
@@ -58,8 +59,9 @@ from sources.getrandom import GetrandomSource, GetrandomSourceConfig
 log = structlog.get_logger("ebroker.app")
 
 LISTENERS_FILE = "listeners.json"
+RELOAD_FILE = "reload.json"
+"""The outcome of the last SIGHUP reload: pid, sequence, accepted, reason."""
 ACCOUNTS_CLOSE_TIMEOUT = 15.0
-PID_FILE = "ebroker.pid"
 
 
 class MayBeUnavailable(Protocol):
@@ -199,6 +201,8 @@ class Broker:
             path=None if config_path is None else str(config_path),
         )
         self._ready = False
+        self._reloads = 0
+        self._reload_refusal: str | None = None
         self._shutting_down = False
         self._started_sinks: list[Sink] = []
         self._teardown = contextlib.AsyncExitStack()
@@ -268,6 +272,9 @@ class Broker:
         self._check_fd_budget()
         async with contextlib.AsyncExitStack() as stack:
             self.state_dir.mkdir(parents=True, exist_ok=True)
+            # First: a second broker on this directory stops here, before it
+            # touches a listener, a socket file or the counters.
+            stack.callback(StateDirLock(self.state_dir).acquire().release)
             await self.accounts.start()
             stack.push_async_callback(self._close_accounts)
             stack.callback(self._pool.close)
@@ -373,7 +380,26 @@ class Broker:
         """
         SIGHUP: re-read customers and limits from the config file.
         """
-        self._spawn(self.reload(), name="reload")
+        self._spawn(self._reload_and_record(), name="reload")
+
+    async def _reload_and_record(self) -> None:
+        # The outcome goes to a file too: `ebroker reload` waits for it, so its
+        # exit status says whether the broker took the new file.
+        accepted = await self.reload()
+        self._reloads += 1
+        outcome = {
+            "pid": os.getpid(),
+            "sequence": self._reloads,
+            "accepted": accepted,
+            "reason": None if accepted else self._reload_refusal,
+        }
+        path = self.state_dir / RELOAD_FILE
+        temporary = path.with_suffix(".tmp")
+        try:
+            temporary.write_text(json.dumps(outcome) + "\n")
+            temporary.replace(path)
+        except OSError as exc:
+            log.error("reload_outcome_not_written", path=str(path), error=str(exc))
 
     async def reload(self) -> bool:
         """
@@ -385,7 +411,8 @@ class Broker:
             True when the new customers and limits are in force.
         """
         if self.config_path is None:
-            log.warning("reload_refused", reason="broker was not started from a file")
+            self._reload_refusal = "broker was not started from a file"
+            log.warning("reload_refused", reason=self._reload_refusal)
             return False
         try:
             config = await asyncio.to_thread(load_config, self.config_path)
@@ -396,6 +423,7 @@ class Broker:
                 path=str(self.config_path),
             )
         except ConfigError as exc:
+            self._reload_refusal = str(exc)
             log.error("reload_refused", reason=str(exc), kept="previous configuration")
             return False
         if config.model_dump(exclude={"customers"}) != self.config.model_dump(
@@ -439,10 +467,9 @@ class Broker:
         temporary = listeners.with_suffix(".tmp")
         temporary.write_text(json.dumps(self.listeners(), indent=2) + "\n")
         temporary.replace(listeners)
-        (self.state_dir / PID_FILE).write_text(f"{os.getpid()}\n")
 
     def _remove_runtime_files(self) -> None:
-        for name in (LISTENERS_FILE, PID_FILE):
+        for name in (LISTENERS_FILE, RELOAD_FILE):
             with contextlib.suppress(FileNotFoundError):
                 (self.state_dir / name).unlink()
 

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ from sources.entropykey.config import DEFAULT_KEYRING
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+RELOAD_WAIT = 10.0
+"""Seconds `ebroker reload` waits for the broker to say how the reload went."""
 
 OPERATOR_URL = "http://127.0.0.1:8890"
 """Where the shipped configs put the operator-plane HTTP sink (status, metrics)."""
@@ -98,7 +101,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--state-dir",
         type=Path,
         default=Path("var"),
-        help="the broker's state_dir (its ebroker.pid is signalled with SIGHUP)",
+        help="the broker's state_dir: the broker holding its lock gets SIGHUP, and "
+        "the exit status says whether it took the file",
     )
     reload.add_argument("--url", help="or ask over HTTP: the broker's base URL")
     reload.add_argument(
@@ -359,14 +363,48 @@ def cmd_reload(state_dir: Path, url: str | None, token_file: Path | None) -> int
             return _fail(f"cannot reach {target}: {exc}")
         print("reloaded")
         return EXIT_OK
-    pid_file = state_dir / "ebroker.pid"
+    return _reload_by_signal(state_dir)
+
+
+def _reload_by_signal(state_dir: Path) -> int:
+    # Only a pid that holds the state directory's lock is a broker: a stale
+    # pid file may name a pid reused by anything else.
+    from broker.app import RELOAD_FILE
+    from broker.ownership import holder
+
+    pid = holder(state_dir)
+    if pid is None:
+        return _fail(f"no running broker holds {state_dir}; is this its state_dir?")
+    outcome_file = state_dir / RELOAD_FILE
+    before = _reload_outcome(outcome_file, pid)
     try:
-        pid = int(pid_file.read_text().strip())
         os.kill(pid, signal.SIGHUP)
-    except (OSError, ValueError) as exc:
-        return _fail(f"cannot signal the broker through {pid_file}: {exc}")
-    print(f"sent SIGHUP to {pid}; the broker logs 'reloaded' or 'reload_refused'")
-    return EXIT_OK
+    except OSError as exc:
+        return _fail(f"cannot signal the broker (pid {pid}): {exc.strerror or exc}")
+    deadline = time.monotonic() + RELOAD_WAIT
+    while time.monotonic() < deadline:
+        outcome = _reload_outcome(outcome_file, pid)
+        if outcome is not None and outcome.get("sequence") != (before or {}).get(
+            "sequence"
+        ):
+            if outcome.get("accepted"):
+                print(f"reloaded (pid {pid})")
+                return EXIT_OK
+            return _fail(f"reload refused: {outcome.get('reason')}")
+        time.sleep(0.05)
+    return _fail(
+        f"sent SIGHUP to {pid}, but it reported no outcome in {RELOAD_WAIT:g} s"
+    )
+
+
+def _reload_outcome(path: Path, pid: int) -> dict[str, Any] | None:
+    try:
+        outcome = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(outcome, dict) or outcome.get("pid") != pid:
+        return None
+    return outcome
 
 
 def cmd_hash_token() -> int:

@@ -32,6 +32,7 @@ the refusal counts are in `SinkStatus.refused`
 import asyncio
 import contextlib
 import os
+import socket
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -64,7 +65,8 @@ class EgdSink:
         self._state_dir = broker.state_dir
         self._servers: list[asyncio.Server] = []
         self._addresses: list[str] = []
-        self._unix_paths: list[Path] = []
+        self._unix_paths: list[tuple[Path, int]] = []
+        """Unix sockets this sink bound, with their inodes."""
         self._connections: set[EgdConnection] = set()
         self._accepting = True
         self.idle_changed = asyncio.Event()
@@ -164,7 +166,7 @@ class EgdSink:
                         backlog=self.config.backlog,
                     )
                     os.chmod(path, int(self.config.socket_mode, 8))
-                    self._unix_paths.append(path)
+                    self._unix_paths.append((path, os.stat(path).st_ino))
                     self._addresses.append(f"unix:{path}")
             except OSError as exc:
                 await self.shutdown(0)
@@ -184,6 +186,10 @@ class EgdSink:
             return
         if not stat.S_ISSOCK(mode):
             raise FileExistsError(17, "exists and is not a socket", str(path))
+        if _accepting(path):
+            raise FileExistsError(
+                17, "is the live socket of a running broker (stop it first)", str(path)
+            )
         # A socket left behind by a broker that did not shut down cleanly.
         path.unlink()
 
@@ -209,9 +215,11 @@ class EgdSink:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         self._servers.clear()
-        for path in self._unix_paths:
+        for path, inode in self._unix_paths:
+            # Only our own socket: another broker may have bound the path since.
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                if os.stat(path).st_ino == inode:
+                    path.unlink()
         self._unix_paths.clear()
 
     def status(self) -> SinkStatus:
@@ -226,3 +234,16 @@ class EgdSink:
             refused=self.refused,
             closed=self.closed,
         )
+
+
+def _accepting(path: Path) -> bool:
+    # A socket file someone still listens on, as opposed to one left behind.
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 
 from broker.cli import main
 from sources.entropykey.sim.keypairs import new_key_pair, write_keyring
-from tests.helpers import wait_until
+from tests.helpers import DEADLINE, wait_until
 from tests.integration.clients import BrokerHttp, poll_until
 from tests.integration.daemon import REPO, Daemon, default_config, start_daemon
 
@@ -357,3 +358,107 @@ def test_status_names_the_configuration_in_force(tmp_path: Path) -> None:
     finally:
         daemon.stop()
     assert second["loaded_at"] > first["loaded_at"]
+
+
+def _egd_unix_read(path: str, count: int) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(DEADLINE)
+        client.connect(path)
+        client.sendall(bytes([2, count]))
+        reply = b""
+        while len(reply) < count:
+            chunk = client.recv(count - len(reply))
+            if not chunk:
+                break
+            reply += chunk
+        return reply
+
+
+def test_second_broker_on_the_same_state_dir_refuses_to_start(tmp_path: Path) -> None:
+    """
+    A second broker started on a state directory a live broker owns refuses
+    with one line naming the directory and the owner, and takes nothing from
+    it: the first keeps its pid file and keeps serving its Unix socket.
+    """
+    daemon = start_daemon(tmp_path, default_config(tmp_path / "state"))
+    try:
+        result = run_cli("serve", "--config", str(tmp_path / "ebroker.toml"))
+        owner = (daemon.state_dir / "ebroker.pid").read_text().strip()
+        served = _egd_unix_read(daemon.egd_unix, 8)
+    finally:
+        daemon.stop()
+    assert (1, False) == (result.returncode, "Traceback" in result.stderr)
+    assert (
+        f"state_dir {daemon.state_dir} is in use by a running broker "
+        f"(pid {daemon.process.pid})"
+    ) in result.stderr
+    assert (str(daemon.process.pid), 8) == (owner, len(served))
+
+
+def test_reload_says_whether_the_broker_took_the_file(tmp_path: Path) -> None:
+    """
+    `ebroker reload` exits 0 when the broker applied the file and 1, with
+    the broker's reason, when it refused it.
+    """
+    daemon = start_daemon(tmp_path, default_config(tmp_path / "state"))
+    config = tmp_path / "ebroker.toml"
+    try:
+        took = run_cli("reload", "--state-dir", str(daemon.state_dir))
+        config.write_text(
+            config.read_text()
+            + '\n[[customers]]\nid = "acme"\nnetworks = ["not-an-address"]\n'
+        )
+        refused = run_cli("reload", "--state-dir", str(daemon.state_dir))
+    finally:
+        daemon.stop()
+    assert (0, f"reloaded (pid {daemon.process.pid})") == (
+        took.returncode,
+        took.stdout.strip(),
+    )
+    assert 1 == refused.returncode
+    assert "reload refused" in refused.stderr
+    assert "not-an-address" in refused.stderr
+
+
+def test_reload_never_signals_a_pid_that_does_not_own_the_state_dir(
+    tmp_path: Path,
+) -> None:
+    """
+    A pid file left behind names a pid that may now be any other process:
+    `ebroker reload` leaves it alone and says no broker holds the directory.
+    """
+    state = tmp_path / "state"
+    state.mkdir()
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (state / "ebroker.pid").write_text(f"{bystander.pid}\n")
+        result = run_cli("reload", "--state-dir", str(state))
+        alive = bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+    assert (1, True) == (result.returncode, alive)
+    assert f"no running broker holds {state}" in result.stderr
+
+
+def test_a_live_unix_socket_is_never_taken_over(tmp_path: Path) -> None:
+    """
+    A broker configured with another broker's Unix socket path (a copied
+    config, another state_dir) refuses to start instead of unlinking the live
+    socket, which goes on serving new clients.
+    """
+    daemon = start_daemon(tmp_path, default_config(tmp_path / "state"))
+    config = tmp_path / "second.toml"
+    try:
+        config.write_text(
+            default_config(tmp_path / "second").replace(
+                '"unix:egd.sock"', f'"unix:{daemon.egd_unix}"', 1
+            )
+        )
+        result = run_cli("serve", "--config", str(config))
+        served = _egd_unix_read(daemon.egd_unix, 8)
+    finally:
+        daemon.stop()
+    assert (1, False) == (result.returncode, "Traceback" in result.stderr)
+    assert "live socket of a running broker" in result.stderr
+    assert 8 == len(served)
