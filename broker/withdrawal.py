@@ -156,10 +156,7 @@ class Withdrawals:
         grant = accounts.try_grant(client, wanted, now)
         if grant is None:
             return None
-        if 0 < grant.granted < wanted:
-            # Refunded: ``granted`` stays only to say how much was allowed.
-            accounts.refund(client, grant.granted, now)
-        return dataclasses.replace(grant, charged_at=now)
+        return self._all_or_nothing(client, grant, wanted, now)
 
     async def grant_all_now(self, client: Client, wanted: int) -> Grant:
         """
@@ -170,9 +167,15 @@ class Withdrawals:
         accounts = self.accounts
         now = accounts.clock.time()
         grant = await accounts.grant(client, wanted, now)
+        return self._all_or_nothing(client, grant, wanted, now)
+
+    def _all_or_nothing(
+        self, client: Client, grant: Grant, wanted: int, now: float
+    ) -> Grant:
+        # A partial grant goes back at once; ``granted`` stays only to say how
+        # much was allowed.
         if 0 < grant.granted < wanted:
-            # Refunded: ``granted`` stays only to say how much was allowed.
-            accounts.refund(client, grant.granted, now)
+            self.accounts.refund(client, grant.granted, now)
         return dataclasses.replace(grant, charged_at=now)
 
     async def grant_all_within(self, client: Client, wanted: int, wait: float) -> Grant:
