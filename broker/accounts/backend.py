@@ -445,13 +445,20 @@ class MemoryBackend:
         # customer drawing steadily never waits for the disk.
         if self._ahead is not None or self.state_path is None:
             return
-        mark = self._durable.get(slot, 0)
-        if mark >= limit or 2 * (mark - self._used.get(slot, 0)) >= reservation(limit):
+        if not self._running_low(slot, limit):
             return
         self._ahead = asyncio.get_running_loop().create_task(
             self._write_ahead(slot, limit, now)
         )
         self._ahead.add_done_callback(self._ahead_done)
+
+    def _running_low(self, slot: Slot, limit: int) -> bool:
+        # Half of the counter's head start is spent, and a new mark could
+        # still move it (a mark never passes the quota).
+        mark = self._durable.get(slot, 0)
+        return mark < limit and 2 * (mark - self._used.get(slot, 0)) < reservation(
+            limit
+        )
 
     def _ahead_done(self, task: "asyncio.Task[None]") -> None:
         self._ahead = None
@@ -469,8 +476,8 @@ class MemoryBackend:
         if path is None:
             return
         async with self._write_lock:
-            mark = self._durable.get(slot, 0)
-            if 2 * (mark - self._used.get(slot, 0)) < reservation(limit):
+            # A write that finished while this one queued may have moved it.
+            if self._running_low(slot, limit):
                 await self._write_marks(path, now)
 
     async def _write_marks(self, path: Path, now: float) -> None:
