@@ -1,9 +1,12 @@
 """
 Wiring and lifecycle of the broker process.
 
-Start-up order is pool → sources → sinks; shutdown is the reverse: report 503
-on /healthz, stop accepting, let in-flight requests finish within the grace
-period, close connections and remove Unix sockets, stop sources, close the pool.
+Start-up order is pool → sources → sinks; shutdown is the reverse. SIGTERM
+first drains: /healthz answers 503 for ``drain`` seconds while every request is
+still served, so load balancers stop sending new clients. Then the broker
+closes: stop accepting, answer the requests already accepted within
+``shutdown_grace``, close connections and remove Unix sockets, stop sources,
+close the pool. A second SIGTERM (or SIGINT) cuts the drain or the grace short.
 """
 
 import asyncio
@@ -31,9 +34,11 @@ from broker.fdlimit import needed_for, raise_soft_limit
 from broker.health_policy import HealthInputs, assess
 from broker.ownership import StateDirLock
 from broker.pool import EntropyPool
+from broker.sdnotify import Notifier
 from broker.status import (
     ConfigStatus,
     Health,
+    Phase,
     Sink,
     SinkStatus,
     SourceStatus,
@@ -200,10 +205,15 @@ class Broker:
             loaded_at=self._started_at,
             path=None if config_path is None else str(config_path),
         )
-        self._ready = False
+        self._phase = Phase.STARTING
+        self._started = False
+        """True once start-up completed: shutdown then has clients to answer."""
+        self._drain_ends: float | None = None
+        self.hurry = asyncio.Event()
+        """Set by a second stop signal: end the drain or the grace at once."""
+        self.notifier = Notifier()
         self._reloads = 0
         self._reload_refusal: str | None = None
-        self._shutting_down = False
         self._started_sinks: list[Sink] = []
         self._teardown = contextlib.AsyncExitStack()
 
@@ -231,7 +241,10 @@ class Broker:
         return [sink.status() for sink in self.sinks]
 
     def ready(self) -> bool:
-        return self._ready and not self._shutting_down
+        return self._phase is Phase.SERVING
+
+    def phase(self) -> Phase:
+        return self._phase
 
     def tiers(self) -> TierStatus:
         supervisor = self.supervisor
@@ -247,10 +260,18 @@ class Broker:
         )
 
     def health(self) -> Health:
+        if self._phase is Phase.DRAINING and self._drain_ends is not None:
+            left = max(0.0, self._drain_ends - self.clock.monotonic())
+            return Health(
+                False,
+                "shutting_down",
+                (f"draining: still serving, listeners close in {left:.1f} s",),
+            )
         supervisor = self.supervisor
         return assess(
             HealthInputs(
-                shutting_down=self._shutting_down,
+                shutting_down=self._phase
+                in (Phase.DRAINING, Phase.CLOSING, Phase.STOPPED),
                 pool_level=self._pool.level,
                 low_watermark=self.config.broker.low_watermark,
                 any_healthy_source=supervisor.any_healthy(),
@@ -289,7 +310,8 @@ class Broker:
             self._write_runtime_files()
             stack.callback(self._remove_runtime_files)
             self._teardown = stack.pop_all()
-        self._ready = True
+        self._phase = Phase.SERVING
+        self._started = True
         log.info(
             "broker_started",
             version=__version__,
@@ -306,17 +328,51 @@ class Broker:
     ) -> None:
         await self.shutdown()
 
+    async def drain(self) -> None:
+        """
+        Keep serving with /healthz at 503 for ``drain`` seconds (or until
+        `hurry` is set), so that load balancers take this broker out of
+        rotation before it stops accepting.
+        """
+        if self._phase is not Phase.SERVING:
+            return
+        seconds = self.config.broker.drain
+        self._drain_ends = self.clock.monotonic() + seconds
+        self._phase = Phase.DRAINING
+        self.notifier.stopping(f"draining: still serving for {seconds:g} s")
+        log.info(
+            "broker_draining",
+            drain=seconds,
+            hint="healthz answers 503 while serving; signal again to stop now",
+        )
+        if seconds <= 0 or self.hurry.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with self.clock.timeout(seconds):
+                await self.hurry.wait()
+            log.info("broker_drain_cut_short", reason="second stop signal")
+
     async def shutdown(self) -> None:
         """
-        Report 503, let in-flight requests finish within ``shutdown_grace``,
-        then stop everything in the reverse order of start-up.
+        Stop accepting, let accepted requests be answered within
+        ``shutdown_grace``, then stop everything in the reverse order of
+        start-up.
         """
-        if self._shutting_down:
+        if self._phase in (Phase.CLOSING, Phase.STOPPED):
             return
-        self._shutting_down = True
-        log.info("broker_stopping", grace=self.config.broker.shutdown_grace)
+        self._phase = Phase.CLOSING
+        self.notifier.stopping("closing: answering accepted requests")
+        grace = self._grace() if self._started else 0.0
+        log.info("broker_closing", grace=grace)
+        begun = self.clock.monotonic()
         await self._teardown.aclose()
-        log.info("broker_stopped")
+        self._phase = Phase.STOPPED
+        log.info(
+            "broker_stopped", closing_took=round(self.clock.monotonic() - begun, 3)
+        )
+
+    def _grace(self) -> float:
+        return 0.0 if self.hurry.is_set() else self.config.broker.shutdown_grace
 
     def _check_fd_budget(self) -> None:
         caps = [sink_config.max_connections for sink_config in self.config.sinks]
@@ -349,15 +405,30 @@ class Broker:
             )
 
     async def _stop_sinks(self) -> None:
-        # A start that failed half-way has no clients to wait for.
-        grace = self.config.broker.shutdown_grace if self._ready else 0.0
         sinks = self._started_sinks
         for sink in sinks:
             sink.pre_shutdown()
-        results = await asyncio.gather(
-            *(sink.shutdown(grace) for sink in sinks), return_exceptions=True
+        # A start that failed half-way has no clients to wait for.
+        grace = self._grace() if self._started else 0.0
+        closing = asyncio.ensure_future(
+            asyncio.gather(
+                *(sink.shutdown(grace) for sink in sinks), return_exceptions=True
+            )
         )
-        for sink, result in zip(sinks, results, strict=True):
+        hurry = asyncio.ensure_future(self.hurry.wait())
+        await asyncio.wait((closing, hurry), return_when=asyncio.FIRST_COMPLETED)
+        hurry.cancel()
+        if not closing.done():
+            log.info("broker_grace_cut_short", reason="second stop signal")
+            closing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await closing
+            closing = asyncio.ensure_future(
+                asyncio.gather(
+                    *(sink.shutdown(0.0) for sink in sinks), return_exceptions=True
+                )
+            )
+        for sink, result in zip(sinks, await closing, strict=True):
             if isinstance(result, BaseException):
                 log.error("sink_shutdown_failed", sink=sink.name, error=repr(result))
 
@@ -371,7 +442,7 @@ class Broker:
             log.error("accounts_close_timed_out", timeout=ACCOUNTS_CLOSE_TIMEOUT)
 
     async def _cancel_tasks(self) -> None:
-        reason = "broker shutting down" if self._ready else "start-up failed"
+        reason = "broker shutting down" if self._started else "start-up failed"
         for task in list(self._tasks):
             task.cancel(msg=reason)
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -380,12 +451,29 @@ class Broker:
         """
         SIGHUP: re-read customers and limits from the config file.
         """
+        self.notifier.reloading()
         self._spawn(self._reload_and_record(), name="reload")
+
+    def announce_ready(self) -> None:
+        """
+        Tell the service manager every listener accepts; keep its watchdog fed.
+        """
+        self.notifier.ready(self._serving_text())
+        if self.notifier.watchdog_interval is not None:
+            self._spawn(self.notifier.keep_watchdog_fed(), name="watchdog")
+
+    def _serving_text(self) -> str:
+        addresses = [
+            address for sink in self.sinks for address in sink.bound_addresses()
+        ]
+        return "serving on " + ", ".join(addresses)
 
     async def _reload_and_record(self) -> None:
         # The outcome goes to a file too: `ebroker reload` waits for it, so its
         # exit status says whether the broker took the new file.
         accepted = await self.reload()
+        if self._phase is Phase.SERVING:
+            self.notifier.ready(self._serving_text())
         self._reloads += 1
         outcome = {
             "pid": os.getpid(),
@@ -498,10 +586,16 @@ def settle_heap() -> None:
 
 
 async def serve(
-    config: Config, stop: asyncio.Event, *, config_path: Path | None = None
+    config: Config,
+    stop: asyncio.Event,
+    *,
+    config_path: Path | None = None,
+    hurry: asyncio.Event | None = None,
 ) -> None:
     """
-    Run the broker until ``stop`` is set; SIGHUP reloads customers and limits.
+    Run the broker until ``stop`` is set, then drain and close; setting
+    ``hurry`` cuts the drain and the grace short. SIGHUP reloads customers and
+    limits.
 
     Raises:
         BrokerError: start-up failed (e.g. a listen address is in use).
@@ -510,11 +604,15 @@ async def serve(
         broker = Broker(config, config_path=config_path)
     except (OSError, ConfigError) as exc:
         raise BrokerError(str(exc)) from exc
+    if hurry is not None:
+        broker.hurry = hurry
     try:
         async with broker:
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGHUP, broker.handle_hup)
             settle_heap()
+            broker.announce_ready()
             await stop.wait()
+            await broker.drain()
     except OSError as exc:
         raise BrokerError(f"cannot start: {exc.strerror or exc}") from exc

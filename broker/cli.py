@@ -133,18 +133,23 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _install_signal_handlers(stop: asyncio.Event) -> None:
+def _install_signal_handlers(stop: asyncio.Event, hurry: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
-    presses = 0
+    signals = 0
 
     def handle_exit(signum: int) -> None:
-        nonlocal presses
-        presses += 1
-        if presses > 1 and signum == signal.SIGINT:
-            # A second Ctrl-C: the operator will not wait for the grace period.
+        nonlocal signals
+        signals += 1
+        name = signal.Signals(signum).name
+        if signals == 1:
+            log.info("signal_received", signal=name, action="drain, then stop")
+            stop.set()
+        elif signals == 2:
+            log.info("signal_received", signal=name, action="stop now")
+            hurry.set()
+        elif signum == signal.SIGINT:
+            # A third Ctrl-C: the operator will not wait even for the close.
             raise SystemExit(130)
-        log.info("signal_received", signal=signal.Signals(signum).name)
-        stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, handle_exit, signum)
@@ -154,8 +159,9 @@ async def _serve(config: Config, config_path: Path) -> None:
     from broker.app import serve
 
     stop = asyncio.Event()
-    _install_signal_handlers(stop)
-    await serve(config, stop, config_path=config_path)
+    hurry = asyncio.Event()
+    _install_signal_handlers(stop, hurry)
+    await serve(config, stop, config_path=config_path, hurry=hurry)
 
 
 def cmd_serve(config_path: Path) -> int:
@@ -242,7 +248,10 @@ def cmd_status(url: str, raw: bool) -> int:
         return EXIT_OK
     health = body.get("health", {})
     pool = body.get("pool", {})
-    print(f"instance {body.get('instance')}  health {health.get('status')}")
+    print(
+        f"instance {body.get('instance')}  phase {body.get('phase', '?')}  "
+        f"health {health.get('status')}"
+    )
     for reason in health.get("reasons", []):
         print(f"  - {reason}")
     print(f"pool     {pool.get('level')} / {pool.get('capacity')} bytes ready")

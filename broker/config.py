@@ -47,8 +47,17 @@ class BrokerSection(StrictModel):
         default=Path("/var/lib/ebroker"),
         description="directory for Unix sockets, the pid file and persisted counters",
     )
+    drain: Duration = Field(
+        default=7.0,
+        description="seconds between SIGTERM and closing the listeners: /healthz "
+        "answers 503 while every request is still served, so a load balancer "
+        "takes the broker out of rotation first (haproxy's default checks need "
+        "about 6 s)",
+    )
     shutdown_grace: Duration = Field(
-        default=5.0, description="seconds in-flight requests get to finish at shutdown"
+        default=5.0,
+        description="seconds requests already accepted get to be answered once "
+        "the listeners are closed",
     )
 
     @model_validator(mode="after")

@@ -102,6 +102,21 @@ class TierStatus:
     """Output bytes in the pool, ready to be served, by tier as above."""
 
 
+class Phase(enum.StrEnum):
+    """
+    Where the broker is in its life. SIGTERM moves a serving broker to
+    ``draining`` (still serving, /healthz 503, so balancers stop sending),
+    then ``closing`` (listeners closed, accepted requests answered within
+    ``shutdown_grace``), then ``stopped``.
+    """
+
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+    CLOSING = "closing"
+    STOPPED = "stopped"
+
+
 @dataclass(frozen=True, slots=True)
 class Health:
     """
@@ -164,6 +179,12 @@ class BrokerView(Protocol):
     def ready(self) -> bool:
         """
         True once start-up is complete and until shutdown begins.
+        """
+        ...
+
+    def phase(self) -> Phase:
+        """
+        Starting, serving, draining, closing or stopped.
         """
         ...
 

@@ -95,6 +95,7 @@ def status_document(broker: BrokerView) -> dict[str, Any]:
         "started_at": broker.started_at,
         "uptime": round(now - broker.started_at, 3),
         "ready": broker.ready(),
+        "phase": str(broker.phase()),
         "health": {
             "status": health.status,
             "serving": health.serving,

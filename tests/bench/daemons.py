@@ -59,6 +59,7 @@ def config_text(
         state_dir = "{state_dir}"
         pool_size = "1 MiB"
         low_watermark = "4 KiB"
+        drain = "0 s"
         shutdown_grace = "2 s"
 
         [logging]

@@ -18,7 +18,14 @@ from broker.metrics import (
     render_metrics,
 )
 from broker.pool import EntropyPool
-from broker.status import ConfigStatus, Health, SinkStatus, SourceStatus, TierStatus
+from broker.status import (
+    ConfigStatus,
+    Health,
+    Phase,
+    SinkStatus,
+    SourceStatus,
+    TierStatus,
+)
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -89,6 +96,9 @@ class FakeBroker:
 
     def ready(self) -> bool:
         return self.is_ready
+
+    def phase(self) -> Phase:
+        return Phase.SERVING if self.is_ready else Phase.STARTING
 
     def tiers(self) -> TierStatus:
         return self.current_tiers

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +24,13 @@ def default_config(
     *,
     pool_size: str = "64 KiB",
     log_level: str = "info",
+    drain: str = "0 s",
 ) -> str:
     """
     A config on ephemeral loopback ports with a getrandom source: EGD, the
     tenant-plane HTTP sink ``http`` and the operator-plane HTTP sink
-    ``operator``.
+    ``operator``. ``drain`` is 0 s: most tests stop brokers that no balancer
+    polls.
     """
     if sources is None:
         sources = """
@@ -42,6 +45,7 @@ def default_config(
             state_dir = "{state_dir}"
             pool_size = "{pool_size}"
             low_watermark = "1 KiB"
+            drain = "{drain}"
             shutdown_grace = "2 s"
 
             [logging]
@@ -129,9 +133,17 @@ class Daemon:
         return self.process.wait(timeout)
 
 
-def start_daemon(tmp_path: Path, config_text: str) -> Daemon:
+def start_daemon(
+    tmp_path: Path,
+    config_text: str,
+    *,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> Daemon:
     """
     Write the config, start the broker and wait until it reports its listeners.
+    ``args`` go after ``serve --config FILE``; ``env`` is added to this
+    process's environment.
     """
     state_dir = tmp_path / "state"
     config = tmp_path / "ebroker.toml"
@@ -143,11 +155,19 @@ def start_daemon(tmp_path: Path, config_text: str) -> Daemon:
     stderr_path = tmp_path / "stderr.log"
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "broker.cli", "serve", "--config", str(config)],
+            [
+                sys.executable,
+                "-m",
+                "broker.cli",
+                "serve",
+                "--config",
+                str(config),
+                *args,
+            ],
             cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     daemon = Daemon(process, state_dir, stderr_path)
     try:

@@ -64,6 +64,7 @@ def key_config(tmp_path: Path, keyring: Path, keys: dict[str, str]) -> str:
         state_dir = "{tmp_path / "state"}"
         pool_size = "16 KiB"
         low_watermark = "1 KiB"
+        drain = "0 s"
         shutdown_grace = "2 s"
 
         [logging]

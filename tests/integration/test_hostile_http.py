@@ -36,6 +36,7 @@ def hostile_config(state_dir: Path, http: str) -> str:
         state_dir = "{state_dir}"
         pool_size = "64 KiB"
         low_watermark = "1 KiB"
+        drain = "0 s"
         shutdown_grace = "2 s"
 
         [logging]

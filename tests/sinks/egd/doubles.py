@@ -7,7 +7,14 @@ from pathlib import Path
 
 from broker.accounts import Accounts
 from broker.pool import EntropyPool
-from broker.status import ConfigStatus, Health, SinkStatus, SourceStatus, TierStatus
+from broker.status import (
+    ConfigStatus,
+    Health,
+    Phase,
+    SinkStatus,
+    SourceStatus,
+    TierStatus,
+)
 
 
 @dataclass
@@ -36,6 +43,9 @@ class View:
 
     def ready(self) -> bool:
         return True
+
+    def phase(self) -> Phase:
+        return Phase.SERVING
 
     def tiers(self) -> TierStatus:
         return TierStatus(

@@ -25,7 +25,14 @@ from broker import __version__
 from broker.accounts import Accounts, hash_token
 from broker.errors import BrokerError
 from broker.pool import BLOCK_BYTES, EntropyPool
-from broker.status import ConfigStatus, Health, SinkStatus, SourceStatus, TierStatus
+from broker.status import (
+    ConfigStatus,
+    Health,
+    Phase,
+    SinkStatus,
+    SourceStatus,
+    TierStatus,
+)
 from sinks.http.app import create_app
 from sinks.http.config import HttpSinkConfig
 from sinks.http.entropy import parse_entropy_query, retry_after
@@ -98,6 +105,9 @@ class FakeBroker:
 
     def ready(self) -> bool:
         return self.is_ready
+
+    def phase(self) -> Phase:
+        return Phase.SERVING if self.is_ready else Phase.STARTING
 
     def tiers(self) -> TierStatus:
         return TierStatus(
