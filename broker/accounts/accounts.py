@@ -295,11 +295,5 @@ class Accounts:
 def _make_backend(config: AccountsConfig) -> QuotaBackend:
     # RedisBackend reads no clock: every call carries the caller's now.
     if config.backend == "redis":
-        return RedisBackend(
-            config.redis_url,
-            prefix=config.redis_prefix,
-            policy=config.on_redis_failure,
-            timeout=config.redis_timeout,
-            retry_interval=config.redis_retry_interval,
-        )
+        return RedisBackend.from_config(config)
     return MemoryBackend()

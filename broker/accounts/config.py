@@ -11,10 +11,20 @@ addresses.
 
 import ipaddress
 import re
+import urllib.parse
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, Literal, Self
 
-from pydantic import AfterValidator, BeforeValidator, Field, PlainSerializer
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from broker.accounts.identity import TOKEN_PREFIX, IPNetwork, parse_network
 from broker.accounts.periods import QuotaSpec
@@ -23,6 +33,10 @@ from broker.configbase import ByteRate, Duration, Name, Size, StrictModel
 DEFAULT_CUSTOMER = "default"
 
 _TOKEN_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _parse_network(value: object) -> IPNetwork:
@@ -46,8 +60,38 @@ def _check_token(value: str) -> str:
     return value
 
 
+def _check_sentinel(value: str) -> str:
+    value = value.strip()
+    host, _, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            f"{value!r} is not HOST:PORT (such as '10.0.0.5:26379' or '[::1]:26379')"
+        )
+    return value
+
+
+def split_sentinel(address: str) -> tuple[str, int]:
+    """
+    ``"HOST:PORT"`` (a validated ``redis_sentinels`` entry) as ``(host, port)``.
+    """
+    host, _, port = address.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _check_env_name(value: str) -> str:
+    if not _ENV_NAME_RE.match(value):
+        raise ValueError(
+            "the name of an environment variable (letters, digits, '_'); "
+            "never put the password itself here"
+        )
+    return value
+
+
 Network = Annotated[IPNetwork, BeforeValidator(_parse_network), PlainSerializer(str)]
 TokenHash = Annotated[str, AfterValidator(_check_token)]
+SentinelAddress = Annotated[str, AfterValidator(_check_sentinel)]
+EnvName = Annotated[str, AfterValidator(_check_env_name)]
 
 
 class CustomerConfig(StrictModel):
@@ -144,9 +188,50 @@ class AccountsConfig(StrictModel):
         "redis: brokers share budgets and quotas through Redis",
     )
     redis_url: str = Field(
-        default="redis://127.0.0.1:6379/0",
+        default=DEFAULT_REDIS_URL,
         pattern=r"^(redis|rediss|unix)://",
-        description="Redis to share counters through (backend = 'redis')",
+        description="Redis to share counters through (backend = 'redis'); with "
+        "redis_sentinels only its scheme and database count, never a host",
+    )
+    redis_sentinels: list[SentinelAddress] = Field(
+        default_factory=list,
+        description="HOST:PORT of each Redis Sentinel watching the primary; "
+        "when set, the broker asks them where the primary is and follows "
+        "failovers (instead of redis_url's host)",
+    )
+    redis_sentinel_service: str | None = Field(
+        default=None,
+        min_length=1,
+        description="the sentinels' name for the primary (their 'sentinel "
+        "monitor NAME ...'); required with redis_sentinels",
+    )
+    redis_password_file: Path | None = Field(
+        default=None,
+        description="file holding the Redis password (read at start, trailing "
+        "newline dropped); never logged",
+    )
+    redis_password_env: EnvName | None = Field(
+        default=None,
+        description="environment variable holding the Redis password; never logged",
+    )
+    redis_sentinel_auth: bool = Field(
+        default=False,
+        description="send the Redis password to the sentinels too (sentinels "
+        "run with 'requirepass' set to the same password)",
+    )
+    redis_min_replicas: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="replicas that must acknowledge every quota write (Redis "
+        "WAIT) before it counts; fewer within redis_replica_timeout is a Redis "
+        "failure. 0: do not wait (a failover may lose the last writes)",
+    )
+    redis_replica_timeout: Duration = Field(
+        default=0.1,
+        gt=0,
+        description="how long a quota write waits for redis_min_replicas "
+        "acknowledgements; shorter than redis_timeout",
     )
     redis_prefix: str = Field(
         default="ebroker:",
@@ -176,6 +261,118 @@ class AccountsConfig(StrictModel):
         "counters in the state dir (memory backend; grants are made durable "
         "before they return regardless), and Redis health checks",
     )
+
+    @model_validator(mode="after")
+    def _check_redis_settings(self) -> Self:
+        # Each problem is raised at its own key, so the operator reads
+        # "accounts.redis_url: ..." rather than a reason without a place.
+        problems = _redis_problems(self)
+        if problems:
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("redis_settings", reason),
+                        loc=(key,),
+                        input=getattr(self, key),
+                    )
+                    for key, reason in problems
+                ],
+            )
+        return self
+
+
+def _host_of(url: urllib.parse.SplitResult) -> tuple[str, int | None]:
+    try:
+        port = url.port
+    except ValueError:
+        return url.netloc, None  # not a port: never the default host either
+    return url.hostname or "127.0.0.1", port or 6379
+
+
+def _redis_problems(config: AccountsConfig) -> list[tuple[str, str]]:
+    """
+    The ``(key, reason)`` pairs that no single Redis key can check alone.
+    """
+    problems: list[tuple[str, str]] = []
+    url = urllib.parse.urlsplit(config.redis_url)
+    has_url_password = url.password is not None
+    if config.redis_sentinels:
+        default = urllib.parse.urlsplit(DEFAULT_REDIS_URL)
+        if url.scheme == "unix":
+            problems.append(
+                ("redis_url", "a unix socket cannot be used with redis_sentinels")
+            )
+        elif _host_of(url) != _host_of(default):
+            problems.append(
+                (
+                    "redis_url",
+                    "names a host, but with redis_sentinels the sentinels say "
+                    "where the primary is; leave redis_url unset or give only "
+                    "the scheme and database ('rediss:///0')",
+                )
+            )
+        if has_url_password:
+            problems.append(
+                (
+                    "redis_url",
+                    "holds a password; with redis_sentinels give it in "
+                    "redis_password_file or redis_password_env",
+                )
+            )
+        if config.redis_sentinel_service is None:
+            problems.append(
+                (
+                    "redis_sentinel_service",
+                    "required with redis_sentinels (the name in the sentinels' "
+                    "'sentinel monitor NAME ...')",
+                )
+            )
+        seen: set[tuple[str, int]] = set()
+        for address in config.redis_sentinels:
+            if split_sentinel(address) in seen:
+                problems.append(("redis_sentinels", f"{address!r} is listed twice"))
+            seen.add(split_sentinel(address))
+    else:
+        if config.redis_sentinel_service is not None:
+            problems.append(("redis_sentinel_service", "needs redis_sentinels"))
+        if config.redis_sentinel_auth:
+            problems.append(("redis_sentinel_auth", "needs redis_sentinels"))
+    if config.redis_password_file is not None and config.redis_password_env:
+        problems.append(
+            (
+                "redis_password_env",
+                "give the password in redis_password_file or redis_password_env, "
+                "not both",
+            )
+        )
+    has_password = bool(config.redis_password_file or config.redis_password_env)
+    if has_password and has_url_password and not config.redis_sentinels:
+        problems.append(
+            (
+                "redis_url",
+                "holds a password as well as redis_password_file or "
+                "redis_password_env; keep it out of the URL",
+            )
+        )
+    if config.redis_sentinel_auth and not has_password:
+        problems.append(
+            (
+                "redis_sentinel_auth",
+                "needs redis_password_file or redis_password_env",
+            )
+        )
+    if config.redis_min_replicas and (
+        config.redis_replica_timeout >= config.redis_timeout
+    ):
+        problems.append(
+            (
+                "redis_replica_timeout",
+                f"must be shorter than redis_timeout ({config.redis_timeout:g} s), "
+                "or every wait for replicas looks like an unreachable Redis",
+            )
+        )
+    return problems
 
 
 def validate_customers(customers: Sequence[CustomerConfig]) -> list[str]:

@@ -54,155 +54,34 @@ key but keeps its counters (run Redis without ``allkeys-*`` eviction).
 import asyncio
 import math
 import secrets
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import structlog
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from broker.accounts.backend import BucketLimit, Charge, MemoryBackend, QuotaLimit
+from broker.accounts.config import AccountsConfig
+from broker.accounts.redis_link import (
+    RedisLink,
+    RedisTarget,
+    StoreFailure,
+    target_from_config,
+)
+from broker.accounts.redis_scripts import (
+    GIVE_BACK,
+    READ,
+    SYNC,
+    TAKE,
+    RedisKeys,
+    bucket_ttl,
+    quota_ttl,
+    text,
+)
 
 log = structlog.get_logger("ebroker.accounts")
-
-# Quota keys outlive their period a little so status can still read them.
-_QUOTA_KEY_GRACE = 3600
-
-# KEYS[1] customer bucket (hash: tokens, ts), KEYS[2] quota counter,
-# KEYS[3] the customer's epoch.
-# ARGV: amount, now, rate (<0: no bucket), burst, limit (<0: no quota),
-#       quota key ttl (s), bucket ttl (s). TTLs are relative so that the Redis
-#       server's clock never decides when a quota period ends.
-#       ARGV[8]: the customer's epoch as this broker last saw it; with a quota,
-#       a missing or different epoch changes nothing and returns grant -1 so
-#       the broker restores that customer first.
-_TAKE = """
-if tonumber(ARGV[5]) >= 0 and redis.call('GET', KEYS[3]) ~= ARGV[8] then
-  return {-1, '-1', 0}
-end
-local amount = tonumber(ARGV[1])
-local now = tonumber(ARGV[2])
-local rate = tonumber(ARGV[3])
-local burst = tonumber(ARGV[4])
-local limit = tonumber(ARGV[5])
-local grant = amount
-local tokens = -1
-local ts = now
-if rate >= 0 then
-  local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-  tokens = tonumber(state[1])
-  ts = tonumber(state[2])
-  if tokens == nil or ts == nil then
-    tokens = burst
-    ts = now
-  elseif now > ts then
-    -- another broker's clock may be ahead: never refill backwards
-    tokens = tokens + (now - ts) * rate
-    ts = now
-  end
-  if tokens > burst then tokens = burst end
-  grant = math.min(grant, math.floor(tokens))
-end
-local used = 0
-if limit >= 0 then
-  used = tonumber(redis.call('GET', KEYS[2]) or '0')
-  grant = math.min(grant, limit - used)
-end
-if grant < 0 then grant = 0 end
-if rate >= 0 then
-  tokens = tokens - grant
-  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(ts))
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
-end
-if limit >= 0 and grant > 0 then
-  used = redis.call('INCRBY', KEYS[2], grant)
-  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[6]))
-end
-return {grant, tostring(tokens), used}
-"""
-
-# KEYS[1] bucket, KEYS[2] quota, KEYS[3] the customer's epoch. ARGV: amount,
-# burst (<0: no bucket), '1' if there is a quota, the epoch this broker last
-# saw (as in _TAKE: -1 back and nothing changed when it is missing or differs).
-_GIVE_BACK = """
-if ARGV[3] == '1' and redis.call('GET', KEYS[3]) ~= ARGV[4] then
-  return -1
-end
-local amount = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-if burst >= 0 then
-  local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens'))
-  if tokens ~= nil then
-    redis.call('HSET', KEYS[1], 'tokens', tostring(math.min(burst, tokens + amount)))
-  end
-end
-local used = 0
-if ARGV[3] == '1' then
-  local current = tonumber(redis.call('GET', KEYS[2]) or '0')
-  local back = math.min(amount, current)
-  if back > 0 then
-    used = redis.call('DECRBY', KEYS[2], back)
-  else
-    used = current
-  end
-end
-return used
-"""
-
-# KEYS[1] quota counter, KEYS[2] the customer's epoch: both read at once, so a
-# count is always read together with the epoch it belongs to.
-_READ = """
-return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2])}
-"""
-
-# One customer's restore and resync. KEYS[1] the customer's epoch, then per
-# counter two keys: the counter and its restore marker. ARGV: the epoch this
-# broker last saw ('' if none), a fresh epoch to set if the key is missing,
-# then per counter three values: the count this broker knows, its local
-# charges to add (resync after an outage), the key ttl (s).
-# If the epoch is not the one this broker saw, its known counts were never
-# part of this epoch: each adds what passes the marker (the most any broker
-# has restored into this counter in this epoch) and raises the marker, so a
-# count is restored once whoever restores it, and charges made since the loss
-# stay on top. Returns {epoch, count after, ...}.
-_SYNC = """
-local epoch = redis.call('GET', KEYS[1])
-local foreign = epoch ~= ARGV[1]
-if not epoch then
-  epoch = ARGV[2]
-  redis.call('SET', KEYS[1], epoch)
-  for i = 3, #KEYS, 2 do redis.call('DEL', KEYS[i]) end
-end
-local out = {epoch}
-for i = 2, #KEYS, 2 do
-  local at = 3 + (i - 2) / 2 * 3
-  local known = tonumber(ARGV[at])
-  local add = tonumber(ARGV[at + 1])
-  local ttl = tonumber(ARGV[at + 2])
-  if foreign then
-    local done = tonumber(redis.call('GET', KEYS[i + 1]) or '0')
-    if known > done then
-      add = add + known - done
-      redis.call('SET', KEYS[i + 1], string.format('%d', known), 'EX', ttl)
-    end
-  end
-  local current = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if add ~= 0 then
-    current = math.max(0, current + add)
-    redis.call('SET', KEYS[i], string.format('%d', current), 'EX', ttl)
-  end
-  out[#out + 1] = current
-end
-return out
-"""
 
 # A script answered "not the epoch you saw"; after restoring, the call is
 # tried this many times more before it counts as an outage.
 _RESTORE_ATTEMPTS = 2
-
-# Everything that means "Redis is not answering properly right now".
-_UNAVAILABLE = (RedisError, OSError, TimeoutError)
 
 
 class RedisBackend:
@@ -214,28 +93,26 @@ class RedisBackend:
 
     def __init__(
         self,
-        url: str,
+        target: str | RedisTarget,
         *,
         prefix: str = "ebroker:",
         policy: Literal["fail_open", "fail_closed"] = "fail_open",
         timeout: float = 0.5,
         retry_interval: float = 2.0,
     ) -> None:
-        # No client-side retries: an outage should flip us to the fallback at
-        # once, not stall every withdrawal through a backoff schedule.
-        self._redis: Redis = Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
-        self._prefix = prefix
+        if isinstance(target, str):
+            target = RedisTarget(url=target)
+        self._link = RedisLink(target, timeout=timeout)
+        self._redis = self._link.client
+        self._unavailable = self._link.errors
+        """Everything that means "Redis is not answering properly right now"."""
+        self._keys = RedisKeys(prefix)
         self.policy = policy
         self.retry_interval = retry_interval
-        self._take_script = self._redis.register_script(_TAKE)
-        self._give_script = self._redis.register_script(_GIVE_BACK)
-        self._read_script = self._redis.register_script(_READ)
-        self._sync_script = self._redis.register_script(_SYNC)
+        self._take_script = self._link.register(TAKE)
+        self._give_script = self._link.register(GIVE_BACK)
+        self._read_script = self._link.register(READ)
+        self._sync_script = self._link.register(SYNC)
         self._epoch: str | None = None
         """The fleet's epoch marker as this broker last saw it."""
         self._epochs: dict[str, str] = {}
@@ -263,25 +140,24 @@ class RedisBackend:
         self.first_seen = 0
         """Customers whose epoch this broker read for the first time."""
 
-    # ---- keys ------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls, config: AccountsConfig, *, timeout: float | None = None
+    ) -> Self:
+        """
+        The backend an ``[accounts]`` table describes (one server or a
+        sentinel-watched primary).
 
-    def _bucket_key(self, customer_id: str) -> str:
-        # The {customer} hash tag keeps a customer's keys in one Cluster slot,
-        # which a multi-key script needs.
-        return f"{self._prefix}{{{customer_id}}}:bucket"
-
-    def _quota_key(self, customer_id: str, period_key: str) -> str:
-        return f"{self._prefix}{{{customer_id}}}:quota:{period_key}"
-
-    def _marker_key(self, customer_id: str, period_key: str) -> str:
-        return f"{self._prefix}{{{customer_id}}}:restored:{period_key}"
-
-    def _customer_epoch_key(self, customer_id: str) -> str:
-        return f"{self._prefix}{{{customer_id}}}:epoch"
-
-    @property
-    def _epoch_key(self) -> str:
-        return f"{self._prefix}epoch"
+        Raises:
+            ConfigError: the Redis password cannot be read.
+        """
+        return cls(
+            target_from_config(config),
+            prefix=config.redis_prefix,
+            policy=config.on_redis_failure,
+            timeout=config.redis_timeout if timeout is None else timeout,
+            retry_interval=config.redis_retry_interval,
+        )
 
     # ---- lost data -------------------------------------------------------------
 
@@ -303,12 +179,12 @@ class RedisBackend:
         """
         self._latest_now = max(self._latest_now, now)
         async with self._epoch_lock:
-            raw = await self._redis.get(self._epoch_key)
+            raw = await self._redis.get(self._keys.fleet_epoch)
             if raw is None:
                 fresh = secrets.token_hex(8)
-                await self._redis.set(self._epoch_key, fresh, nx=True)
-                raw = await self._redis.get(self._epoch_key)
-            epoch = _text(raw)
+                await self._redis.set(self._keys.fleet_epoch, fresh, nx=True)
+                raw = await self._redis.get(self._keys.fleet_epoch)
+            epoch = text(raw)
             if self._epoch is not None and epoch != self._epoch:
                 self._drop_ended()
                 restored = 0
@@ -348,18 +224,18 @@ class RedisBackend:
         """
         slots = sorted({s for s in self._known if s[0] == customer_id} | set(deltas))
         seen = self._epochs.get(customer_id, "")
-        keys = [self._customer_epoch_key(customer_id)]
+        keys = [self._keys.customer_epoch(customer_id)]
         args: list[str | int] = [seen, secrets.token_hex(8)]
         for slot in slots:
             end = self._ends.get(slot, math.inf)
-            keys += [self._quota_key(*slot), self._marker_key(*slot)]
+            keys += [self._keys.quota(*slot), self._keys.marker(*slot)]
             args += [
                 self._known.get(slot, 0),
                 deltas.get(slot, 0),
-                _quota_ttl(end, self._latest_now),
+                quota_ttl(end, self._latest_now),
             ]
-        reply = await self._sync_script(keys=keys, args=args)
-        epoch = _text(reply[0])
+        reply = await self._link.write(self._sync_script, keys, args)
+        epoch = text(reply[0])
         self._epochs[customer_id] = epoch
         for slot, used in zip(slots, reply[1:], strict=True):
             self._known[slot] = int(used)
@@ -414,6 +290,7 @@ class RedisBackend:
                 return True
             try:
                 await self._redis.ping()
+                await self._link.check_replicas()
                 # Restores every known customer if Redis was emptied, so the
                 # pending charges below add to what it held before.
                 await self._check_epoch(now)
@@ -428,7 +305,7 @@ class RedisBackend:
                             entry = self._pending.setdefault(slot, [0, end])
                             entry[0] += delta
                         raise
-            except _UNAVAILABLE as exc:
+            except self._unavailable as exc:
                 self._next_retry = now + self.retry_interval
                 self._last_error = f"{type(exc).__name__}: {exc}"
                 return False
@@ -472,11 +349,11 @@ class RedisBackend:
         self._latest_now = max(self._latest_now, now)
         try:
             await self._check_epoch(now)
-        except _UNAVAILABLE as exc:
+        except self._unavailable as exc:
             self._mark_down(now, exc)
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._link.close()
 
     async def probe(self, now: float) -> bool:
         self._latest_now = max(self._latest_now, now)
@@ -487,7 +364,7 @@ class RedisBackend:
         try:
             # The epoch read doubles as the liveness check.
             await self._check_epoch(now)
-        except _UNAVAILABLE as exc:
+        except self._unavailable as exc:
             self._mark_down(now, exc)
         return self._healthy
 
@@ -500,6 +377,7 @@ class RedisBackend:
             "last_error": self._last_error,
             "pending_resync": len(self._pending),
             "outages": self.outages,
+            "redis": self._link.describe(),
         }
 
     # ---- fallback --------------------------------------------------------------
@@ -582,8 +460,8 @@ class RedisBackend:
                 await self._restore_customer(customer_id, now)
                 reply = await self._take_once(customer_id, amount, now, bucket, quota)
             if int(reply[0]) < 0:
-                raise RedisError("customer epoch changed again right after restoring")
-        except _UNAVAILABLE as exc:
+                raise StoreFailure("customer epoch changed again right after restoring")
+        except self._unavailable as exc:
             self._mark_down(now, exc)
             return self._fallback_take(customer_id, amount, now, bucket, quota)
         granted, tokens_text, used = int(reply[0]), reply[1], int(reply[2])
@@ -603,28 +481,31 @@ class RedisBackend:
         bucket: BucketLimit | None,
         quota: QuotaLimit | None,
     ) -> Any:
-        return await self._take_script(
-            keys=self._script_keys(customer_id, quota),
-            args=[
-                amount,
-                repr(now),
-                repr(bucket.rate) if bucket is not None else -1,
-                bucket.burst if bucket is not None else 0,
-                quota.limit if quota is not None else -1,
-                _quota_ttl(quota.expires_at, now) if quota is not None else 1,
-                _bucket_ttl(bucket),
-                self._epochs.get(customer_id, ""),
-            ],
-        )
+        keys = self._script_keys(customer_id, quota)
+        args: list[str | int] = [
+            amount,
+            repr(now),
+            repr(bucket.rate) if bucket is not None else -1,
+            bucket.burst if bucket is not None else 0,
+            quota.limit if quota is not None else -1,
+            quota_ttl(quota.expires_at, now) if quota is not None else 1,
+            bucket_ttl(bucket),
+            self._epochs.get(customer_id, ""),
+        ]
+        if quota is None:
+            # A bucket lost with a primary refills to one burst, which its
+            # rate grants soon anyway: not worth waiting for replicas.
+            return await self._take_script(keys=keys, args=args)
+        return await self._link.write(self._take_script, keys, args)
 
     def _script_keys(self, customer_id: str, quota: QuotaLimit | None) -> list[str]:
         # The take and give-back scripts touch the same three keys; "-" stands
         # for "no quota" (the scripts then leave that key and the epoch alone).
         period_key = quota.period_key if quota is not None else "-"
         return [
-            self._bucket_key(customer_id),
-            self._quota_key(customer_id, period_key),
-            self._customer_epoch_key(customer_id),
+            self._keys.bucket(customer_id),
+            self._keys.quota(customer_id, period_key),
+            self._keys.customer_epoch(customer_id),
         ]
 
     async def give_back(
@@ -647,9 +528,10 @@ class RedisBackend:
         used: Any = -1
         try:
             for _ in range(_RESTORE_ATTEMPTS + 1):
-                used = await self._give_script(
-                    keys=self._script_keys(customer_id, quota),
-                    args=[
+                used = await self._link.write(
+                    self._give_script,
+                    self._script_keys(customer_id, quota),
+                    [
                         amount,
                         bucket.burst if bucket is not None else -1,
                         "1" if quota is not None else "0",
@@ -659,7 +541,7 @@ class RedisBackend:
                 if int(used) >= 0:
                     break
                 await self._restore_customer(customer_id, self._latest_now)
-        except _UNAVAILABLE as exc:
+        except self._unavailable as exc:
             # A lost refund only ever under-serves the customer; not worth a retry.
             self._mark_down(self._latest_now, exc)
             return
@@ -692,47 +574,27 @@ class RedisBackend:
             self._ends[slot] = expires_at
         if self._healthy:
             keys = [
-                self._quota_key(customer_id, period_key),
-                self._customer_epoch_key(customer_id),
+                self._keys.quota(customer_id, period_key),
+                self._keys.customer_epoch(customer_id),
             ]
             value: Any = None
             try:
                 for attempt in range(_RESTORE_ATTEMPTS + 1):
                     value, epoch = await self._read_script(keys=keys)
-                    if epoch is not None and _text(epoch) == self._epochs.get(
+                    if epoch is not None and text(epoch) == self._epochs.get(
                         customer_id
                     ):
                         break
                     if attempt == _RESTORE_ATTEMPTS:
-                        raise RedisError("customer epoch keeps changing")
+                        raise StoreFailure("customer epoch keeps changing")
                     # Not the epoch our counts belong to (Redis lost data, or
                     # a customer new to us): never report a lost count as
                     # unused, and remember counts only with their epoch.
                     await self._restore_customer(customer_id, self._latest_now)
-            except _UNAVAILABLE as exc:
+            except self._unavailable as exc:
                 self._mark_down(self._latest_now, exc)
             else:
                 self._known[slot] = int(value or 0)
                 return self._known[slot]
         delta = self._pending.get(slot, [0, 0.0])[0]
         return self._known.get(slot, 0) + int(delta)
-
-
-_LONGEST_TTL = 400 * 86400  # longer than any calendar period
-
-
-def _text(raw: object) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
-
-
-def _quota_ttl(end: float, now: float) -> int:
-    if math.isinf(end):
-        return _LONGEST_TTL
-    return min(_LONGEST_TTL, max(1, math.ceil(end - now)) + _QUOTA_KEY_GRACE)
-
-
-def _bucket_ttl(bucket: BucketLimit | None) -> int:
-    # A bucket left alone long enough to refill is the same as no key at all.
-    if bucket is None or bucket.rate <= 0:
-        return 86400
-    return max(60, math.ceil(2 * bucket.burst / bucket.rate) + 60)
