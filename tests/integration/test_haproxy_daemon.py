@@ -63,6 +63,7 @@ def broker_config(state_dir: Path, ports: Ports) -> str:
         state_dir = "{state_dir}"
         pool_size = "64 KiB"
         low_watermark = "1 KiB"
+        drain = "0 s"
         shutdown_grace = "2 s"
 
         [logging]
