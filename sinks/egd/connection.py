@@ -59,6 +59,7 @@ from broker.pool import EntropyPool
 from broker.withdrawal import Withdrawals
 from sinks.egd.config import EgdSinkConfig
 from sinks.egd.flow import OutputBound, TurnBudget, kernel_queued
+from sinks.egd.handoff import Carried, HandoverState, encode_request
 from sinks.egd.peers import peer_text, unix_peer
 from sinks.egd.requests import CLOSE, MAX_QUEUED_REQUESTS, Close, reply_size, requested
 from sinks.egd.wire import (
@@ -125,6 +126,8 @@ class EgdConnection(asyncio.Protocol):
         "_gate",
         "_gate_saw_bytes",
         "_header_timer",
+        "_holding",
+        "_left",
         "_output",
         "_peer",
         "_pending_bytes",
@@ -135,11 +138,22 @@ class EgdConnection(asyncio.Protocol):
         "_stopped",
         "_transport",
         "_turn",
+        "_who",
         "_wire",
         "_worker",
     )
 
-    def __init__(self, sink: ConnectionHost) -> None:
+    def __init__(
+        self, sink: ConnectionHost, *, adopted: Peer | None = None, shown: str = ""
+    ) -> None:
+        """
+        Args:
+            sink: the sink that accepted (or adopted) the connection.
+            adopted: for a connection a previous broker handed over, who the
+                client is, as that broker established it (its PROXY header
+                cannot be read twice); None for a freshly accepted one.
+            shown: how logs show an adopted client.
+        """
         self._sink = sink
         self._wire = EgdServerConnection()
         self._transport: asyncio.Transport | None = None
@@ -160,7 +174,10 @@ class EgdConnection(asyncio.Protocol):
         self._gate: ProxyGate | None = None
         self._gate_saw_bytes = False
         self._header_timer: asyncio.TimerHandle | None = None
-        self._peer = "unix"
+        self._peer = shown or "unix"
+        self._who = adopted
+        self._holding = False
+        self._left = 0
         self._served: list[tuple[int, float]] = []
         """Pool bytes withdrawn for replies not yet handed to the transport,
         with their grant times: refunded if the write cannot happen."""
@@ -182,7 +199,8 @@ class EgdConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or transport.get_extra_info(
             "sockname"
         )
-        self._peer = peer_text(peer)
+        if self._who is None:
+            self._peer = peer_text(peer)
         refusal = self._sink.admit(self)
         if refusal is not None:
             self._refuse(refusal, f"{refusal} (sink not admitting)")
@@ -195,12 +213,18 @@ class EgdConnection(asyncio.Protocol):
         )
         limit = self._sink.config.max_buffered_output
         transport.set_write_buffer_limits(high=limit, low=limit // 4)
-        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        tcp = sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
+        if tcp:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if self._who is not None:
+            # Identified by the broker that accepted it: no second PROXY gate.
+            self._start(self._who)
+            return
+        if not tcp:
             self._start(unix_peer(sock))
             return
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         host, port = str(peer[0]), int(peer[1])
         self._gate = ProxyGate(host, port, self._sink.config.trusted_proxies)
         if self._gate.trusted:
@@ -314,6 +338,7 @@ class EgdConnection(asyncio.Protocol):
             self._refuse("max_connections_per_client", "too many from this client")
             return False
         self._client = identity
+        self._who = peer
         identity.connections += 1
         self._sink.connections_total += 1
         self._log.debug("client_connected")
@@ -369,7 +394,7 @@ class EgdConnection(asyncio.Protocol):
     def _flow_input(self) -> None:
         # Stop reading a client that has its fill queued; resume once answered.
         transport = self._transport
-        if transport is None:
+        if transport is None or self._holding:
             return
         full = (
             self._pending_bytes >= self._sink.config.max_pending_bytes
@@ -487,6 +512,7 @@ class EgdConnection(asyncio.Protocol):
                     self._close_transport()
                     return
                 self._busy = True
+                self._left = 0
                 try:
                     async with asyncio.timeout_at(self._eof_deadline) as answering:
                         self._answering = answering
@@ -538,25 +564,26 @@ class EgdConnection(asyncio.Protocol):
             self._send([self._reply_now(event)])
             return
         # Limits delay a blocking read: the client simply sees the allowed rate.
-        remaining = event.count
-        while remaining:
+        # What is left is kept on the connection: a hand-over carries it on.
+        self._left = event.count
+        while self._left:
             await self._output.room()
             if self._gone():
                 return
             # What is ready now first, as a new request would get it; only
             # then a place in the pool's queue, a chunk per turn.
-            taken = withdrawals.now(client, remaining, least=1)
+            taken = withdrawals.now(client, self._left, least=1)
             if taken is not None and taken.data:
                 data, granted_at = taken.data, taken.granted_at
             else:
                 data, granted_at = await withdrawals.stream_piece(
-                    client, min(remaining, self._sink.config.chunk_size)
+                    client, min(self._left, self._sink.config.chunk_size)
                 )
             self._served.append((len(data), granted_at))
             if not self._send([data]):
                 return
-            remaining -= len(data)
-            if remaining:
+            self._left -= len(data)
+            if self._left:
                 await self._turn.yield_if_spent()
 
     def _send(self, replies: list[bytes], *, counted: bool = False) -> bool:
@@ -622,6 +649,99 @@ class EgdConnection(asyncio.Protocol):
         # reading would hold its connection slot forever.
         asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
 
+    # ---- hand-over to a successor broker (sinks.egd.handoff) -----------------------
+
+    def hold(self) -> None:
+        """
+        Stop reading for good: what the client sends from now on waits in the
+        kernel for the broker this connection is handed to. What was read is
+        still answered.
+        """
+        self._holding = True
+        if self._transport is not None and not self._reading_paused:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def unhold(self) -> None:
+        """
+        Serve on after a hand-over that did not happen.
+        """
+        self._holding = False
+        if self._stopped and not self._closing:
+            self._stopped = False  # `stop_for_handover` kept the queue
+        self._flow_input()
+        self._answer_ready()
+
+    def handover_state(self) -> HandoverState:
+        """
+        Whether the connection can be handed over now (see `HandoverState`).
+        """
+        if self._closing or self._transport is None:
+            return HandoverState.CLOSING
+        if self._client is None:
+            # Still behind the PROXY gate: hand over only one that sent nothing.
+            return HandoverState.BUSY if self._gate_saw_bytes else HandoverState.READY
+        if not self._stopped and not self.idle:
+            # (Stopped without closing: `stop_for_handover` kept the rest.)
+            return HandoverState.BUSY
+        if self._transport.get_write_buffer_size():
+            return HandoverState.UNFLUSHED
+        return HandoverState.READY
+
+    async def stop_for_handover(self) -> None:
+        """
+        Stop answering (a read the pool cannot serve now, a delay the limits
+        impose) and keep what is unanswered for the successor; bytes withdrawn
+        and not yet written go back to the pool or the client's quota.
+        """
+        if self._client is None or self._closing:
+            return
+        queue = [item for item in self._queue if not isinstance(item, Close)]
+        if self._busy and self._left and queue and isinstance(queue[0], ReadBlocking):
+            queue[0] = ReadBlocking(self._left)
+        self._stopped = True
+        worker = self._worker
+        if worker is not None:
+            worker.cancel(msg="handed over")
+            await asyncio.gather(worker, return_exceptions=True)
+        self._queue[:] = queue
+        self._pending_bytes = sum(map(requested, queue))
+
+    def copy_for_handover(self) -> tuple[int, Carried]:
+        """
+        A duplicate of the connection's fd, and what the successor needs to
+        serve this client as the same client: who it is, and the requests it
+        sent that were not answered (re-encoded, then the unparsed bytes).
+
+        Raises:
+            OSError: the fd cannot be duplicated (out of fds).
+        """
+        transport = self._transport
+        sock = None if transport is None else transport.get_extra_info("socket")
+        if sock is None:
+            raise OSError("connection has no socket")
+        fd = os.dup(sock.fileno())
+        unanswered = b"".join(
+            encode_request(item) for item in self._queue if not isinstance(item, Close)
+        )
+        return fd, Carried(
+            sink=self._sink.name,
+            peer=self._who if self._client is not None else None,
+            shown=self._peer,
+            pending=unanswered + self._wire.unparsed(),
+        )
+
+    def handed_over(self) -> None:
+        """
+        The successor has the connection: let go of it without a FIN or an
+        RST (the kernel socket lives on in the successor's copy of the fd).
+        """
+        self._closing = True
+        self._stop("handed over")
+        self._cancel_header_timer()
+        if self._transport is not None:
+            self._transport.abort()
+
     # ---- shutdown and inspection --------------------------------------------------
 
     @property
@@ -633,6 +753,13 @@ class EgdConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self._close_transport()
+
+    @property
+    def peer(self) -> str:
+        """
+        The client as logs show it.
+        """
+        return self._peer
 
     @property
     def reading_paused(self) -> bool:

@@ -34,17 +34,37 @@ import contextlib
 import os
 import socket
 import stat
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Final
 
 import structlog
 
+from broker.configbase import ListenAddress
 from broker.errors import BrokerError
+from broker.inherited import Inherited, InheritedListeners, Listening
 from broker.ratelog import CountedLog
 from broker.status import BrokerView, SinkStatus
 from broker.withdrawal import Withdrawals
 from sinks.egd.config import EgdSinkConfig
 from sinks.egd.connection import EgdConnection
+from sinks.egd.handoff import Carried, HandoverState
+
+HANDOVER_BATCH: Final = 250
+"""Connections per hand-over message: SCM_RIGHTS takes at most 253 fds."""
+FLUSH_WAIT: Final = 5.0
+"""Seconds a held client has to read its replies before it is closed."""
+POLL: Final = 0.01
+
+SendConnections = Callable[[list[tuple[int, Carried]]], Awaitable[bool]]
+"""Sends fds with their state to the successor; True once it has them."""
+
+
+class HandoverFailed(BrokerError):
+    """
+    The successor did not take the connections.
+    """
+
 
 log = structlog.get_logger("ebroker.egd")
 
@@ -56,14 +76,24 @@ class EgdSink:
 
     kind = "egd"
 
-    def __init__(self, config: EgdSinkConfig, broker: BrokerView) -> None:
+    def __init__(
+        self,
+        config: EgdSinkConfig,
+        broker: BrokerView,
+        *,
+        inherited: InheritedListeners | None = None,
+    ) -> None:
         self.config = config
         self.pool = broker.pool
         self.accounts = broker.accounts
         self.withdrawals = Withdrawals(broker.pool, broker.accounts)
         self.name = config.name or "egd"
         self._state_dir = broker.state_dir
+        self._inherited = inherited
         self._servers: list[asyncio.Server] = []
+        self._listening: list[tuple[str, bool]] = []
+        """Per server: the configured address it serves, and whether its Unix
+        socket file is ours to remove."""
         self._addresses: list[str] = []
         self._unix_paths: list[tuple[Path, int]] = []
         """Unix sockets this sink bound, with their inodes."""
@@ -141,33 +171,11 @@ class EgdSink:
     # ---- lifecycle ----
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         for address in self.config.listen:
             where = address.resolved(self._state_dir)
+            taken = self._inherited.take(self.name, where) if self._inherited else None
             try:
-                if where.scheme == "tcp":
-                    server = await loop.create_server(
-                        lambda: EgdConnection(self),
-                        where.host,
-                        where.port,
-                        reuse_address=True,
-                        backlog=self.config.backlog,
-                    )
-                    for sock in server.sockets:
-                        host, port = sock.getsockname()[:2]
-                        shown = f"[{host}]" if ":" in host else host
-                        self._addresses.append(f"tcp://{shown}:{port}")
-                else:
-                    path = Path(where.path)
-                    self._prepare_unix_path(path)
-                    server = await loop.create_unix_server(
-                        lambda: EgdConnection(self),
-                        str(path),
-                        backlog=self.config.backlog,
-                    )
-                    os.chmod(path, int(self.config.socket_mode, 8))
-                    self._unix_paths.append((path, os.stat(path).st_ino))
-                    self._addresses.append(f"unix:{path}")
+                server, owned = await self._listen(where, taken)
             except OSError as exc:
                 await self.shutdown(0)
                 raise BrokerError(
@@ -175,7 +183,52 @@ class EgdSink:
                     f"{exc.strerror or exc}"
                 ) from exc
             self._servers.append(server)
+            self._listening.append((str(where), owned))
         log.info("sink_listening", sink=self.name, addresses=self._addresses)
+
+    async def _listen(
+        self, where: ListenAddress, taken: Inherited | None
+    ) -> tuple[asyncio.Server, bool]:
+        # An inherited socket is served as it is: already bound, already
+        # listening (connections may be waiting in its backlog), and a Unix
+        # one keeps its file, mode and owner.
+        loop = asyncio.get_running_loop()
+        backlog = self.config.backlog
+        if where.scheme == "tcp":
+            if taken is not None:
+                server = await loop.create_server(
+                    lambda: EgdConnection(self), sock=taken.sock, backlog=backlog
+                )
+            else:
+                server = await loop.create_server(
+                    lambda: EgdConnection(self),
+                    where.host,
+                    where.port,
+                    reuse_address=True,
+                    backlog=backlog,
+                )
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                shown = f"[{host}]" if ":" in host else host
+                self._addresses.append(f"tcp://{shown}:{port}")
+            return server, False
+        path = Path(where.path)
+        if taken is not None:
+            server = await loop.create_unix_server(
+                lambda: EgdConnection(self), sock=taken.sock, backlog=backlog
+            )
+            owned = taken.owned
+        else:
+            self._prepare_unix_path(path)
+            server = await loop.create_unix_server(
+                lambda: EgdConnection(self), str(path), backlog=backlog
+            )
+            os.chmod(path, int(self.config.socket_mode, 8))
+            owned = True
+        if owned:
+            self._unix_paths.append((path, os.stat(path).st_ino))
+        self._addresses.append(f"unix:{path}")
+        return server, owned
 
     @staticmethod
     def _prepare_unix_path(path: Path) -> None:
@@ -195,6 +248,146 @@ class EgdSink:
 
     def bound_addresses(self) -> list[str]:
         return list(self._addresses)
+
+    # ---- takeover (broker.handover) ----
+
+    def listening(self) -> list[Listening]:
+        """
+        Every listener this sink serves on, for a successor to take over.
+        """
+        return [
+            Listening(self.name, address, server.sockets[0], owned)
+            for server, (address, owned) in zip(
+                self._servers, self._listening, strict=True
+            )
+            if server.sockets
+        ]
+
+    def release_listeners(self) -> None:
+        """
+        Stop accepting, and leave the listeners (and their Unix socket files)
+        to the successor that now holds copies of them: closing this
+        process's fds leaves the sockets open there, with connection attempts
+        queueing in their backlog until it accepts them.
+        """
+        self._unix_paths.clear()
+        self.pre_shutdown()
+
+    async def hand_over(self, send: SendConnections, *, wait: float) -> int:
+        """
+        Hand every connection over to a successor through ``send``.
+
+        Each connection stops reading (what its client sends waits in the
+        kernel), answers what it has read and flushes its replies; then a
+        duplicate of its fd and its `Carried` state go to ``send`` in batches
+        of at most `HANDOVER_BATCH`, and once ``send`` returns True the
+        connection lets go of its fd without a FIN or an RST. Connections
+        still waiting after ``wait`` seconds (a blocking read on an empty
+        pool) stop answering and carry their unanswered requests; a client
+        that has not read its replies `FLUSH_WAIT` seconds later is closed.
+
+        Returns:
+            How many connections were handed over.
+
+        Raises:
+            HandoverFailed: ``send`` failed; the connections not yet handed
+                over are served here again.
+        """
+        self._accepting = False
+        loop = asyncio.get_running_loop()
+        stop_at = loop.time() + wait
+        give_up_at = stop_at + FLUSH_WAIT
+        held = set(self._connections)
+        for connection in held:
+            connection.hold()
+        handed = 0
+        stopped = False
+        try:
+            while held:
+                ready = []
+                for connection in list(held):
+                    state = connection.handover_state()
+                    if state is HandoverState.CLOSING:
+                        held.discard(connection)
+                    elif state is HandoverState.READY:
+                        ready.append(connection)
+                for start in range(0, len(ready), HANDOVER_BATCH):
+                    batch = ready[start : start + HANDOVER_BATCH]
+                    held.difference_update(batch)
+                    handed += await self._send_batch(batch, send)
+                if ready:
+                    continue
+                now = loop.time()
+                if now >= give_up_at:
+                    for connection in held:
+                        self.count_closed(
+                            "handover_unflushed",
+                            peer=connection.peer,
+                            detail="replies still unread at hand-over",
+                        )
+                        connection.close()
+                    break
+                if now >= stop_at and not stopped:
+                    stopped = True
+                    await asyncio.gather(
+                        *(connection.stop_for_handover() for connection in held)
+                    )
+                    continue
+                await self._wait_for_change(
+                    min(stop_at if not stopped else give_up_at, now + POLL)
+                )
+        except BaseException:
+            for connection in held:
+                connection.unhold()
+            raise
+        return handed
+
+    async def _wait_for_change(self, until: float) -> None:
+        # Idle connections announce it; a flushed write buffer does not, so
+        # the wait also ends at `POLL` intervals.
+        self.idle_changed.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(until):
+                await self.idle_changed.wait()
+
+    async def _send_batch(
+        self, batch: list[EgdConnection], send: SendConnections
+    ) -> int:
+        copies: list[tuple[int, Carried]] = []
+        kept: list[EgdConnection] = []
+        try:
+            for connection in batch:
+                try:
+                    copies.append(connection.copy_for_handover())
+                except OSError as exc:
+                    log.error(
+                        "handover_copy_failed",
+                        sink=self.name,
+                        peer=connection.peer,
+                        error=str(exc),
+                    )
+                    connection.close()
+                    continue
+                kept.append(connection)
+            if copies and not await send(copies):
+                for connection in kept:
+                    connection.unhold()
+                raise HandoverFailed("the successor did not take the connections")
+        finally:
+            for fd, _ in copies:
+                os.close(fd)
+        for connection in kept:
+            connection.handed_over()
+        return len(kept)
+
+    async def adopt(self, sock: socket.socket, carried: Carried) -> None:
+        """
+        Serve a connection a previous broker handed over, as the same client,
+        with the requests it carried first.
+        """
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        await loop.connect_accepted_socket(lambda: _Adopted(self, carried), sock)
 
     def pre_shutdown(self) -> None:
         self._accepting = False
@@ -234,6 +427,25 @@ class EgdSink:
             refused=self.refused,
             closed=self.closed,
         )
+
+
+class _Adopted(EgdConnection):
+    """
+    A connection from a previous broker: its carried bytes are parsed before
+    anything read from the socket.
+    """
+
+    __slots__ = ("_carried_input",)
+
+    def __init__(self, sink: EgdSink, carried: Carried) -> None:
+        super().__init__(sink, adopted=carried.peer, shown=carried.shown)
+        self._carried_input = carried.pending
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        pending, self._carried_input = self._carried_input, b""
+        if pending:
+            self.data_received(pending)
 
 
 def _accepting(path: Path) -> bool:

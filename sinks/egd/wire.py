@@ -133,6 +133,13 @@ class EgdServerConnection:
         """
         return len(self._buffer)
 
+    def unparsed(self) -> bytes:
+        """
+        The bytes received but not yet parsed (the start of a request), so
+        another parser can go on where this one stopped.
+        """
+        return bytes(self._buffer)
+
     def receive_data(self, data: bytes) -> None:
         """
         Add bytes from the client.

@@ -29,6 +29,7 @@ from aiohttp import web
 
 from broker.configbase import ListenAddress
 from broker.errors import BrokerError, ConfigError
+from broker.inherited import InheritedListeners, Listening
 from broker.ratelog import CountedLog
 from broker.status import BrokerView, SinkStatus
 from sinks.http.app import ENTROPY_KEY, DirectEntropy, create_app
@@ -58,8 +59,17 @@ class HttpSink:
 
     kind = "http"
 
-    def __init__(self, config: HttpSinkConfig, broker: BrokerView) -> None:
+    def __init__(
+        self,
+        config: HttpSinkConfig,
+        broker: BrokerView,
+        *,
+        inherited: InheritedListeners | None = None,
+    ) -> None:
         self.name = config.name or "http"
+        self._inherited = inherited
+        self._listening: list[str] = []
+        """Per server: the configured address it serves."""
         self._config = config
         self._broker = broker
         self._state = HttpSinkState()
@@ -146,19 +156,27 @@ class HttpSink:
         loop = asyncio.get_running_loop()
         if self._guard is None:
             raise RuntimeError("listening before the connection guard exists")
+        taken = self._inherited.take(self.name, address) if self._inherited else None
         try:
-            server = await loop.create_server(
-                self._guard,
-                address.host,
-                address.port,
-                backlog=self._config.backlog,
-                reuse_address=True,
-            )
+            if taken is not None:
+                # Already bound and listening: connections may wait in its backlog.
+                server = await loop.create_server(
+                    self._guard, sock=taken.sock, backlog=self._config.backlog
+                )
+            else:
+                server = await loop.create_server(
+                    self._guard,
+                    address.host,
+                    address.port,
+                    backlog=self._config.backlog,
+                    reuse_address=True,
+                )
         except OSError as exc:
             raise BrokerError(
                 f"sink {self.name!r}: cannot listen on {address}: {exc.strerror or exc}"
             ) from exc
         self._servers.append(server)
+        self._listening.append(str(address))
         for sock in server.sockets:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 host, port = sock.getsockname()[:2]
@@ -170,6 +188,27 @@ class HttpSink:
         ``["tcp://127.0.0.1:43211"]``; empty before `start`.
         """
         return list(self._bound)
+
+    def listening(self) -> list[Listening]:
+        """
+        Every listener this sink serves on, for a successor to take over.
+        """
+        return [
+            Listening(self.name, address, server.sockets[0], owned=False)
+            for server, address in zip(self._servers, self._listening, strict=True)
+            if server.sockets
+        ]
+
+    def release_listeners(self) -> None:
+        """
+        Stop accepting and leave the listeners to the successor that holds
+        copies of them; requests in flight are still answered (`shutdown`).
+        """
+        self.pre_shutdown()
+        servers, self._servers = self._servers, []
+        self._listening.clear()
+        for server in servers:
+            server.close()
 
     @property
     def shutting_down(self) -> bool:
