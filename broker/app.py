@@ -31,7 +31,9 @@ from broker.clock import SYSTEM_CLOCK, Clock
 from broker.config import Config, SinkConfig, SourceConfig, load_config
 from broker.errors import BrokerError, ConfigError
 from broker.fdlimit import needed_for, raise_soft_limit
+from broker.handover import HandoverHooks, HandoverListener, Takeover, adopt, take_over
 from broker.health_policy import HealthInputs, assess
+from broker.inherited import InheritedListeners
 from broker.ownership import StateDirLock
 from broker.pool import EntropyPool
 from broker.sdnotify import Notifier
@@ -122,13 +124,13 @@ SOURCE_KINDS: dict[str, Callable[[SourceConfig, "Broker"], list[Source]]] = {
 def _egd(config: SinkConfig, broker: "Broker") -> Sink:
     if not isinstance(config, EgdSinkConfig):
         raise TypeError(f"not an egd config: {config!r}")
-    return EgdSink(config, broker)
+    return EgdSink(config, broker, inherited=broker.inherited)
 
 
 def _http(config: SinkConfig, broker: "Broker") -> Sink:
     if not isinstance(config, HttpSinkConfig):
         raise TypeError(f"not an http config: {config!r}")
-    return HttpSink(config, broker)
+    return HttpSink(config, broker, inherited=broker.inherited)
 
 
 SINK_KINDS: dict[str, Callable[[SinkConfig, "Broker"], Sink]] = {
@@ -162,8 +164,15 @@ class Broker:
         config_path: Path | None = None,
         usb_backend: Any = None,
         clock: Clock = SYSTEM_CLOCK,
+        inherited: InheritedListeners | None = None,
     ) -> None:
         self.config = config
+        self.inherited = inherited if inherited is not None else InheritedListeners()
+        """Listening sockets handed to this process (`broker.inherited`)."""
+        self.takeover: Takeover | None = None
+        """What a predecessor handed over (`broker.handover`), set before start."""
+        self.handed_over = asyncio.Event()
+        """Set once a successor took the listeners and connections over."""
         self.clock = clock
         self.config_path = config_path
         self.state_dir = config.broker.state_dir.absolute()
@@ -304,9 +313,26 @@ class Broker:
             stack.push_async_callback(self._cancel_tasks)
             self._watch_for_keys()
             stack.push_async_callback(self._stop_sinks)
+            stack.callback(self.inherited.close_unclaimed)
             for sink in self.sinks:
                 await sink.start()
                 self._started_sinks.append(sink)
+            if self.takeover is not None:
+                stack.callback(self.takeover.close)
+                await adopt(self.sinks, self.takeover)
+            self.inherited.close_unclaimed()
+            await stack.enter_async_context(
+                HandoverListener(
+                    self.state_dir,
+                    self.sinks,
+                    HandoverHooks(
+                        serving=lambda: self._phase is Phase.SERVING,
+                        committed=lambda: self.notifier.stopping("handing over"),
+                        done=self.handed_over.set,
+                        grace=self.config.broker.shutdown_grace,
+                    ),
+                )
+            )
             self._write_runtime_files()
             stack.callback(self._remove_runtime_files)
             self._teardown = stack.pop_all()
@@ -591,19 +617,33 @@ async def serve(
     *,
     config_path: Path | None = None,
     hurry: asyncio.Event | None = None,
+    takeover: bool = False,
 ) -> None:
     """
     Run the broker until ``stop`` is set, then drain and close; setting
     ``hurry`` cuts the drain and the grace short. SIGHUP reloads customers and
-    limits.
+    limits. Listening sockets from systemd are served (`broker.inherited`);
+    ``takeover`` first takes the listeners and EGD connections over from the
+    broker running on the same state_dir (`broker.handover`); a broker whose
+    successor took over stops at once, without a drain.
 
     Raises:
         BrokerError: start-up failed (e.g. a listen address is in use).
     """
     try:
-        broker = Broker(config, config_path=config_path)
-    except (OSError, ConfigError) as exc:
+        broker = Broker(
+            config, config_path=config_path, inherited=InheritedListeners.from_systemd()
+        )
+    except (OSError, ConfigError, ValueError) as exc:
         raise BrokerError(str(exc)) from exc
+    if takeover:
+        broker.takeover = await take_over(
+            broker.state_dir,
+            [(sink.name, sink.kind) for sink in broker.sinks],
+            grace=config.broker.shutdown_grace,
+        )
+        if broker.takeover is not None:
+            broker.inherited.absorb(broker.takeover.listeners)
     if hurry is not None:
         broker.hurry = hurry
     try:
@@ -612,7 +652,15 @@ async def serve(
             loop.add_signal_handler(signal.SIGHUP, broker.handle_hup)
             settle_heap()
             broker.announce_ready()
-            await stop.wait()
-            await broker.drain()
+            stopping = asyncio.ensure_future(stop.wait())
+            handed_over = asyncio.ensure_future(broker.handed_over.wait())
+            await asyncio.wait(
+                (stopping, handed_over), return_when=asyncio.FIRST_COMPLETED
+            )
+            stopping.cancel()
+            handed_over.cancel()
+            # A successor holds the listeners: nobody is left to drain for.
+            if not broker.handed_over.is_set():
+                await broker.drain()
     except OSError as exc:
         raise BrokerError(f"cannot start: {exc.strerror or exc}") from exc

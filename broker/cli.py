@@ -57,6 +57,13 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--config", "-c", type=Path, required=True, help="configuration file (TOML)"
     )
+    serve.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take the listeners and EGD connections over from the broker running "
+        "on the same state_dir, so no client sees the restart (starts normally "
+        "when none runs)",
+    )
 
     check = commands.add_parser(
         "check-config",
@@ -155,16 +162,16 @@ def _install_signal_handlers(stop: asyncio.Event, hurry: asyncio.Event) -> None:
         loop.add_signal_handler(signum, handle_exit, signum)
 
 
-async def _serve(config: Config, config_path: Path) -> None:
+async def _serve(config: Config, config_path: Path, takeover: bool) -> None:
     from broker.app import serve
 
     stop = asyncio.Event()
     hurry = asyncio.Event()
     _install_signal_handlers(stop, hurry)
-    await serve(config, stop, config_path=config_path, hurry=hurry)
+    await serve(config, stop, config_path=config_path, hurry=hurry, takeover=takeover)
 
 
-def cmd_serve(config_path: Path) -> int:
+def cmd_serve(config_path: Path, takeover: bool = False) -> int:
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -172,7 +179,7 @@ def cmd_serve(config_path: Path) -> int:
     configure_logging(config.logging.level, config.logging.format)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(_serve(config, config_path))
+            runner.run(_serve(config, config_path, takeover))
     except BrokerError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
@@ -431,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
-            return cmd_serve(args.config)
+            return cmd_serve(args.config, args.takeover)
         if args.command == "check-config":
             return cmd_check_config(args.config)
         if args.command == "status":
