@@ -16,6 +16,7 @@ TOOL_PACKAGES: dict[str, str] = {
     "redis-server": "redis-server",
     "haproxy": "haproxy",
     "ekeyd-egd-linux": "ekeyd-egd-linux",
+    "systemd-socket-activate": "systemd",
 }
 """Program on PATH → Debian package that installs it."""
 
