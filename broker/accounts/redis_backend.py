@@ -14,7 +14,9 @@ seeded with the last counts it saw (``fail_open``), or grants nothing
 (``fail_closed``). Every ``retry_interval`` seconds a call (or `probe`) tries
 Redis again; on success the quota charged locally during the outage is added
 to what Redis holds (``redis_resynced``), after the restore below if Redis
-lost its data meanwhile.
+lost its data meanwhile. A Sentinel failover is such an outage: the first
+retry after the promotion reaches the new primary (`broker.accounts.redis_link`
+connects, and waits for replicas when asked to).
 
 Redis that lost its data (restarted without persistence, flushed, a Cluster
 shard failed over to an empty replica). Every broker remembers the last count
