@@ -488,7 +488,9 @@ async def take_over(
     """
     path = state_dir / SOCKET_NAME
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.setblocking(False)
     try:
+        # A Unix connect completes at once unless the backlog is full.
         sock.connect(str(path))
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
