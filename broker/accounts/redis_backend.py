@@ -494,11 +494,10 @@ class RedisBackend:
             bucket_ttl(bucket),
             self._epochs.get(customer_id, ""),
         ]
-        if quota is None:
-            # A bucket lost with a primary refills to one burst, which its
-            # rate grants soon anyway: not worth waiting for replicas.
-            return await self._take_script(keys=keys, args=args)
-        return await self._link.write(self._take_script, keys, args)
+        # A bucket lost with a primary refills to one burst, which its rate
+        # grants soon anyway: only quota counts wait for replicas.
+        counts = quota is not None
+        return await self._link.write(self._take_script, keys, args, counts=counts)
 
     def _script_keys(self, customer_id: str, quota: QuotaLimit | None) -> list[str]:
         # The take and give-back scripts touch the same three keys; "-" stands
@@ -539,6 +538,7 @@ class RedisBackend:
                         "1" if quota is not None else "0",
                         self._epochs.get(customer_id, ""),
                     ],
+                    counts=quota is not None,
                 )
                 if int(used) >= 0:
                     break

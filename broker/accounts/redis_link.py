@@ -175,11 +175,16 @@ class RedisLink:
         return self.client.register_script(script)
 
     async def write(
-        self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int]
+        self,
+        script: AsyncScript,
+        keys: Sequence[str],
+        args: Sequence[str | int],
+        *,
+        counts: bool = True,
     ) -> Any:
         """
-        Run a script that changes counts; with ``min_replicas``, return only
-        once that many replicas have it.
+        Run a script that changes state; if it changes quota ``counts`` and
+        ``min_replicas`` is set, return only once that many replicas have it.
 
         Raises:
             ReplicasLagging: fewer replicas acknowledged it in time (the write
@@ -187,7 +192,7 @@ class RedisLink:
             RedisError, OSError, TimeoutError: Redis did not answer.
         """
         wanted = self.target.min_replicas
-        if not wanted:
+        if not wanted or not counts:
             return await script(keys=keys, args=args)
         async with self.client.pipeline(transaction=False) as pipe:
             await script(keys=keys, args=args, client=pipe)

@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
+from broker.accounts import RedisBackend
 from broker.accounts.config import AccountsConfig
 from broker.accounts.redis_link import RedisLink, target_from_config
 from broker.config import parse_config
 from broker.errors import ConfigError
+from tests.redis_server import free_port
 
 REFERENCE = Path(__file__).parents[3] / "config" / "README.md"
 SENTINELS = ["10.0.0.5:26379", "10.0.0.6:26379", "[fd00::7]:26379"]
@@ -235,3 +238,54 @@ async def test_sentinel_link_uses_the_url_database_and_hides_the_password(
         assert SECRET not in repr(status)
     finally:
         await link.close()
+
+
+async def test_single_server_link_takes_the_password_from_the_file(
+    tmp_path: Path,
+) -> None:
+    """
+    Without sentinels the password file still feeds the connection, and the
+    URL carries none.
+    """
+    secret = tmp_path / "redis-password"
+    secret.write_text(SECRET)
+    config = load(redis_url="redis://10.0.0.9:6379/1", redis_password_file=str(secret))
+    link = RedisLink(target_from_config(config), timeout=0.5)
+    try:
+        kwargs = link.client.connection_pool.connection_kwargs
+        assert ("10.0.0.9", 1, SECRET) == (
+            kwargs["host"],
+            kwargs["db"],
+            kwargs["password"],
+        )
+        assert {"mode": "single"} == link.describe()
+    finally:
+        await link.close()
+
+
+async def test_unreachable_sentinels_never_echo_the_password(tmp_path: Path) -> None:
+    """
+    When no sentinel answers, the backend goes unhealthy with an error that
+    names the sentinels but never the password, in status and in the log.
+    """
+    secret = tmp_path / "redis-password"
+    secret.write_text(SECRET)
+    config = load(
+        **sentinel(
+            redis_sentinels=[f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"],
+            redis_password_file=str(secret),
+            redis_sentinel_auth=True,
+        )
+    )
+    backend = RedisBackend.from_config(config)
+    with capture_logs() as logs:
+        try:
+            await backend.start(0.0)
+            status = backend.status()
+        finally:
+            await backend.close()
+    assert not status["healthy"]
+    assert "MasterNotFoundError" in str(status["last_error"])
+    assert ["redis_unavailable"] == [entry["event"] for entry in logs]
+    assert SECRET not in repr(status)
+    assert SECRET not in repr(logs)
