@@ -42,6 +42,13 @@ dropped, and nothing more is withdrawn for it. A read cut short by the close
 gives its bytes back to the pool (a pending ``pool.read``) or at least its
 quota back to the client's accounts (bytes already withdrawn but not
 written); none of them counts in ``bytes_out``.
+
+A takeover (`broker.handover`) moves a live connection to the next broker
+without closing it: `hold` stops reading, the connection answers what it read,
+and `copy_for_handover` gives a duplicate fd plus who the client is and its
+unanswered request bytes (`sinks.egd.handoff.Carried`); `handed_over` then
+drops this process's fd without a FIN. The successor constructs the
+connection with ``adopted=`` that identity, which skips the PROXY gate.
 """
 
 import asyncio

@@ -27,6 +27,15 @@ send a PROXY header sends one), never in ``refused``. Refusals and closes are
 logged through `RateLimitedLog`, so a flood of them makes a handful of lines;
 the refusal counts are in `SinkStatus.refused`
 (``ebroker_sink_refused_total{reason}``).
+
+Restarts without a refused connection (`broker.inherited`, `broker.handover`):
+a listen address that matches an inherited listening socket (systemd, or the
+broker this one took over from) is served on that socket instead of bound; an
+inherited Unix socket is neither unlinked nor re-created. `listening`,
+`release_listeners` and `hand_over` give the listeners and the connections to
+a successor; `adopt` serves a connection a predecessor handed over. A
+connection closed because its client did not read its replies in time for a
+hand-over counts in ``closed`` as ``handover_unflushed``.
 """
 
 import asyncio

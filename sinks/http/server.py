@@ -18,6 +18,12 @@ whose protocol factory is a `sinks.http.connections.ConnectionGuard`: it
 enforces the connection caps and the header deadline and hands each admitted
 connection to aiohttp's handler (`sinks.http.handler`), which answers
 ``GET /v1/entropy`` ahead of the application (`sinks.http.app.DirectEntropy`).
+
+A listen address that matches an inherited listening socket (systemd socket
+activation, or a takeover: `broker.inherited`) is served on that socket
+instead of bound. On a takeover (`broker.handover`) `release_listeners` stops
+accepting while the successor holds the sockets; requests in flight are then
+answered by `shutdown` as in any stop.
 """
 
 import asyncio
