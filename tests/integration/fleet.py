@@ -339,6 +339,15 @@ class Fleet:
         (sink,) = (sink for sink in document["sinks"] if sink["name"] == "egd-lb")
         return int(sink["connections"])
 
+    async def clients_on(self, index: int) -> set[str]:
+        """
+        The clients broker ``index`` has served (``ip:127.0.0.2``, ...), as
+        its accounts name them from haproxy's PROXY headers.
+        """
+        document = await self.status(index)
+        customers: dict[str, Any] = document["accounts"]["customers"]
+        return {key for view in customers.values() for key in view["clients"]}
+
     async def states(self) -> dict[tuple[str, str], str]:
         return server_states(await self.haproxy.stats(self.session))
 
@@ -469,10 +478,15 @@ class Lost:
     """
 
     at: float
+    """When the EOF (or error) came."""
     connection: int
     partial: int
     """Bytes of its answer that had arrived (0: none)."""
     cause: str
+    sent_at: float
+    """When the request was written."""
+    answer_before: float | None
+    """When the answer before it, on the same connection, was complete."""
 
 
 class QemuEgdClient:
@@ -564,6 +578,7 @@ class QemuEgdClient:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         connection = self.connections
+        answered: float | None = None
         while True:
             if self._stopping or reader.at_eof():
                 return
@@ -574,17 +589,19 @@ class QemuEgdClient:
                 self.errors.append(f"{time.time():.3f} write: {exc!r}")
                 return
             self.sent += 1
+            sent_at = time.time()
             self._idle.clear()
             try:
                 await reader.readexactly(EGD_SIZE)
             except asyncio.IncompleteReadError as short:
-                self._lose(connection, len(short.partial), "eof")
+                self._lose(connection, len(short.partial), "eof", sent_at, answered)
                 return
             except ConnectionError as exc:
-                self._lose(connection, 0, repr(exc))
+                self._lose(connection, 0, repr(exc), sent_at, answered)
                 return
             finally:
                 self._idle.set()
+            answered = time.time()
             self.answered += 1
             self.gaps.success()
             self._progress.set()
@@ -609,8 +626,17 @@ class QemuEgdClient:
             self.errors.append(f"{time.time():.3f} unsolicited byte {extra!r}")
         return True
 
-    def _lose(self, connection: int, partial: int, cause: str) -> None:
-        self.lost.append(Lost(time.time(), connection, partial, cause))
+    def _lose(
+        self,
+        connection: int,
+        partial: int,
+        cause: str,
+        sent_at: float,
+        answer_before: float | None,
+    ) -> None:
+        self.lost.append(
+            Lost(time.time(), connection, partial, cause, sent_at, answer_before)
+        )
         if partial:
             self.errors.append(f"{time.time():.3f} short answer: {partial} bytes")
 
@@ -625,11 +651,10 @@ class QemuEgdClient:
                 self._progress.clear()
                 await self._progress.wait()
 
-    async def connected_again(self, timeout: float = DEADLINE) -> None:
+    async def connected(self, target: int, timeout: float = DEADLINE) -> None:
         """
-        Wait until the client has opened one more connection.
+        Wait until the client has opened ``target`` connections in all.
         """
-        target = self.connections + 1
         async with asyncio.timeout(timeout):
             while self.connections < target:
                 self._check_running()

@@ -9,6 +9,8 @@ them with ``pytest -s``) and writes them to ``ha-fleet-<scenario>.json`` in
 its tmp_path.
 """
 
+import asyncio
+import contextlib
 import json
 import signal
 import time
@@ -17,10 +19,14 @@ from typing import Any
 
 import pytest
 
+from tests.integration.clients import log_time, poll_until
+from tests.integration.daemon import Daemon
 from tests.integration.fleet import (
+    BACKENDS,
     Fleet,
     HttpLoop,
     QemuEgdClient,
+    StateWatch,
     running_fleet,
     send_signal,
     wait_exit,
@@ -30,6 +36,7 @@ pytestmark = pytest.mark.needs_tool("haproxy")
 
 QEMU_IP = "127.0.0.2"
 GUEST_IP = "127.0.0.3"
+GUEST_IPS = ("127.0.0.3", "127.0.0.4", "127.0.0.5")
 GUEST_THINK = 0.2
 """Seconds a guest-like client waits between two answers and its next
 request (a real guest waits 1 to 60 s; this keeps the test short)."""
@@ -51,11 +58,12 @@ def summary(data: dict[str, Any]) -> dict[str, Any]:
     keep = {"longest_gap_s", "lost", "sent", "answered", "ok", "requests"}
     out: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, dict):
+        if key == "haproxy" or isinstance(value, list):
+            continue
+        if isinstance(value, dict) and "longest_gap_s" in value:
             out[key] = {k: v for k, v in value.items() if k in keep}
-            if "errors" in value:
-                out[key]["errors"] = len(value["errors"])
-        elif not isinstance(value, list):
+            out[key]["errors"] = len(value["errors"])
+        else:
             out[key] = value
     return out
 
@@ -105,7 +113,7 @@ async def killed_broker(fleet: Fleet) -> dict[str, Any]:
             await http.succeeded_more(20)
             killed_at = send_signal(fleet.brokers[victim], signal.SIGKILL)
             await wait_exit(fleet.brokers[victim])
-            await qemu.connected_again()
+            await qemu.connected(2)
             await qemu.answered_more(20)
             assert 2 == await fleet.egd_connections(survivor)
             await fleet.all_down_but(survivor)
@@ -125,3 +133,190 @@ async def killed_broker(fleet: Fleet) -> dict[str, Any]:
         "haproxy": await fleet.counters(),
         "measured_at": time.time(),
     }
+
+
+def first_seen_down(watch: StateWatch, backend: str, server: str) -> float | None:
+    times = [
+        at
+        for (seen_backend, seen_server, status), at in watch.first_seen.items()
+        if (seen_backend, seen_server) == (backend, server)
+        and status.startswith("DOWN")
+    ]
+    return min(times, default=None)
+
+
+def log_times(daemon: Daemon, events: tuple[str, ...]) -> dict[str, float]:
+    """
+    The wall-clock time of the first log entry of each of ``events``.
+    """
+    times: dict[str, float] = {}
+    for entry in daemon.logs():
+        event = entry.get("event")
+        if event in events and event not in times:
+            times[str(event)] = log_time(entry)
+    return times
+
+
+async def test_drained_broker_is_marked_down_before_it_stops_accepting(
+    tmp_path: Path,
+) -> None:
+    """
+    SIGTERM one broker of two (drain = "2 s", as shipped): haproxy marks it
+    DOWN in both backends before it closes its listeners; it exits 0; the
+    HTTP client sees no error; its guest-like EGD client (idle between
+    requests) gets an answer to every request and reconnects to the other
+    broker; the other broker's clients see nothing.
+
+    The QEMU-like client that keeps a read outstanding all the time also
+    reconnects, but its connection can only be closed at an instant it is
+    idle: just after an answer, when its next request is already on its way.
+    When that request meets the close it is lost (EOF with it outstanding):
+    EGD has no goodbye, so any close the server starts races the client's
+    next request (it happens without haproxy too). Part of the window is the
+    broker's own: it closes a connection it deems idle without looking at
+    its receive queue, where the request may already wait (then close()
+    resets the connection and haproxy logs SD). The test then ends as an
+    expected failure naming the race (`DRAIN_RACE`), after checking that the
+    lost request is that one and no other.
+    """
+    with running_fleet(tmp_path, drain="2 s") as fleet:
+        try:
+            data = await drained_broker(fleet)
+        finally:
+            await fleet.aclose()
+    report(tmp_path, "drain", data)
+    assert 0 == data["exit_status"], data
+    down, closing = data["marked_down_after_s"], data["closing_after_s"]
+    for backend, after in down.items():
+        assert after is not None, (backend, down)
+        assert after < closing, (backend, down, closing)
+    assert [] == data["http"]["errors"], data["http"]
+    for name in data["guests_on_victim"]:
+        client = data[name]
+        assert client["sent"] == client["answered"], (name, client)
+        assert 2 == client["connections"], (name, client)
+        assert [] == client["errors"], (name, client)
+    for name in data["guests_on_survivor"]:
+        client = data[name]
+        assert 0 == client["lost"], (name, client)
+        assert 1 == client["connections"], (name, client)
+        assert [] == client["errors"], (name, client)
+    qemu = data["qemu"]
+    assert qemu["sent"] == qemu["answered"] + qemu["lost"], qemu
+    assert 2 == qemu["connections"], qemu
+    assert [] == qemu["errors"], qemu
+    if qemu["lost_detail"]:
+        # The race's request: sent once its predecessor was answered in full,
+        # its connection closed by the broker's closing phase moments later.
+        # A request the broker held for longer and then dropped is a bug.
+        (lost,) = qemu["lost_detail"]
+        assert 0 == lost["partial"], lost
+        assert lost["answer_before"] is not None, lost
+        assert lost["at"] >= data["closing_at"], (lost, data["closing_at"])
+        assert lost["at"] - lost["sent_at"] < RACE_WINDOW, lost
+        pytest.xfail(DRAIN_RACE)
+
+
+RACE_WINDOW = 0.1
+"""Seconds between sending the race's request and its connection's EOF: a
+few milliseconds at most on loopback, even on a loaded host."""
+
+
+DRAIN_RACE = (
+    "the closing broker closed the QEMU-like client's connection at an idle "
+    "instant just after an answer, while the client's next request was in "
+    "haproxy or, unread, in the broker's receive queue; that request was lost "
+    "(EOF with it outstanding)"
+)
+
+
+async def place_clients(
+    fleet: Fleet, qemu: QemuEgdClient, guests: list[QemuEgdClient]
+) -> int:
+    """
+    Connect ``qemu``, then each guest in turn; the index of qemu's broker.
+
+    With leastconn and three guests, each broker ends up with two sessions:
+    qemu and one guest on one broker, two guests on the other.
+    """
+    await qemu.__aenter__()
+    victim = await fleet.broker_of_egd_session()
+    await qemu.answered_more(20)
+    for guest in guests:
+        await guest.__aenter__()
+        await guest.answered_more(1)
+    await poll_until(
+        lambda: asyncio.gather(fleet.egd_connections(0), fleet.egd_connections(1)),
+        lambda counts: [2, 2] == list(counts),
+    )
+    return victim
+
+
+async def drained_broker(fleet: Fleet) -> dict[str, Any]:
+    await fleet.all_up()
+    qemu = QemuEgdClient(fleet.egd_front, source_ip=QEMU_IP, name="qemu")
+    guests = [
+        QemuEgdClient(
+            fleet.egd_front, source_ip=ip, think=GUEST_THINK, name=f"guest{n}"
+        )
+        for n, ip in enumerate(GUEST_IPS, start=1)
+    ]
+    http = HttpLoop(fleet.http_front)
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(http)
+        stack.push_async_callback(qemu.__aexit__, None, None, None)
+        for guest in guests:
+            stack.push_async_callback(guest.__aexit__, None, None, None)
+        victim = await place_clients(fleet, qemu, guests)
+        daemon = fleet.brokers[victim]
+        on_victim = await fleet.clients_on(victim)
+        assert f"ip:{QEMU_IP}" in on_victim, on_victim
+        drained_guests = [g for g in guests if f"ip:{g.source_ip}" in on_victim]
+        assert 1 == len(drained_guests), on_victim
+        await http.succeeded_more(20)
+        async with fleet.watching_states() as watch:
+            signalled = send_signal(daemon, signal.SIGTERM)
+            exit_status = await wait_exit(daemon)
+            exited = time.time()
+            await qemu.connected(2)
+            await qemu.answered_more(20)
+            for guest in drained_guests:
+                await guest.connected(2)
+                await guest.answered_more(2)
+            await http.succeeded_more(20)
+        await qemu.stop()
+        for guest in guests:
+            await guest.stop()
+        await http.stop()
+        haproxy = await fleet.counters()
+    times = log_times(daemon, ("broker_draining", "broker_closing", "broker_stopped"))
+    name = fleet.names[victim]
+    return {
+        "victim": name,
+        "exit_status": exit_status,
+        "drain_s": round(exited - signalled, 4),
+        "marked_down_after_s": {
+            backend: _after(first_seen_down(watch, backend, name), signalled)
+            for backend in BACKENDS
+        },
+        "closing_after_s": _after(times.get("broker_closing"), signalled),
+        "closing_at": times.get("broker_closing"),
+        "stopped_after_s": _after(times.get("broker_stopped"), signalled),
+        "qemu_eof_after_s": _after(min(qemu.eofs, default=None), signalled),
+        "stats_polls": watch.polls,
+        "guests_on_victim": [g.name for g in drained_guests],
+        "guests_on_survivor": [g.name for g in guests if g not in drained_guests],
+        "qemu": qemu.measurements(),
+        **{guest.name: guest.measurements() for guest in guests},
+        "http": http.measurements(),
+        "haproxy": haproxy,
+        # haproxy's log of each QEMU session: its termination state says who
+        # closed it ("--": a clean close; "SD": the broker aborted it).
+        "haproxy_qemu_sessions": [
+            line for line in fleet.haproxy.log().splitlines() if QEMU_IP in line
+        ],
+    }
+
+
+def _after(moment: float | None, origin: float) -> float | None:
+    return None if moment is None else round(moment - origin, 4)
