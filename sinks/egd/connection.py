@@ -66,7 +66,7 @@ from broker.pool import EntropyPool
 from broker.withdrawal import Withdrawals
 from sinks.egd.config import EgdSinkConfig
 from sinks.egd.flow import OutputBound, TurnBudget, kernel_queued
-from sinks.egd.handoff import Carried, HandoverState, encode_request
+from sinks.egd.handoff import MAX_CARRIED, Carried, HandoverState, encode_request
 from sinks.egd.peers import peer_text, unix_peer
 from sinks.egd.requests import CLOSE, MAX_QUEUED_REQUESTS, Close, reply_size, requested
 from sinks.egd.wire import (
@@ -721,21 +721,25 @@ class EgdConnection(asyncio.Protocol):
         sent that were not answered (re-encoded, then the unparsed bytes).
 
         Raises:
-            OSError: the fd cannot be duplicated (out of fds).
+            OSError: the fd cannot be duplicated (out of fds), or the client
+                has more than `MAX_CARRIED` unanswered bytes.
         """
+        unanswered = b"".join(
+            encode_request(item) for item in self._queue if not isinstance(item, Close)
+        )
+        pending = unanswered + self._wire.unparsed()
+        if len(pending) > MAX_CARRIED:
+            raise OSError(f"{len(pending)} unanswered request bytes: too many to carry")
         transport = self._transport
         sock = None if transport is None else transport.get_extra_info("socket")
         if sock is None:
             raise OSError("connection has no socket")
         fd = os.dup(sock.fileno())
-        unanswered = b"".join(
-            encode_request(item) for item in self._queue if not isinstance(item, Close)
-        )
         return fd, Carried(
             sink=self._sink.name,
             peer=self._who if self._client is not None else None,
             shown=self._peer,
-            pending=unanswered + self._wire.unparsed(),
+            pending=pending,
         )
 
     def handed_over(self) -> None:

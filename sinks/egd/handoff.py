@@ -24,7 +24,7 @@ their order and every one is answered exactly once.
 import base64
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from broker.accounts import Peer
 from sinks.egd.wire import (
@@ -35,6 +35,12 @@ from sinks.egd.wire import (
     ReadNonBlocking,
     WriteEntropy,
 )
+
+MAX_CARRIED: Final = 16 * 1024
+"""Unanswered request bytes one connection may carry over. A connection
+that answered what it read carries at most the start of one request; only a
+client that flooded requests behind a read the pool could not serve has
+more, and it is closed instead."""
 
 
 class HandoverState(enum.Enum):

@@ -61,6 +61,9 @@ from sinks.egd.handoff import Carried, HandoverState
 
 HANDOVER_BATCH: Final = 250
 """Connections per hand-over message: SCM_RIGHTS takes at most 253 fds."""
+HANDOVER_BATCH_BYTES: Final = 32 * 1024
+"""Carried request bytes per hand-over message, so that one message stays
+well within a Unix socket's send buffer."""
 FLUSH_WAIT: Final = 5.0
 """Seconds a held client has to read its replies before it is closed."""
 POLL: Final = 0.01
@@ -289,8 +292,9 @@ class EgdSink:
         Each connection stops reading (what its client sends waits in the
         kernel), answers what it has read and flushes its replies; then a
         duplicate of its fd and its `Carried` state go to ``send`` in batches
-        of at most `HANDOVER_BATCH`, and once ``send`` returns True the
-        connection lets go of its fd without a FIN or an RST. Connections
+        of at most `HANDOVER_BATCH` connections and `HANDOVER_BATCH_BYTES`
+        carried bytes, and once ``send`` returns True the connection lets go
+        of its fd without a FIN or an RST. Connections
         still waiting after ``wait`` seconds (a blocking read on an empty
         pool) stop answering and carry their unanswered requests; a client
         that has not read its replies `FLUSH_WAIT` seconds later is closed.
@@ -320,10 +324,7 @@ class EgdSink:
                         held.discard(connection)
                     elif state is HandoverState.READY:
                         ready.append(connection)
-                for start in range(0, len(ready), HANDOVER_BATCH):
-                    batch = ready[start : start + HANDOVER_BATCH]
-                    held.difference_update(batch)
-                    handed += await self._send_batch(batch, send)
+                handed += await self._send_ready(ready, send, held)
                 if ready:
                     continue
                 now = loop.time()
@@ -359,15 +360,21 @@ class EgdSink:
             async with asyncio.timeout_at(until):
                 await self.idle_changed.wait()
 
-    async def _send_batch(
-        self, batch: list[EgdConnection], send: SendConnections
+    async def _send_ready(
+        self,
+        ready: list[EgdConnection],
+        send: SendConnections,
+        held: set[EgdConnection],
     ) -> int:
-        copies: list[tuple[int, Carried]] = []
-        kept: list[EgdConnection] = []
+        # Copies are made a batch at a time: 10,000 connections must not
+        # need 10,000 more fds at once.
+        handed = 0
+        batch: list[tuple[EgdConnection, int, Carried]] = []
+        size = 0
         try:
-            for connection in batch:
+            for connection in ready:
                 try:
-                    copies.append(connection.copy_for_handover())
+                    fd, carried = connection.copy_for_handover()
                 except OSError as exc:
                     log.error(
                         "handover_copy_failed",
@@ -375,19 +382,42 @@ class EgdSink:
                         peer=connection.peer,
                         error=str(exc),
                     )
+                    held.discard(connection)
                     connection.close()
                     continue
-                kept.append(connection)
-            if copies and not await send(copies):
-                for connection in kept:
-                    connection.unhold()
-                raise HandoverFailed("the successor did not take the connections")
+                if batch and (
+                    len(batch) == HANDOVER_BATCH
+                    or size + len(carried.pending) > HANDOVER_BATCH_BYTES
+                ):
+                    full, batch, size = batch, [], 0
+                    handed += await self._send_batch(full, send, held)
+                batch.append((connection, fd, carried))
+                size += len(carried.pending)
+            if batch:
+                full, batch = batch, []
+                handed += await self._send_batch(full, send, held)
         finally:
-            for fd, _ in copies:
+            for _, fd, _ in batch:
                 os.close(fd)
-        for connection in kept:
+        return handed
+
+    async def _send_batch(
+        self,
+        batch: list[tuple[EgdConnection, int, Carried]],
+        send: SendConnections,
+        held: set[EgdConnection],
+    ) -> int:
+        try:
+            taken = await send([(fd, carried) for _, fd, carried in batch])
+        finally:
+            for _, fd, _ in batch:
+                os.close(fd)
+        if not taken:
+            raise HandoverFailed("the successor did not take the connections")
+        for connection, _, _ in batch:
+            held.discard(connection)
             connection.handed_over()
-        return len(kept)
+        return len(batch)
 
     async def adopt(self, sock: socket.socket, carried: Carried) -> None:
         """

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.accounts import Peer
 from broker.inherited import InheritedListeners
 from broker.pool import EntropyPool
 from sinks.egd.config import EgdSinkConfig
@@ -183,4 +184,75 @@ async def test_a_failed_hand_over_leaves_the_connections_served(
     async with asyncio.timeout(DEADLINE):
         assert 8 == len(await reader.readexactly(8))
     assert 1 == sink.status().connections
+    writer.close()
+
+
+async def test_a_client_behind_a_proxy_stays_who_the_header_said(
+    tmp_path: Path,
+) -> None:
+    """
+    The client address from a trusted proxy's PROXY header goes over with
+    the connection: the successor serves it as that client without a second
+    header. A proxied connection that has sent nothing yet goes over
+    unidentified and passes the successor's own gate.
+    """
+    config = EgdSinkConfig(
+        kind="egd", listen=["tcp://127.0.0.1:0"], trusted_proxies=["127.0.0.0/8"]
+    )
+    pool, new_pool = EntropyPool(1 << 20), EntropyPool(1 << 20)
+    sink = EgdSink(config, View(tmp_path, pool))
+    new = EgdSink(config, View(tmp_path / "new", new_pool))
+    await sink.start()
+    await new.start()
+    try:
+        fill(pool, 100)
+        reader, writer = await connect(sink)
+        writer.write(b"PROXY TCP4 10.1.2.3 127.0.0.1 4711 8888\r\n\x02\x08")
+        async with asyncio.timeout(DEADLINE):
+            assert 8 == len(await reader.readexactly(8))
+        silent_reader, silent_writer = await connect(sink)
+        await eventually(lambda: sink.status().connections == 2)
+        successor = Successor()
+        assert 2 == await sink.hand_over(successor.send, wait=1.0)
+        carried = sorted(
+            (c for _, c in successor.connections), key=lambda c: c.peer is None
+        )
+        assert Peer("tcp", ip="10.1.2.3") == carried[0].peer
+        assert "10.1.2.3:4711" == carried[0].shown
+        assert carried[1].peer is None
+        for copy, state in successor.connections:
+            await new.adopt(copy, state)
+        fill(new_pool, 1000)
+        writer.write(b"\x02\x10")
+        silent_writer.write(b"PROXY TCP4 10.9.9.9 127.0.0.1 5000 8888\r\n\x02\x04")
+        async with asyncio.timeout(DEADLINE):
+            assert 16 == len(await reader.readexactly(16))
+            assert 4 == len(await silent_reader.readexactly(4))
+        assert {} == dict(new.refused)
+        assert {} == dict(new.closed)
+        writer.close()
+        silent_writer.close()
+    finally:
+        await sink.shutdown(0)
+        await new.shutdown(0)
+
+
+async def test_a_client_with_too_much_unanswered_input_is_closed(
+    old: tuple[EgdSink, EntropyPool],
+) -> None:
+    """
+    A client that flooded requests behind a read the pool could not serve
+    is closed rather than carried: a hand-over message stays small.
+    """
+    sink, pool = old
+    reader, writer = await connect(sink)
+    flood = b"\x02\xff" + b"\x03\x00\x00\xff" + bytes(255)
+    writer.write(flood[:2] + flood[2:] * 100)
+    await writer.drain()
+    await eventually(lambda: pool.waiters == 1)
+    successor = Successor()
+    assert 0 == await sink.hand_over(successor.send, wait=0.0)
+    assert [] == successor.connections
+    async with asyncio.timeout(DEADLINE):
+        assert b"" == await reader.read()
     writer.close()
