@@ -4,9 +4,11 @@ refused and why, and what goes over it.
 """
 
 import asyncio
+import json
 import os
 import socket
 import stat
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,3 +169,43 @@ async def test_listeners_and_connections_go_over(running: Running) -> None:
     finally:
         takeover.close()
         writer.close()
+
+
+HELLO_AS_ANOTHER_USER = """
+import json, os, socket, sys
+# Reach the directory through an fd opened as root: its parents stay closed.
+directory = os.open(sys.argv[1], os.O_PATH)
+os.setgid(65534)
+os.setuid(65534)
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+sock.connect(f"/proc/self/fd/{directory}/handover.sock")
+sock.send(json.dumps({"type": "hello", "version": 1, "sinks": []}).encode())
+print(sock.recv(65536).decode())
+"""
+
+
+async def test_another_user_is_refused(running: Running) -> None:
+    """
+    Even with the socket opened up, a process of another uid is refused
+    (SO_PEERCRED), and nothing is handed over.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a process as another user")
+    # Opened up so that the uid check, not the file mode, is what refuses.
+    os.chmod(running.state_dir / SOCKET_NAME, 0o666)  # noqa: S103
+    os.chmod(running.state_dir, 0o711)  # noqa: S103
+    done = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-I",
+        "-c",
+        HELLO_AS_ANOTHER_USER,
+        str(running.state_dir),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(DEADLINE):
+        out, _ = await done.communicate()
+    reply = json.loads(out)
+    assert "refused" == reply["type"]
+    assert "uid 65534 may not take over a broker running as uid 0" == reply["reason"]
+    assert [] == running.broker.calls
+    assert running.sink.accepting
