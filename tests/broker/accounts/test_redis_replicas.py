@@ -123,7 +123,9 @@ async def test_recovery_waits_for_the_replicas(
     A broker that lost its replicas recovers only once enough are attached
     again, and then counts in Redis as before.
     """
-    broker = backend(primary, "fail_closed", 1, replica_timeout=0.2)
+    # Long enough for a busy machine's replica to answer; each wait without
+    # a replica costs this much.
+    broker = backend(primary, "fail_closed", 1, replica_timeout=1.0)
     try:
         await broker.start(NOW)
         assert 0 == (await broker.take("acme", 700, NOW, None, QUOTA)).granted
