@@ -327,7 +327,7 @@ class Broker:
                     self.sinks,
                     HandoverHooks(
                         serving=lambda: self._phase is Phase.SERVING,
-                        committed=lambda: self.notifier.stopping("handing over"),
+                        committed=self._handing_over,
                         done=self.handed_over.set,
                         grace=self.config.broker.shutdown_grace,
                     ),
@@ -396,6 +396,12 @@ class Broker:
         log.info(
             "broker_stopped", closing_took=round(self.clock.monotonic() - begun, 3)
         )
+
+    def _handing_over(self) -> None:
+        # The successor speaks for the service from now on (it sends
+        # MAINPID=): a STOPPING=1 from here would stop the unit under it.
+        self.notifier.status("handing over to a successor")
+        self.notifier = Notifier(environ={})
 
     def _grace(self) -> float:
         return 0.0 if self.hurry.is_set() else self.config.broker.shutdown_grace

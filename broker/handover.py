@@ -21,6 +21,15 @@ or failed takeover exits non-zero with the reason on stderr
 The new broker's ``listeners.json`` appears in ``state_dir`` when it serves,
 as on any start.
 
+Under systemd, socket activation alone (`broker.inherited`) keeps the
+listening sockets across ``systemctl restart``, but not the established EGD
+connections; a takeover keeps both. The new process must run inside the
+unit (e.g. started by ``ExecReload=``, detached, or by a helper the unit
+runs) and the unit needs ``NotifyAccess=all``: the new broker sends
+``MAINPID=`` with its pid as soon as it holds everything, so systemd follows
+it when the old main process exits, and the old broker, once it has handed
+over, sends no ``STOPPING=1``.
+
 What a client sees
 ------------------
 No connection attempt is refused: the listening sockets never close (they are
@@ -85,6 +94,7 @@ import structlog
 from broker.errors import BrokerError
 from broker.inherited import InheritedListeners, Listening
 from broker.ownership import holder
+from broker.sdnotify import Notifier
 from broker.status import Sink
 from sinks.egd.handoff import Carried
 from sinks.egd.server import EgdSink
@@ -510,6 +520,9 @@ async def take_over(
         raise
     finally:
         channel.close()
+    # Under systemd (NotifyAccess=all) this process becomes the unit's main
+    # process before the old one exits, so the unit lives on.
+    Notifier().send(MAINPID=os.getpid(), STATUS="taking over")
     log.info(
         "takeover_received",
         old_pid=takeover.old_pid,

@@ -23,6 +23,7 @@ import pytest
 from tests.helpers import DEADLINE, eventually, wait_until
 from tests.integration.clients import BrokerHttp, FifoFeeder, poll_until
 from tests.integration.daemon import REPO, Daemon, default_config, start_daemon
+from tests.integration.test_drain_daemon import NotifySocket
 
 FIFO_SOURCE = """
     [[sources]]
@@ -54,7 +55,9 @@ def killed_at_end(*daemons: Daemon) -> Iterator[None]:
                 daemon.process.wait()
 
 
-def successor(tmp_path: Path, old: Daemon, config: str) -> Daemon:
+def successor(
+    tmp_path: Path, old: Daemon, config: str, env: dict[str, str] | None = None
+) -> Daemon:
     """
     Start ``ebroker serve --takeover`` on ``old``'s state_dir, from its own
     directory (its own config file and log), and wait until it serves.
@@ -62,7 +65,7 @@ def successor(tmp_path: Path, old: Daemon, config: str) -> Daemon:
     own = tmp_path / "successor"
     own.mkdir()
     (own / "state").symlink_to(old.state_dir)
-    return start_daemon(own, config, args=["--takeover"])
+    return start_daemon(own, config, args=["--takeover"], env=env)
 
 
 # ---- socket activation --------------------------------------------------------------
@@ -392,6 +395,35 @@ def test_takeover_carries_a_read_blocked_on_an_empty_pool(tmp_path: Path) -> Non
         feeder.close()
     handed = [e for e in old.logs() if e.get("event") == "takeover_handed_over"]
     assert [1] == [e["connections"] for e in handed]
+
+
+def test_systemd_follows_the_successor(tmp_path: Path) -> None:
+    """
+    Under ``Type=notify`` with ``NotifyAccess=all`` the successor names
+    itself the unit's main process before the old one exits, then reports
+    ready; the old broker, having handed over, never says it is stopping.
+    """
+    notify = NotifySocket(tmp_path / "notify.sock")
+    env = {"NOTIFY_SOCKET": str(notify.path)}
+    config = default_config(tmp_path / "state")
+    old = start_daemon(tmp_path, config, env=env)
+    try:
+        assert "1" == notify.next_with("READY")["READY"]
+        new = successor(tmp_path, old, config, env)
+        with killed_at_end(new):
+            assert str(new.process.pid) == notify.next_with("MAINPID")["MAINPID"]
+            assert "1" == notify.next_with("READY")["READY"]
+            assert 0 == old.process.wait(DEADLINE)
+            # Whatever the old broker sent before it exited is queued ahead
+            # of this marker.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as marker:
+                marker.sendto(b"MARKER=1", str(notify.path))
+            notify.next_with("MARKER")
+            assert [] == [m for m in notify.messages if "STOPPING" in m]
+            assert 0 == new.stop()
+    finally:
+        with killed_at_end(old):
+            notify.close()
 
 
 # ---- refused takeovers --------------------------------------------------------------
