@@ -267,6 +267,8 @@ class Fleet:
         self.ports = FleetPorts.pick()
         self.dirs = (tmp_path / "broker1", tmp_path / "broker2")
         self.brokers: list[Daemon] = []
+        self.retired: list[Daemon] = []
+        """Brokers a successor took over from (`take_over`)."""
         self.haproxy = Haproxy(tmp_path, self.ports)
         self._session: aiohttp.ClientSession | None = None
 
@@ -296,9 +298,26 @@ class Fleet:
         self.brokers[index] = daemon
         return daemon
 
+    async def take_over(self, index: int) -> Daemon:
+        """
+        Start ``ebroker serve --takeover`` for broker ``index`` (same config
+        and state_dir, its own directory for the config file and log) and
+        wait, off the loop so clients keep running, until it serves. The old
+        process moves to `retired`; it exits by itself.
+        """
+        own = self.dirs[index] / f"successor{len(self.retired) + 1}"
+        own.mkdir()
+        (own / "state").symlink_to(self.dirs[index] / "state")
+        daemon = await asyncio.to_thread(
+            start_daemon, own, self.config_text(index), args=["--takeover"]
+        )
+        self.retired.append(self.brokers[index])
+        self.brokers[index] = daemon
+        return daemon
+
     def close(self) -> None:
         self.haproxy.stop()
-        for daemon in self.brokers:
+        for daemon in [*self.brokers, *self.retired]:
             if daemon.process.poll() is None:
                 daemon.process.kill()
                 daemon.process.wait()

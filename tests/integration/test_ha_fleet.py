@@ -12,6 +12,7 @@ its tmp_path.
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -23,10 +24,13 @@ from tests.integration.clients import log_time, poll_until
 from tests.integration.daemon import Daemon
 from tests.integration.fleet import (
     BACKENDS,
+    SHIPPED_HAPROXY,
     Fleet,
+    FleetPorts,
     HttpLoop,
     QemuEgdClient,
     StateWatch,
+    haproxy_config,
     running_fleet,
     send_signal,
     wait_exit,
@@ -66,6 +70,24 @@ def summary(data: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def test_harness_runs_the_shipped_haproxy_config_with_only_ports_changed() -> None:
+    """
+    The fleet's haproxy config is config/haproxy.cfg with its ports replaced
+    and nothing else; a shipped file that no longer names a port where the
+    harness expects it is refused rather than tested half-rewritten.
+    """
+    shipped = SHIPPED_HAPROXY.read_text()
+    ports = FleetPorts.pick()
+    rewritten = haproxy_config(shipped, ports)
+    assert f"bind 127.0.0.1:{ports.egd}" in rewritten
+    assert f"port {ports.brokers[1].http_lb}" in rewritten
+    assert len(shipped.splitlines()) == len(rewritten.splitlines())
+    for line, new in zip(shipped.splitlines(), rewritten.splitlines(), strict=True):
+        assert re.sub(r"[0-9]+", "N", line) == re.sub(r"[0-9]+", "N", new)
+    with pytest.raises(AssertionError, match="no longer names the ports"):
+        haproxy_config(shipped.replace("port 28889", "port 28890"), ports)
 
 
 async def test_killed_broker_costs_at_most_the_outstanding_request(
@@ -320,3 +342,97 @@ async def drained_broker(fleet: Fleet) -> dict[str, Any]:
 
 def _after(moment: float | None, origin: float) -> float | None:
     return None if moment is None else round(moment - origin, 4)
+
+
+async def test_takeover_restart_is_invisible_to_clients_and_haproxy(
+    tmp_path: Path,
+) -> None:
+    """
+    Restart the broker a QEMU-like client is connected to with ``ebroker
+    serve --takeover`` while every client draws through haproxy: the old
+    process exits 0, no EGD client sees an EOF or loses a request (their
+    connections are handed over), the HTTP client sees no error, and haproxy
+    never marks the broker DOWN in either backend.
+    """
+    with running_fleet(tmp_path, drain="2 s") as fleet:
+        try:
+            data = await restarted_broker(fleet)
+        finally:
+            await fleet.aclose()
+    report(tmp_path, "takeover", data)
+    assert 0 == data["old_exit_status"], data
+    for name in ("qemu", "guest1", "guest2", "guest3"):
+        client = data[name]
+        assert client["sent"] == client["answered"], (name, client)
+        assert [] == client["lost_detail"], (name, client)
+        assert 1 == client["connections"], (name, client)
+        assert [] == client["errors"], (name, client)
+    assert [] == data["http"]["errors"], data["http"]
+    for backend, states in data["victim_states_seen"].items():
+        assert not any(state.startswith("DOWN") for state in states), (
+            backend,
+            states,
+        )
+    for backend in BACKENDS:
+        counters = data["haproxy"][f"{backend}/{data['victim']}"]
+        assert "UP" == counters["status"], (backend, counters)
+
+
+async def restarted_broker(fleet: Fleet) -> dict[str, Any]:
+    await fleet.all_up()
+    qemu = QemuEgdClient(fleet.egd_front, source_ip=QEMU_IP, name="qemu")
+    guests = [
+        QemuEgdClient(
+            fleet.egd_front, source_ip=ip, think=GUEST_THINK, name=f"guest{n}"
+        )
+        for n, ip in enumerate(GUEST_IPS, start=1)
+    ]
+    http = HttpLoop(fleet.http_front)
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(http)
+        stack.push_async_callback(qemu.__aexit__, None, None, None)
+        for guest in guests:
+            stack.push_async_callback(guest.__aexit__, None, None, None)
+        victim = await place_clients(fleet, qemu, guests)
+        old = fleet.brokers[victim]
+        await http.succeeded_more(20)
+        async with fleet.watching_states() as watch:
+            started = time.time()
+            new = await fleet.take_over(victim)
+            serving = time.time()
+            old_exit_status = await wait_exit(old)
+            exited = time.time()
+            # Long enough for haproxy to mark a broker that failed its checks
+            # DOWN (fall x inter + check timeout = 1.5 s): each guest answers
+            # ten more, two seconds at least.
+            await qemu.answered_more(50)
+            for guest in guests:
+                await guest.answered_more(10)
+            await http.succeeded_more(20)
+        assert 2 == await fleet.egd_connections(victim)
+        await qemu.stop()
+        for guest in guests:
+            await guest.stop()
+        await http.stop()
+        haproxy = await fleet.counters()
+    name = fleet.names[victim]
+    return {
+        "victim": name,
+        "old_exit_status": old_exit_status,
+        "new_pid": new.process.pid,
+        "successor_serving_after_s": round(serving - started, 4),
+        "old_exited_after_s": round(exited - started, 4),
+        "victim_states_seen": {
+            backend: sorted(
+                status
+                for (seen_backend, server, status) in watch.first_seen
+                if (seen_backend, server) == (backend, name)
+            )
+            for backend in BACKENDS
+        },
+        "stats_polls": watch.polls,
+        "qemu": qemu.measurements(),
+        **{guest.name: guest.measurements() for guest in guests},
+        "http": http.measurements(),
+        "haproxy": haproxy,
+    }
