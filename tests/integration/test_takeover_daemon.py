@@ -397,6 +397,47 @@ def test_takeover_carries_a_read_blocked_on_an_empty_pool(tmp_path: Path) -> Non
     assert [1] == [e["connections"] for e in handed]
 
 
+LEGACY_SINK = """
+    [[sinks]]
+    name = "legacy"
+    kind = "egd"
+    listen = ["tcp://127.0.0.1:0"]
+    """
+
+
+def test_a_sink_the_new_config_drops_is_answered_then_closed(
+    tmp_path: Path,
+) -> None:
+    """
+    Connections to a sink the new config no longer has stay with the old
+    broker, which answers what they asked and then closes them; the sinks
+    both configs have move over as usual.
+    """
+    config = default_config(tmp_path / "state")
+    old = start_daemon(tmp_path, config + LEGACY_SINK)
+    new: Daemon | None = None
+    with killed_at_end(old):
+        host, port = old.address("legacy", "tcp://").removeprefix("tcp://").split(":")
+        legacy = socket.create_connection((host, int(port)), timeout=DEADLINE)
+        kept = socket.create_connection(old.egd_tcp, timeout=DEADLINE)
+        for client in (legacy, kept):
+            client.sendall(b"\x02\x08")
+            assert 8 == len(recv_exactly(client, 8))
+        legacy.sendall(b"\x02\x10")
+        new = successor(tmp_path, old, config)
+        assert 0 == old.process.wait(DEADLINE)
+    assert new is not None
+    with killed_at_end(new):
+        assert "legacy" not in new.listeners
+        assert 16 == len(recv_exactly(legacy, 16))
+        assert b"" == legacy.recv(1)
+        kept.sendall(b"\x02\x08")
+        assert 8 == len(recv_exactly(kept, 8))
+        legacy.close()
+        kept.close()
+        assert 0 == new.stop()
+
+
 def test_systemd_follows_the_successor(tmp_path: Path) -> None:
     """
     Under ``Type=notify`` with ``NotifyAccess=all`` the successor names
