@@ -256,3 +256,34 @@ async def test_a_client_with_too_much_unanswered_input_is_closed(
     async with asyncio.timeout(DEADLINE):
         assert b"" == await reader.read()
     writer.close()
+
+
+async def test_many_connections_go_in_batches_of_at_most_250(
+    tmp_path: Path,
+) -> None:
+    """
+    SCM_RIGHTS carries a bounded number of fds: 260 connections go over in
+    two messages, every one of them once.
+    """
+    config = CONFIG.model_copy(update={"max_connections_per_client": 1000})
+    sink = EgdSink(config, View(tmp_path))
+    await sink.start()
+    clients: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    batches: list[int] = []
+    successor = Successor()
+
+    async def send(items: list[tuple[int, Carried]]) -> bool:
+        batches.append(len(items))
+        return await successor.send(items)
+
+    try:
+        clients += [await connect(sink, "unix") for _ in range(260)]
+        await eventually(lambda: sink.status().connections == 260)
+        assert 260 == await sink.hand_over(send, wait=1.0)
+        assert [250, 10] == batches
+    finally:
+        for copy, _ in successor.connections:
+            copy.close()
+        for _, writer in clients:
+            writer.close()
+        await sink.shutdown(0)
