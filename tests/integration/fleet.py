@@ -544,6 +544,8 @@ class QemuEgdClient:
         self.errors: list[str] = []
         """Connection errors and protocol violations, with their time."""
         self.connections = 0
+        self.connected_at: list[float] = []
+        """Wall-clock time each connection (to haproxy) was made."""
         self.gaps = Gaps()
         self._progress = asyncio.Event()
         self._stopping = False
@@ -583,6 +585,7 @@ class QemuEgdClient:
                 await asyncio.sleep(self.reconnect)
                 continue
             self.connections += 1
+            self.connected_at.append(time.time())
             self._progress.set()
             try:
                 await self._serve(reader, writer)
@@ -590,7 +593,7 @@ class QemuEgdClient:
                 writer.close()
             self.eofs.append(time.time())
             self._progress.set()
-            if not self._stopping:
+            if not self._stopping and self.reconnect > 0:
                 await asyncio.sleep(self.reconnect)
 
     async def _serve(
