@@ -4,15 +4,17 @@ a broker's death, drain or restart costs the clients on the other side.
 
 `Fleet` starts two brokers, each with a proxy-facing EGD sink and a tenant
 HTTP sink that trust 127.0.0.1 for PROXY v2 plus an operator HTTP sink, and
-haproxy from ``config/haproxy.cfg`` with only its addresses and ports
-rewritten: `haproxy_config` fails if a rewrite does not match, so a test
-always runs the shipped options (retries, redispatch, checks, balance).
+haproxy from ``config/haproxy.cfg`` with only its ports rewritten:
+`haproxy_config` fails if a rewrite does not match, so a test always runs the
+shipped options (retries, redispatch, checks, balance). `Fleet.take_over`
+restarts a broker with ``ebroker serve --takeover``.
 
 `QemuEgdClient` does what QEMU's ``rng-egd`` with ``reconnect=1`` does for a
 Linux guest: one ``02 40`` outstanding at a time, a new connection a second
-after the old one closed, and no request sent again once its connection is
-gone. It records every request sent, every answer, every request an EOF left
-unanswered and the longest gap between two answers. `HttpLoop` draws
+after the old one closed (``reconnect=0``: at once, as ekeyd-egd-linux does),
+and no request sent again once its connection is gone. It records every
+request sent, every answer, every request an EOF left unanswered and the
+longest gap between two answers. `HttpLoop` draws
 ``GET /v1/entropy?bytes=32`` through haproxy and records errors and gaps.
 """
 
@@ -26,7 +28,7 @@ import socket
 import subprocess
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -71,10 +73,17 @@ class FleetPorts:
 
     @classmethod
     def pick(cls) -> Self:
-        def broker() -> BrokerPorts:
-            return BrokerPorts(free_port(), free_port(), free_port())
-
-        return cls(free_port(), free_port(), free_port(), (broker(), broker()))
+        """
+        Nine distinct free loopback ports.
+        """
+        ports: list[int] = []
+        while len(ports) < 9:
+            port = free_port()
+            if port not in ports:
+                ports.append(port)
+        egd, http, stats = ports[:3]
+        broker1, broker2 = BrokerPorts(*ports[3:6]), BrokerPorts(*ports[6:9])
+        return cls(egd, http, stats, (broker1, broker2))
 
 
 SHIPPED_PORTS: dict[str, int] = {
@@ -251,18 +260,15 @@ class StateWatch:
     first_seen: dict[tuple[str, str, str], float] = field(default_factory=dict)
     polls: int = 0
 
-    def seen(self, backend: str, server: str, status: str) -> float | None:
-        return self.first_seen.get((backend, server, status))
-
 
 class Fleet:
     """
-    Two brokers behind haproxy. `brokers` holds the running daemons; a test
-    may kill or stop one and `restart` it on the same ports.
+    Two brokers behind haproxy, each draining for ``drain`` on SIGTERM.
+    `brokers` holds the running daemons, in haproxy's order (broker1,
+    broker2).
     """
 
     def __init__(self, tmp_path: Path, drain: str) -> None:
-        self.tmp_path = tmp_path
         self.drain = drain
         self.ports = FleetPorts.pick()
         self.dirs = (tmp_path / "broker1", tmp_path / "broker2")
@@ -276,9 +282,6 @@ class Fleet:
     def names(self) -> tuple[str, str]:
         return ("broker1", "broker2")
 
-    def config_path(self, index: int) -> Path:
-        return self.dirs[index] / "ebroker.toml"
-
     def config_text(self, index: int) -> str:
         return broker_config(
             self.dirs[index] / "state", self.ports.brokers[index], self.drain
@@ -289,14 +292,6 @@ class Fleet:
             directory.mkdir()
             self.brokers.append(start_daemon(directory, self.config_text(index)))
         self.haproxy.start()
-
-    def restart(self, index: int) -> Daemon:
-        """
-        Start broker ``index`` again (after it exited) on its ports.
-        """
-        daemon = start_daemon(self.dirs[index], self.config_text(index))
-        self.brokers[index] = daemon
-        return daemon
 
     async def take_over(self, index: int) -> Daemon:
         """
@@ -432,7 +427,7 @@ class Fleet:
         return counts.index(1)
 
     @contextlib.asynccontextmanager
-    async def watching_states(self) -> Any:
+    async def watching_states(self) -> AsyncIterator[StateWatch]:
         """
         Poll the stats page in the background; yields the `StateWatch`.
         """
@@ -445,11 +440,14 @@ class Fleet:
                 except aiohttp.ClientError:
                     # The page is haproxy's: it does not fail while haproxy
                     # runs; a failed poll just leaves a hole in the record.
-                    continue
+                    states = {}
+                # After the answer: a status is recorded no earlier than
+                # haproxy reached it.
                 now = time.time()
                 watch.polls += 1
                 for (backend, server), status in states.items():
                     watch.first_seen.setdefault((backend, server, status), now)
+                # A poll every 10 ms resolves haproxy's 500 ms checks.
                 await asyncio.sleep(0.01)
 
         task = asyncio.create_task(poll(), name="haproxy-states")
@@ -548,8 +546,10 @@ class QemuEgdClient:
         """Wall-clock time each connection (to haproxy) was made."""
         self.gaps = Gaps()
         self._progress = asyncio.Event()
-        self._stopping = False
+        self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
+        """Clear while a request is outstanding."""
+        self._idle.set()
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
@@ -576,7 +576,7 @@ class QemuEgdClient:
         return await asyncio.open_connection(sock=sock)
 
     async def _run(self) -> None:
-        while not self._stopping:
+        while not self._stopping.is_set():
             try:
                 reader, writer = await self._connect()
             except OSError as exc:
@@ -593,7 +593,7 @@ class QemuEgdClient:
                 writer.close()
             self.eofs.append(time.time())
             self._progress.set()
-            if not self._stopping and self.reconnect > 0:
+            if not self._stopping.is_set() and self.reconnect > 0:
                 await asyncio.sleep(self.reconnect)
 
     async def _serve(
@@ -602,7 +602,7 @@ class QemuEgdClient:
         connection = self.connections
         answered: float | None = None
         while True:
-            if self._stopping or reader.at_eof():
+            if self._stopping.is_set() or reader.at_eof():
                 return
             try:
                 writer.write(EGD_REQUEST)
@@ -693,7 +693,7 @@ class QemuEgdClient:
         Send no more requests; wait for the outstanding one to be answered
         (or lost) and close.
         """
-        self._stopping = True
+        self._stopping.set()
         if self._task is None:
             return
         async with asyncio.timeout(timeout):

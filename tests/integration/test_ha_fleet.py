@@ -261,6 +261,9 @@ async def test_drained_broker_is_marked_down_before_it_stops_accepting(
             await fleet.aclose()
     report(tmp_path, "drain", data)
     assert 0 == data["exit_status"], data
+    assert "draining" == data["phase_after_sigterm"], data
+    expected = ["broker_draining", "broker_closing", "broker_stopped"]
+    assert expected == data["logged_phases"], data
     down, closing = data["marked_down_after_s"], data["closing_after_s"]
     for backend, after in down.items():
         assert after is not None, (backend, down)
@@ -351,6 +354,9 @@ async def drained_broker(fleet: Fleet) -> dict[str, Any]:
         await http.succeeded_more(20)
         async with fleet.watching_states() as watch:
             signalled = send_signal(daemon, signal.SIGTERM)
+            draining = await poll_until(
+                lambda: fleet.status(victim), lambda doc: "serving" != doc["phase"]
+            )
             exit_status = await wait_exit(daemon)
             exited = time.time()
             await qemu.connected(2)
@@ -374,6 +380,8 @@ async def drained_broker(fleet: Fleet) -> dict[str, Any]:
             backend: _after(first_seen_down(watch, backend, name), signalled)
             for backend in BACKENDS
         },
+        "phase_after_sigterm": draining["phase"],
+        "logged_phases": sorted(times, key=times.__getitem__),
         "closing_after_s": _after(times.get("broker_closing"), signalled),
         "closing_at": times.get("broker_closing"),
         "stopped_after_s": _after(times.get("broker_stopped"), signalled),
