@@ -17,6 +17,7 @@ TOOL_PACKAGES: dict[str, str] = {
     "haproxy": "haproxy",
     "ekeyd-egd-linux": "ekeyd-egd-linux",
     "systemd-socket-activate": "systemd",
+    "systemd-analyze": "systemd",
 }
 """Program on PATH → Debian package that installs it."""
 
