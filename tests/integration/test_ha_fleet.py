@@ -99,10 +99,19 @@ async def test_killed_broker_costs_at_most_the_outstanding_request(
     to the other broker and is served there. A guest on the same broker
     that reconnects at once (as ekeyd-egd-linux does on EOF) reaches haproxy
     before its checks mark the dead broker DOWN; leastconn picks the dead
-    broker, and haproxy redispatches the connection to the live one, so its
-    first reconnection is served. Guests on the other broker notice nothing,
-    and the HTTP client sees no error (haproxy retries and redispatches what
-    the dead broker refused or dropped).
+    broker, and haproxy redispatches the connection to the live one. Guests
+    on the other broker notice nothing, and the HTTP client sees no error
+    (haproxy retries and redispatches what the dead broker refused or
+    dropped).
+
+    One race remains for the guest that reconnects at once: for a few
+    milliseconds after SIGKILL the dying process's listening socket still
+    completes handshakes (the kernel closes its descriptors only as the
+    process exits). A reconnection that lands there is established, so
+    haproxy does not retry it; it is reset with the request it carried
+    (haproxy logs it against the dead broker, 0 bytes, SD), and the next
+    reconnection is served. The test checks that this is what happened and
+    ends as an expected failure naming it (`BACKLOG_RACE`).
     """
     with running_fleet(tmp_path) as fleet:
         try:
@@ -110,28 +119,57 @@ async def test_killed_broker_costs_at_most_the_outstanding_request(
         finally:
             await fleet.aclose()
     report(tmp_path, "sigkill", data)
+    check_killed_broker(data)
+
+
+def check_killed_broker(data: dict[str, Any]) -> None:
+    """
+    The assertions of the SIGKILL test on its measurements.
+    """
     for name in ("qemu", *data["guests_on_victim"]):
         client = data[name]
         assert client["sent"] == client["answered"] + client["lost"], (name, client)
-        assert client["lost"] <= 1, (name, client)
-        assert 2 == client["connections"], (name, client)
+        at_kill = [lost for lost in client["lost_detail"] if lost["connection"] == 1]
+        assert len(at_kill) <= 1, (name, client)
         assert [] == client["errors"], (name, client)
+    qemu = data["qemu"]
+    assert qemu["lost"] <= 1, qemu
+    assert 2 == qemu["connections"], qemu
     for name in data["guests_on_survivor"]:
         client = data[name]
         assert 0 == client["lost"], (name, client)
         assert 1 == client["connections"], (name, client)
         assert [] == client["errors"], (name, client)
     (fast,) = data["guests_on_victim"]
+    guest = data[fast]
     down = data["marked_down_after_s"]["brokers_egd"]
-    assert data[fast]["reconnected_after_s"] < down, (data[fast], down)
+    assert guest["reconnected_after_s"] < down, (guest, down)
+    if data["backlog_race"]:
+        (raced,) = [lost for lost in guest["lost_detail"] if lost["connection"] == 2]
+        assert 0 == raced["partial"], guest
+        assert 3 == guest["connections"], guest
+        dead = f"brokers_egd/{data['victim']} "
+        sessions = data["haproxy_sessions"][fast]
+        reset = [line for line in sessions if dead in line and " 0 SD " in line]
+        assert 1 == len(reset), sessions
+    else:
+        assert 2 == guest["connections"], guest
     redispatched = data["haproxy"][f"brokers_egd/{data['victim']}"]["wredis"]
     assert int(redispatched) >= 1, data["haproxy"]
     assert [] == data["http"]["errors"], data["http"]
     # A request whose connection to the dead broker fails as haproxy marks
     # it DOWN waits one turn-around before it is redispatched.
     assert data["http"]["longest_gap_s"] < TURN_AROUND + SLACK, data["http"]
+    if data["backlog_race"]:
+        pytest.xfail(BACKLOG_RACE)
 
 
+BACKLOG_RACE = (
+    "the guest that reconnects at once reached the killed broker's listening "
+    "socket before the exiting process closed it; haproxy saw the connection "
+    "established, so it did not retry it, and the reset cost the request it "
+    "carried"
+)
 TURN_AROUND = 1.0
 """haproxy 2.6 waits min(timeout connect, 1 s) before retrying a failed
 connection when only one server is left active, redispatch or not."""
@@ -207,6 +245,18 @@ async def killed_broker(fleet: Fleet) -> dict[str, Any]:
         },
         "http": http.measurements(),
         "haproxy": haproxy,
+        # A reconnection of the fast guest after the kill that was lost.
+        "backlog_race": any(
+            lost.connection > 1 for guest in victims for lost in guest.lost
+        ),
+        "haproxy_sessions": {
+            client.name: [
+                line
+                for line in fleet.haproxy.log().splitlines()
+                if line.startswith(f"{client.source_ip}:")
+            ]
+            for client in (qemu, *guests)
+        },
     }
 
 
