@@ -390,6 +390,7 @@ class HandoverListener:
             if isinstance(sink, EgdSink | HttpSink) and sink.name in wanted:
                 sink.release_listeners()
             else:
+                # Not in the new config: its clients stay here until answered.
                 sink.pre_shutdown()
         sending = asyncio.Lock()
 

@@ -277,13 +277,15 @@ class EgdSink:
 
     def release_listeners(self) -> None:
         """
-        Stop accepting, and leave the listeners (and their Unix socket files)
-        to the successor that now holds copies of them: closing this
-        process's fds leaves the sockets open there, with connection attempts
-        queueing in their backlog until it accepts them.
+        Close this process's copies of the listeners (and leave their Unix
+        socket files) to the successor that holds copies of them: the
+        sockets stay open there, with connection attempts queueing in their
+        backlog until it accepts them. A connection accepted just before is
+        still admitted, and `hand_over` takes it along.
         """
         self._unix_paths.clear()
-        self.pre_shutdown()
+        for server in self._servers:
+            server.close()
 
     async def hand_over(self, send: SendConnections, *, wait: float) -> int:
         """
@@ -294,10 +296,11 @@ class EgdSink:
         duplicate of its fd and its `Carried` state go to ``send`` in batches
         of at most `HANDOVER_BATCH` connections and `HANDOVER_BATCH_BYTES`
         carried bytes, and once ``send`` returns True the connection lets go
-        of its fd without a FIN or an RST. Connections
-        still waiting after ``wait`` seconds (a blocking read on an empty
-        pool) stop answering and carry their unanswered requests; a client
-        that has not read its replies `FLUSH_WAIT` seconds later is closed.
+        of its fd without a FIN or an RST. Connections still waiting after
+        ``wait`` seconds (a blocking read on an empty pool) stop answering and
+        carry their unanswered requests; a client that has not read its
+        replies `FLUSH_WAIT` seconds later is closed. Call it after
+        `release_listeners`.
 
         Returns:
             How many connections were handed over.
@@ -306,17 +309,26 @@ class EgdSink:
             HandoverFailed: ``send`` failed; the connections not yet handed
                 over are served here again.
         """
-        self._accepting = False
         loop = asyncio.get_running_loop()
         stop_at = loop.time() + wait
         give_up_at = stop_at + FLUSH_WAIT
-        held = set(self._connections)
-        for connection in held:
-            connection.hold()
+        seen: set[EgdConnection] = set()
+        held: set[EgdConnection] = set()
+        stopped: set[EgdConnection] = set()
         handed = 0
-        stopped = False
         try:
-            while held:
+            while True:
+                # Connections accepted before the listeners closed may still
+                # be arriving in the first turns.
+                for connection in self._connections - seen:
+                    seen.add(connection)
+                    held.add(connection)
+                    connection.hold()
+                if not held:
+                    await asyncio.sleep(0)
+                    if self._connections <= seen:
+                        break
+                    continue
                 ready = []
                 for connection in list(held):
                     state = connection.handover_state()
@@ -336,20 +348,23 @@ class EgdSink:
                             detail="replies still unread at hand-over",
                         )
                         connection.close()
-                    break
-                if now >= stop_at and not stopped:
-                    stopped = True
+                    held.clear()
+                    continue
+                if now >= stop_at and not held <= stopped:
+                    late = held - stopped
+                    stopped |= late
                     await asyncio.gather(
-                        *(connection.stop_for_handover() for connection in held)
+                        *(connection.stop_for_handover() for connection in late)
                     )
                     continue
                 await self._wait_for_change(
-                    min(stop_at if not stopped else give_up_at, now + POLL)
+                    min(give_up_at if now >= stop_at else stop_at, now + POLL)
                 )
         except BaseException:
             for connection in held:
                 connection.unhold()
             raise
+        self._accepting = False
         return handed
 
     async def _wait_for_change(self, until: float) -> None:

@@ -184,6 +184,7 @@ async def test_a_failed_hand_over_leaves_the_connections_served(
     async with asyncio.timeout(DEADLINE):
         assert 8 == len(await reader.readexactly(8))
     assert 1 == sink.status().connections
+    assert sink.accepting
     writer.close()
 
 
