@@ -31,7 +31,7 @@ from broker.clock import SYSTEM_CLOCK, Clock
 from broker.config import Config, SinkConfig, SourceConfig, load_config
 from broker.errors import BrokerError, ConfigError
 from broker.fdlimit import needed_for, raise_soft_limit
-from broker.handover import HandoverHooks, HandoverListener, Takeover, adopt, take_over
+from broker.handover import HandoverHooks, HandoverListener
 from broker.health_policy import HealthInputs, assess
 from broker.inherited import InheritedListeners
 from broker.ownership import StateDirLock
@@ -47,6 +47,7 @@ from broker.status import (
     TierStatus,
 )
 from broker.supervisor import Supervisor
+from broker.takeover import Takeover, adopt, take_over
 from sinks.egd.config import EgdSinkConfig
 from sinks.egd.server import EgdSink
 from sinks.http.config import HttpSinkConfig

@@ -22,9 +22,9 @@ from broker.handover import (
     HandoverHooks,
     HandoverListener,
     TakeoverRefused,
-    take_over,
 )
 from broker.pool import EntropyPool
+from broker.takeover import take_over
 from sinks.egd.config import EgdSinkConfig
 from sinks.egd.server import EgdSink
 from tests.helpers import DEADLINE
