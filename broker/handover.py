@@ -61,7 +61,11 @@ at most `MAX_FDS` per message).
    ``listeners_end``; new → old ``have_listeners``. Only sinks the new config
    still has are sent; the new broker matches them to its sinks by address
    (`broker.inherited`), and closes, with a warning, what none claims. Until
-   ``have_listeners`` arrives nothing has changed in the old broker.
+   ``have_listeners`` arrives nothing has changed in the old broker. Sinks
+   are matched by name: a sink renamed in the new config is a new sink, whose
+   address the new broker binds afresh once the old one has closed it (an
+   attempt in between is refused), and whose clients the old broker answers
+   and then disconnects.
 3. The old broker closes its copies of the listeners (the sockets stay open in
    the new process) and hands each EGD connection over
    (`sinks.egd.server.EgdSink.hand_over`): ``connections`` batches (items:
