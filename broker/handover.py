@@ -37,12 +37,22 @@ passed, not re-bound), and attempts made while neither broker accepts wait in
 the kernel's backlog. An EGD client keeps its connection: what it sends during
 the takeover waits in the kernel's receive queue and is answered by the new
 broker, in order, with nothing lost or answered twice; it only waits longer
-(the "gap": the old broker's close plus the new one's start, well under a
-second on an idle host with the getrandom source). An HTTP request in flight
-is answered by the old broker; an idle keep-alive connection is closed (HTTP
-clients reconnect, to the new broker). Quota counters survive, as in any
-restart: the old broker saves them before it releases the state directory, and
-the new one loads them after.
+(the "gap": the old broker's close plus the new one's start, some tens of
+milliseconds on loopback with the getrandom source; the new broker's pool
+starts empty, so a slow source adds its start-up time). A read the old broker
+cannot answer within `IDLE_WAIT` (empty pool, rate limit) goes over
+unanswered, with what is left of it. An HTTP request in flight is answered by
+the old broker, except one waiting in ``?wait=``, which gets 503 at once as
+in any stop; an idle keep-alive connection is closed (HTTP clients reconnect,
+to the new broker). Quota counters survive, as in any restart: the old broker
+saves them before it releases the state directory, and the new one loads them
+after. A broker that is starting, draining or closing refuses a takeover.
+
+Log events: the old broker logs ``takeover_started``, then
+``takeover_handed_over`` (``connections``) or ``takeover_refused`` /
+``takeover_failed`` (``reason``/``error``); the new one logs
+``takeover_received`` (listeners, connections, ``old_pid``) and
+``takeover_adopted``, or ``takeover_no_running_broker``.
 
 Protocol
 --------
