@@ -56,6 +56,7 @@ import contextlib
 import functools
 import os
 import socket
+import time
 from typing import Any, Final, Protocol, cast
 
 import structlog
@@ -65,7 +66,7 @@ from broker.errors import PoolClosedError
 from broker.pool import EntropyPool
 from broker.withdrawal import Withdrawals
 from sinks.egd.config import EgdSinkConfig
-from sinks.egd.flow import OutputBound, TurnBudget, kernel_queued
+from sinks.egd.flow import OutputBound, TurnBudget, kernel_queued, kernel_unread
 from sinks.egd.handoff import MAX_CARRIED, Carried, HandoverState, encode_request
 from sinks.egd.peers import peer_text, unix_peer
 from sinks.egd.requests import CLOSE, MAX_QUEUED_REQUESTS, Close, reply_size, requested
@@ -133,6 +134,7 @@ class EgdConnection(asyncio.Protocol):
         "_gate",
         "_gate_saw_bytes",
         "_header_timer",
+        "_heard_at",
         "_holding",
         "_left",
         "_output",
@@ -185,6 +187,8 @@ class EgdConnection(asyncio.Protocol):
         self._who = adopted
         self._holding = False
         self._left = 0
+        self._heard_at = 0.0
+        """When the client last sent bytes (`time.monotonic`)."""
         self._served: list[tuple[int, float]] = []
         """Pool bytes withdrawn for replies not yet handed to the transport,
         with their grant times: refunded if the write cannot happen."""
@@ -262,6 +266,7 @@ class EgdConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
+        self._heard_at = time.monotonic()
         if self._gate is not None:
             self._gate_saw_bytes = True
             outcome = self._through_gate(data)
@@ -764,6 +769,22 @@ class EgdConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self._close_transport()
+
+    def quiet_since(self, moment: float) -> bool:
+        """
+        True when this connection may be closed without losing a request: it
+        has answered everything it read, nothing waits unread in its socket,
+        and the client sent nothing after ``moment`` (`time.monotonic`).
+
+        EGD has no goodbye, so a close always races a client's next request;
+        a client silent for a while is most likely between requests, where
+        the close costs it nothing.
+        """
+        if self._closing or not self.idle or self._heard_at > moment:
+            return False
+        transport = self._transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        return sock is None or kernel_unread(sock.fileno()) == 0
 
     @property
     def peer(self) -> str:

@@ -138,6 +138,19 @@ def kernel_queued(fd: int) -> int:
     return max(queued, 0)
 
 
+def kernel_unread(fd: int) -> int:
+    """
+    Bytes the peer sent that wait unread in the kernel's receive queue of
+    socket ``fd`` (0 if it cannot say).
+    """
+    try:
+        reply = fcntl.ioctl(fd, termios.FIONREAD, _INT.pack(0))
+    except OSError:
+        return 0
+    unread: int = _INT.unpack(reply)[0]
+    return max(unread, 0)
+
+
 class OutputBound:
     """
     Output a client holds unread, and the wait for it to fall below the bound.

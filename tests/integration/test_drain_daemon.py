@@ -232,39 +232,75 @@ def test_systemd_hears_ready_reloading_and_stopping(tmp_path: Path) -> None:
         notify.close()
 
 
-def test_http_request_in_flight_at_sigterm_completes(tmp_path: Path) -> None:
+def waiting_http_config(tmp_path: Path, feeder: FifoFeeder, drain: str) -> str:
+    sources = FIFO_SOURCE.format(path=feeder.path)
+    config = default_config(tmp_path / "state", sources, drain=drain)
+    config = config.replace('pool_size = "64 KiB"', 'pool_size = "4 KiB"')
+    return config.replace('shutdown_grace = "2 s"', 'shutdown_grace = "60 s"')
+
+
+async def waiting_request(
+    session: aiohttp.ClientSession, daemon: Daemon
+) -> "asyncio.Task[aiohttp.ClientResponse]":
     """
-    An HTTP request that waits for entropy when SIGTERM arrives is answered
-    in full, not cut off.
+    A ``GET /v1/entropy?wait=`` that the empty pool holds.
+    """
+    url = f"{daemon.http_url}/v1/entropy?bytes=64&wait=20"
+    request = asyncio.create_task(session.get(url))
+    async with BrokerHttp(daemon) as http:
+        await poll_until(http.status, lambda body: body["pool"]["waiters"] > 0)
+    return request
+
+
+def test_waiting_http_request_is_served_while_draining(tmp_path: Path) -> None:
+    """
+    An HTTP request waiting for entropy (``wait=``) when SIGTERM arrives is
+    served in full when the bytes come during the drain.
     """
     feeder = FifoFeeder(tmp_path / "device")
-    sources = FIFO_SOURCE.format(path=feeder.path)
-    config = default_config(tmp_path / "state", sources, pool_size="4 KiB")
-    config = config.replace('shutdown_grace = "2 s"', 'shutdown_grace = "30 s"')
-    daemon = start_daemon(tmp_path, config)
+    daemon = start_daemon(tmp_path, waiting_http_config(tmp_path, feeder, "60 s"))
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as session:
+            request = await waiting_request(session, daemon)
+            daemon.process.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(wait_for_event, daemon, "broker_draining")
+            feeder.feed("random")
+            response = await request
+            assert (response.status, len(await response.read())) == (200, 64)
+
     try:
+        asyncio.run(run())
+        daemon.process.send_signal(signal.SIGTERM)
+        assert 0 == daemon.process.wait(DEADLINE)
+    finally:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+        feeder.close()
 
-        async def run() -> tuple[int, bytes]:
-            url = f"{daemon.http_url}/v1/entropy?bytes=64&wait=20"
-            async with aiohttp.ClientSession() as session:
-                request = asyncio.create_task(session.get(url))
-                # The request is in: the broker counts it before it waits.
-                async with BrokerHttp(daemon) as http:
-                    await poll_until(
-                        http.status,
-                        lambda body: any(
-                            sink["name"] == "http" and sink["requests"] > 0
-                            for sink in body["sinks"]
-                        ),
-                    )
-                daemon.process.send_signal(signal.SIGTERM)
-                await asyncio.to_thread(wait_for_event, daemon, "broker_closing")
-                feeder.feed("random")
-                response = await request
-                return response.status, await response.read()
 
-        status, body = asyncio.run(run())
-        assert (status, len(body)) == (200, 64)
+def test_waiting_http_request_is_told_to_retry_when_the_broker_closes(
+    tmp_path: Path,
+) -> None:
+    """
+    A request still waiting when the broker closes gets a prompt ``503
+    shutting down`` with ``Retry-After: 1``: it retries elsewhere at once
+    instead of hanging until the grace runs out.
+    """
+    feeder = FifoFeeder(tmp_path / "device")
+    daemon = start_daemon(tmp_path, waiting_http_config(tmp_path, feeder, "0 s"))
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as session:
+            request = await waiting_request(session, daemon)
+            daemon.process.send_signal(signal.SIGTERM)
+            response = await request
+            assert response.status == 503
+            assert response.headers["Retry-After"] == "1"
+            assert "shutting down" in await response.text()
+
+    try:
+        asyncio.run(run())
         assert 0 == daemon.process.wait(DEADLINE)
     finally:
         if daemon.process.poll() is None:
