@@ -16,6 +16,7 @@ import json
 import re
 import signal
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +111,8 @@ async def test_killed_broker_costs_at_most_the_outstanding_request(
     process exits). A reconnection that lands there is established, so
     haproxy does not retry it; it is reset with the request it carried
     (haproxy logs it against the dead broker, 0 bytes, SD), and the next
-    reconnection is served. The test checks that this is what happened and
-    ends as an expected failure naming it (`BACKLOG_RACE`).
+    reconnection is served. That costs such a guest one more request at
+    most; the test checks that this is what happened when it does.
     """
     with running_fleet(tmp_path) as fleet:
         try:
@@ -160,45 +161,25 @@ def check_killed_broker(data: dict[str, Any]) -> None:
     # A request whose connection to the dead broker fails as haproxy marks
     # it DOWN waits one turn-around before it is redispatched.
     assert data["http"]["longest_gap_s"] < TURN_AROUND + SLACK, data["http"]
-    if data["backlog_race"]:
-        pytest.xfail(BACKLOG_RACE)
 
 
-BACKLOG_RACE = (
-    "the guest that reconnects at once reached the killed broker's listening "
-    "socket before the exiting process closed it; haproxy saw the connection "
-    "established, so it did not retry it, and the reset cost the request it "
-    "carried"
-)
 TURN_AROUND = 1.0
 """haproxy 2.6 waits min(timeout connect, 1 s) before retrying a failed
 connection when only one server is left active, redispatch or not."""
-SLACK = 1.0
-"""Seconds a loaded two-core host may add to any gap."""
+SLACK = 3.0
+"""Seconds a loaded two-core host may add to any gap: the bound is there to
+catch a client left hanging, not to time haproxy."""
 
 
 async def killed_broker(fleet: Fleet) -> dict[str, Any]:
-    await fleet.all_up()
-    qemu = QemuEgdClient(fleet.egd_front, source_ip=QEMU_IP, name="qemu")
     # guest2 and guest3 reconnect at once: whichever shares qemu's broker
     # comes back before haproxy marks that broker DOWN.
-    guests = [
-        QemuEgdClient(
-            fleet.egd_front,
-            source_ip=ip,
-            think=GUEST_THINK,
-            reconnect=1.0 if n == 1 else 0.0,
-            name=f"guest{n}",
-        )
-        for n, ip in enumerate(GUEST_IPS, start=1)
-    ]
-    http = HttpLoop(fleet.http_front)
-    async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(http)
-        stack.push_async_callback(qemu.__aexit__, None, None, None)
-        for guest in guests:
-            stack.push_async_callback(guest.__aexit__, None, None, None)
-        victim = await place_clients(fleet, qemu, guests)
+    async with clients_placed(fleet, reconnect=lambda n: 1.0 if n == 1 else 0.0) as (
+        qemu,
+        guests,
+        http,
+        victim,
+    ):
         survivor = 1 - victim
         on_victim = await fleet.clients_on(victim)
         victims = [g for g in guests if f"ip:{g.source_ip}" in on_victim]
@@ -340,9 +321,41 @@ async def test_drained_broker_is_marked_down_before_it_stops_accepting(
         assert lost["at"] - lost["sent_at"] < RACE_WINDOW, lost
 
 
-RACE_WINDOW = 0.1
+RACE_WINDOW = 1.0
 """Seconds between sending the race's request and its connection's EOF: a
-few milliseconds at most on loopback, even on a loaded host."""
+few milliseconds on loopback; the bound separates that from a request the
+broker held and dropped (the grace is 2 s), with room for a loaded host."""
+
+
+@contextlib.asynccontextmanager
+async def clients_placed(
+    fleet: Fleet, reconnect: Callable[[int], float] | None = None
+) -> AsyncIterator[tuple[QemuEgdClient, list[QemuEgdClient], HttpLoop, int]]:
+    """
+    The QEMU-like client, three guests and the HTTP loop running through
+    haproxy, placed as `place_clients` says; yields them and the index of
+    qemu's broker, and stops them all on the way out.
+    """
+    await fleet.all_up()
+    qemu = QemuEgdClient(fleet.egd_front, source_ip=QEMU_IP, name="qemu")
+    guests = [
+        QemuEgdClient(
+            fleet.egd_front,
+            source_ip=ip,
+            think=GUEST_THINK,
+            reconnect=1.0 if reconnect is None else reconnect(n),
+            name=f"guest{n}",
+        )
+        for n, ip in enumerate(GUEST_IPS, start=1)
+    ]
+    http = HttpLoop(fleet.http_front)
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(http)
+        stack.push_async_callback(qemu.__aexit__, None, None, None)
+        for guest in guests:
+            stack.push_async_callback(guest.__aexit__, None, None, None)
+        victim = await place_clients(fleet, qemu, guests)
+        yield qemu, guests, http, victim
 
 
 async def place_clients(
@@ -368,21 +381,7 @@ async def place_clients(
 
 
 async def drained_broker(fleet: Fleet) -> dict[str, Any]:
-    await fleet.all_up()
-    qemu = QemuEgdClient(fleet.egd_front, source_ip=QEMU_IP, name="qemu")
-    guests = [
-        QemuEgdClient(
-            fleet.egd_front, source_ip=ip, think=GUEST_THINK, name=f"guest{n}"
-        )
-        for n, ip in enumerate(GUEST_IPS, start=1)
-    ]
-    http = HttpLoop(fleet.http_front)
-    async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(http)
-        stack.push_async_callback(qemu.__aexit__, None, None, None)
-        for guest in guests:
-            stack.push_async_callback(guest.__aexit__, None, None, None)
-        victim = await place_clients(fleet, qemu, guests)
+    async with clients_placed(fleet) as (qemu, guests, http, victim):
         daemon = fleet.brokers[victim]
         on_victim = await fleet.clients_on(victim)
         assert f"ip:{QEMU_IP}" in on_victim, on_victim
@@ -477,21 +476,7 @@ async def test_takeover_restart_is_invisible_to_clients_and_haproxy(
 
 
 async def restarted_broker(fleet: Fleet) -> dict[str, Any]:
-    await fleet.all_up()
-    qemu = QemuEgdClient(fleet.egd_front, source_ip=QEMU_IP, name="qemu")
-    guests = [
-        QemuEgdClient(
-            fleet.egd_front, source_ip=ip, think=GUEST_THINK, name=f"guest{n}"
-        )
-        for n, ip in enumerate(GUEST_IPS, start=1)
-    ]
-    http = HttpLoop(fleet.http_front)
-    async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(http)
-        stack.push_async_callback(qemu.__aexit__, None, None, None)
-        for guest in guests:
-            stack.push_async_callback(guest.__aexit__, None, None, None)
-        victim = await place_clients(fleet, qemu, guests)
+    async with clients_placed(fleet) as (qemu, guests, http, victim):
         old = fleet.brokers[victim]
         await http.succeeded_more(20)
         async with fleet.watching_states() as watch:
