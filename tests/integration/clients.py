@@ -173,6 +173,20 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+async def empty_pool(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+    """
+    Draw with non-blocking EGD reads (``01 FF``) until the broker answers
+    that it has nothing ready; the number of bytes drawn.
+    """
+    drawn = 0
+    while True:
+        writer.write(b"\x01\xff")
+        size = (await reader.readexactly(1))[0]
+        if size == 0:
+            return drawn
+        drawn += len(await reader.readexactly(size))
+
+
 class EgdReader:
     """
     One EGD/TCP client doing blocking reads of ``size`` bytes back to back, as

@@ -506,7 +506,41 @@ class Lost:
     """When the answer before it, on the same connection, was complete."""
 
 
-class QemuEgdClient:
+class BackgroundClient:
+    """
+    A client that runs as one task from ``async with`` to `stop` (or the
+    end of the block); `_check_running` raises what ended it early.
+    """
+
+    TASK_PREFIX = "client"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(
+            self._run(), name=f"{self.TASK_PREFIX}-{self.name}"
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel(msg="client finished")
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _check_running(self) -> None:
+        if self._task is not None and self._task.done():
+            self._task.result()
+            raise AssertionError(f"{self.name} stopped")
+
+
+class QemuEgdClient(BackgroundClient):
     """
     QEMU's ``rng-egd`` backend for a Linux guest, with ``reconnect=1``.
 
@@ -519,6 +553,8 @@ class QemuEgdClient:
 
     Invariant once `stop` returned: ``sent == answered + len(lost)``.
     """
+
+    TASK_PREFIX = "egd"
 
     def __init__(
         self,
@@ -533,7 +569,7 @@ class QemuEgdClient:
         self.source_ip = source_ip
         self.think = think
         self.reconnect = reconnect
-        self.name = name
+        super().__init__(name)
         self.sent = 0
         self.answered = 0
         self.lost: list[Lost] = []
@@ -550,18 +586,6 @@ class QemuEgdClient:
         self._idle = asyncio.Event()
         """Clear while a request is outstanding."""
         self._idle.set()
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Self:
-        self._task = asyncio.create_task(self._run(), name=f"egd-{self.name}")
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel(msg="client finished")
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         sock = socket.socket()
@@ -683,11 +707,6 @@ class QemuEgdClient:
                 self._progress.clear()
                 await self._progress.wait()
 
-    def _check_running(self) -> None:
-        if self._task is not None and self._task.done():
-            self._task.result()
-            raise AssertionError(f"{self.name} stopped")
-
     async def stop(self, timeout: float = DEADLINE) -> None:
         """
         Send no more requests; wait for the outstanding one to be answered
@@ -718,36 +737,26 @@ class QemuEgdClient:
         }
 
 
-class HttpLoop:
+class HttpLoop(BackgroundClient):
     """
     ``GET /v1/entropy?bytes=32`` through haproxy, one after another, with
     ``pause`` seconds between requests; every failure is kept.
     """
+
+    TASK_PREFIX = "http"
 
     def __init__(
         self, base_url: str, *, pause: float = 0.005, name: str = "http"
     ) -> None:
         self.url = base_url + "/v1/entropy?bytes=32"
         self.pause = pause
-        self.name = name
+        super().__init__(name)
         self.requests = 0
         self.ok = 0
         self.errors: list[str] = []
         self.gaps = Gaps()
         self._progress = asyncio.Event()
         self._stopping = False
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Self:
-        self._task = asyncio.create_task(self._run(), name=f"http-{self.name}")
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel(msg="client finished")
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=DEADLINE)
@@ -775,9 +784,7 @@ class HttpLoop:
         target = self.ok + count
         async with asyncio.timeout(timeout):
             while self.ok < target:
-                if self._task is not None and self._task.done():
-                    self._task.result()
-                    raise AssertionError(f"{self.name} stopped")
+                self._check_running()
                 self._progress.clear()
                 await self._progress.wait()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.helpers import DEADLINE, wait_until
-from tests.integration.clients import BrokerHttp, FifoFeeder, poll_until
+from tests.integration.clients import BrokerHttp, FifoFeeder, empty_pool, poll_until
 from tests.integration.daemon import Daemon, default_config, start_daemon
 
 FIFO_SOURCE = """
@@ -110,12 +110,7 @@ def test_request_accepted_before_close_is_answered(tmp_path: Path) -> None:
             feeder.pause()
             reader, writer = await asyncio.open_connection(*daemon.egd_tcp)
             # Empty the pool, then ask for more than is left.
-            while True:
-                writer.write(b"\x01\xff")
-                size = (await reader.readexactly(1))[0]
-                await reader.readexactly(size)
-                if size == 0:
-                    break
+            await empty_pool(reader, writer)
             writer.write(b"\x02\x40")
             await writer.drain()
             daemon.process.send_signal(signal.SIGTERM)

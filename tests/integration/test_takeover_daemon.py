@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 
 from tests.helpers import DEADLINE, eventually, wait_until
-from tests.integration.clients import BrokerHttp, FifoFeeder, poll_until
+from tests.integration.clients import BrokerHttp, FifoFeeder, empty_pool, poll_until
 from tests.integration.daemon import REPO, Daemon, default_config, start_daemon
 from tests.integration.test_drain_daemon import NotifySocket
 
@@ -366,12 +366,7 @@ def test_takeover_carries_a_read_blocked_on_an_empty_pool(tmp_path: Path) -> Non
             await poll_until(http.healthz, lambda got: got[0] == 200)
         feeder.pause()
         reader, writer = await asyncio.open_connection(*old.egd_tcp)
-        while True:  # empty the pool
-            writer.write(b"\x01\xff")
-            size = (await reader.readexactly(1))[0]
-            await reader.readexactly(size)
-            if size == 0:
-                break
+        await empty_pool(reader, writer)
         writer.write(b"\x02\x40\x00")
         await writer.drain()
         new = await asyncio.to_thread(successor, tmp_path, old, config)
