@@ -98,7 +98,6 @@ import contextlib
 import json
 import os
 import socket
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +110,7 @@ from broker.errors import BrokerError
 from broker.inherited import Listening
 from broker.status import Sink
 from sinks.egd.handoff import Carried
+from sinks.egd.peers import peer_uid
 from sinks.egd.server import EgdSink
 from sinks.http.server import HttpSink
 
@@ -127,7 +127,6 @@ RELEASE_MARGIN: Final = 15.0
 IDLE_WAIT: Final = 1.0
 """Seconds (at most ``shutdown_grace``) an EGD connection may take to answer
 what it read before it stops and carries its unanswered requests over."""
-_CREDENTIALS = struct.Struct("3i")
 
 
 class TakeoverRefused(BrokerError):
@@ -151,10 +150,7 @@ class Channel:
         self._sock.close()
 
     def peer_uid(self) -> int:
-        creds = self._sock.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size
-        )
-        return int(_CREDENTIALS.unpack(creds)[1])
+        return peer_uid(self._sock)
 
     async def send(self, header: dict[str, Any], fds: Sequence[int] = ()) -> None:
         """

@@ -7,6 +7,21 @@ import struct
 
 from broker.accounts import Peer
 
+_CREDENTIALS = struct.Struct("3i")
+"""``struct ucred``: pid, uid, gid."""
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """
+    The uid the kernel vouches for at the other end of a Unix socket
+    (SO_PEERCRED).
+
+    Raises:
+        OSError: the socket cannot say (not a Unix socket, or closed).
+    """
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size)
+    return int(_CREDENTIALS.unpack(creds)[1])
+
 
 def unix_peer(sock: socket.socket | None) -> Peer:
     """
@@ -15,13 +30,9 @@ def unix_peer(sock: socket.socket | None) -> Peer:
     if sock is None:
         return Peer("unix")
     try:
-        creds = sock.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
-        )
+        return Peer("unix", uid=peer_uid(sock))
     except OSError:
         return Peer("unix")
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return Peer("unix", uid=uid)
 
 
 def peer_text(peer: object) -> str:
