@@ -52,8 +52,11 @@ from sinks.egd.config import EgdSinkConfig
 from sinks.egd.server import EgdSink
 from sinks.http.config import HttpSinkConfig
 from sinks.http.server import HttpSink
+from sinks.kernel.config import KernelSinkConfig
+from sinks.kernel.sink import KernelSink
 from sources.base import Source
 from sources.device import DeviceSource, DeviceSourceConfig, may_skip
+from sources.egd import EgdSource, EgdSourceConfig
 from sources.entropykey.config import ANY_SERIAL, EntropyKeySourceConfig
 from sources.entropykey.factory import (
     ClaimedSerials,
@@ -63,6 +66,7 @@ from sources.entropykey.factory import (
     watch_for_keys,
 )
 from sources.getrandom import GetrandomSource, GetrandomSourceConfig
+from sources.http import HttpSource, HttpSourceConfig
 
 log = structlog.get_logger("ebroker.app")
 
@@ -114,11 +118,25 @@ def _entropykey(config: SourceConfig, broker: "Broker") -> list[Source]:
     return [waiting]
 
 
+def _egd_upstream(config: SourceConfig, broker: "Broker") -> list[Source]:
+    if not isinstance(config, EgdSourceConfig):
+        raise TypeError(f"not an egd source config: {config!r}")
+    return [EgdSource(config)]
+
+
+def _http_upstream(config: SourceConfig, broker: "Broker") -> list[Source]:
+    if not isinstance(config, HttpSourceConfig):
+        raise TypeError(f"not an http source config: {config!r}")
+    return [HttpSource(config)]
+
+
 SOURCE_KINDS: dict[str, Callable[[SourceConfig, "Broker"], list[Source]]] = {
     "getrandom": _getrandom,
     "device": _device,
     "hwrng": _device,
     "entropykey": _entropykey,
+    "egd": _egd_upstream,
+    "http": _http_upstream,
 }
 
 
@@ -134,9 +152,16 @@ def _http(config: SinkConfig, broker: "Broker") -> Sink:
     return HttpSink(config, broker, inherited=broker.inherited)
 
 
+def _kernel(config: SinkConfig, broker: "Broker") -> Sink:
+    if not isinstance(config, KernelSinkConfig):
+        raise TypeError(f"not a kernel config: {config!r}")
+    return KernelSink(config, broker)
+
+
 SINK_KINDS: dict[str, Callable[[SinkConfig, "Broker"], Sink]] = {
     "egd": _egd,
     "http": _http,
+    "kernel": _kernel,
 }
 
 

@@ -16,15 +16,26 @@ from broker.configbase import Duration, Size, StrictModel
 from broker.errors import ConfigError
 from sinks.egd.config import EgdSinkConfig
 from sinks.http.config import HttpSinkConfig
+from sinks.kernel.config import KernelSinkConfig
 from sources.device import DeviceSourceConfig
+from sources.egd import EgdSourceConfig
 from sources.entropykey.config import EntropyKeySourceConfig
 from sources.getrandom import GetrandomSourceConfig
+from sources.http import HttpSourceConfig
 
-AnySourceConfig = GetrandomSourceConfig | DeviceSourceConfig | EntropyKeySourceConfig
+AnySourceConfig = (
+    GetrandomSourceConfig
+    | DeviceSourceConfig
+    | EntropyKeySourceConfig
+    | EgdSourceConfig
+    | HttpSourceConfig
+)
 SourceConfig = Annotated[AnySourceConfig, Field(discriminator="kind")]
-SinkConfig = Annotated[EgdSinkConfig | HttpSinkConfig, Field(discriminator="kind")]
+SinkConfig = Annotated[
+    EgdSinkConfig | HttpSinkConfig | KernelSinkConfig, Field(discriminator="kind")
+]
 
-_KIND_TAGS = {"getrandom", "device", "hwrng", "entropykey", "egd", "http"}
+_KIND_TAGS = {"getrandom", "device", "hwrng", "entropykey", "egd", "http", "kernel"}
 
 
 class BrokerSection(StrictModel):

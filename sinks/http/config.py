@@ -77,6 +77,16 @@ class HttpSinkConfig(SinkConfigBase):
         description="SHA-256 of the admin bearer token ('sha256:HEX', from "
         "`ebroker hash-token`) that unlocks POST /v1/admin/reload",
     )
+    pollen: bool = Field(
+        default=False,
+        description="answer pollinate (Ubuntu's boot-time seeding client) at "
+        "pollen_path, under the same customers and limits as /v1/entropy",
+    )
+    pollen_path: str = Field(
+        default="/",
+        pattern=r"^/[A-Za-z0-9._~/-]*$",
+        description="path of the pollen endpoint (POST, or GET with ?challenge=)",
+    )
     simulator_control: bool = Field(
         default=False,
         description="serve POST /v1/simulator/SERIAL/ACTION (loopback clients only) "

@@ -12,9 +12,12 @@ from broker.config import BrokerSection, LoggingSection
 from broker.health_config import HealthConfig
 from sinks.egd.config import EgdSinkConfig
 from sinks.http.config import HttpSinkConfig
+from sinks.kernel.config import KernelSinkConfig
 from sources.device import DeviceSourceConfig
+from sources.egd import EgdSourceConfig
 from sources.entropykey.config import EntropyKeySourceConfig
 from sources.getrandom import GetrandomSourceConfig
+from sources.http import HttpSourceConfig
 
 REFERENCE = (Path(__file__).parents[2] / "config" / "README.md").read_text()
 
@@ -29,6 +32,9 @@ MODELS: list[type[BaseModel]] = [
     AccountsConfig,
     CustomerConfig,
     HttpSinkConfig,
+    EgdSourceConfig,
+    HttpSourceConfig,
+    KernelSinkConfig,
 ]
 
 
