@@ -18,6 +18,12 @@ through; the handlers live in `sinks.http.entropy` (the entropy endpoint),
 `sinks.http.probes` (health, readiness, status, metrics), `sinks.http.admin`
 and `sinks.http.page`.
 
+With ``pollen = true`` the sink also answers pollinate at ``pollen_path``
+(`PollenEndpoint`, protocol in `sinks.http.pollen`): a POST there, or a GET
+with a ``challenge`` in its query, on both planes and under the same customers
+and limits as ``/v1/entropy``. On ``/`` the two share the path: a GET without
+``challenge`` is still the status page (operator plane, or the admin token).
+
 ``GET /v1/entropy`` is the one endpoint guests call at a high rate, so a sink
 answers it before aiohttp's router and middlewares (`DirectEntropy`), doing
 for it what they do (count, log, forbid caching, turn a failure into a 500)
@@ -37,11 +43,16 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from aiohttp.web_request import BaseRequest
 
+from broker.accounts import Accounts
+from broker.errors import ConfigError
 from broker.metrics import create_registry
 from broker.status import BrokerView
+from sinks.http import pollen
 from sinks.http.admin import has_admin_token, reload_handler, simulator_handler
+from sinks.http.answer import RawAnswer
 from sinks.http.config import HttpSinkConfig
-from sinks.http.entropy import PATH, EntropyEndpoint, Pending
+from sinks.http.entropy import PATH, EntropyEndpoint, EntropyQuery, Pending
+from sinks.http.limits import identify
 from sinks.http.page import index
 from sinks.http.probes import healthz, metrics, readyz, status
 from sinks.http.state import (
@@ -62,6 +73,20 @@ ENTROPY_KEY: Final = web.AppKey("ebroker_http_entropy", EntropyEndpoint)
 
 TENANT_PATHS: Final = frozenset({"/v1/entropy", "/healthz", "/readyz", "/v1/status"})
 """Paths the tenant plane serves to anyone (``/v1/status`` filters itself)."""
+
+POLLEN_WAIT: Final = 3.0
+"""
+Longest a pollen request waits for its limits and the pool, in seconds (never
+more than the sink's ``max_wait``): well inside pollinate's ``--max-time``
+(``-w``, 10 s by default, 5 s is common), so a client that must wait its turn
+gets the answer, and one that cannot be served gets a refusal in time.
+"""
+
+# Paths of the API's own routes: pollen cannot share them (``/`` it can).
+_API_PATHS: Final = frozenset(
+    {PATH, "/healthz", "/readyz", "/v1/status", "/metrics", "/v1/admin/reload"}
+)
+_API_PREFIXES: Final = ("/v1/admin/", "/v1/simulator/")
 
 
 @web.middleware
@@ -144,10 +169,13 @@ async def error_middleware(
         return _failed(request)
 
 
-def tenant_plane_middleware(admin_token_hash: str | None) -> Middleware:
+def tenant_plane_middleware(
+    admin_token_hash: str | None, pollen_path: str | None = None
+) -> Middleware:
     """
-    The gate of a tenant-plane sink: `TENANT_PATHS` and ``OPTIONS /`` pass;
-    anything else needs the admin token and is otherwise a plain 404.
+    The gate of a tenant-plane sink: `TENANT_PATHS`, ``OPTIONS /`` and, when
+    ``pollen_path`` is set, pollen requests (`asks_pollen`) pass; anything
+    else needs the admin token and is otherwise a plain 404.
     """
 
     @web.middleware
@@ -156,8 +184,10 @@ def tenant_plane_middleware(admin_token_hash: str | None) -> Middleware:
     ) -> web.StreamResponse:
         # An allow-list of exact paths fails closed: a path spelled in a way the
         # list does not know is refused even if the router would match it.
-        public = request.path in TENANT_PATHS or (
-            request.path == "/" and request.method == "OPTIONS"
+        public = (
+            request.path in TENANT_PATHS
+            or (request.path == "/" and request.method == "OPTIONS")
+            or (pollen_path is not None and asks_pollen(request, pollen_path))
         )
         if public or has_admin_token(request, admin_token_hash):
             return await handler(request)
@@ -181,10 +211,20 @@ def create_app(
 
     Returns:
         An application ready for an `aiohttp.web.AppRunner`.
+
+    Raises:
+        ConfigError: ``pollen_path`` is the path of another endpoint.
     """
+    pollen_path = config.pollen_path if config.pollen else None
+    if pollen_path is not None and (
+        pollen_path in _API_PATHS or pollen_path.startswith(_API_PREFIXES)
+    ):
+        raise ConfigError(
+            f"pollen_path {pollen_path!r} is taken by another endpoint of the sink"
+        )
     middlewares: list[Middleware] = [observe_middleware, error_middleware]
     if config.plane == "tenant":
-        middlewares.append(tenant_plane_middleware(config.admin_token))
+        middlewares.append(tenant_plane_middleware(config.admin_token, pollen_path))
     app = web.Application(
         middlewares=middlewares, client_max_size=config.max_body_bytes
     )
@@ -194,7 +234,16 @@ def create_app(
     app[REGISTRY_KEY] = create_registry(broker)
     entropy = app[ENTROPY_KEY] = EntropyEndpoint(config, broker, app[STATE_KEY])
     router = app.router
-    router.add_get("/", index)
+    if pollen_path is not None:
+        endpoint = PollenEndpoint(config, entropy, broker.accounts)
+        router.add_post(pollen_path, endpoint.handle)
+        if pollen_path == "/":
+            router.add_get("/", endpoint.or_page(index))
+        else:
+            # No HEAD: it would consume entropy only to throw it away.
+            router.add_get(pollen_path, endpoint.handle, allow_head=False)
+    if pollen_path != "/":
+        router.add_get("/", index)
     router.add_route("OPTIONS", "/", healthz)
     router.add_route("*", "/healthz", healthz)
     router.add_get("/readyz", readyz)
@@ -211,6 +260,93 @@ def create_app(
             r"/v1/simulator/{serial:.+}/{action:[a-z]+}", simulator_handler(broker)
         )
     return app
+
+
+def _raw_query(request: BaseRequest) -> bytes:
+    # As sent: the challenge is decoded once, by `sinks.http.pollen`.
+    return request.rel_url.raw_query_string.encode("utf-8", "surrogateescape")
+
+
+def asks_pollen(request: BaseRequest, pollen_path: str) -> bool:
+    """
+    Whether ``request`` is for the pollen endpoint at ``pollen_path``: a POST
+    there, or a GET there; on ``/`` only a GET whose query names a
+    ``challenge``, since any other ``GET /`` is the status page.
+    """
+    if request.path != pollen_path:
+        return False
+    if request.method == "POST":
+        return True
+    if request.method != "GET":
+        return False
+    return pollen_path != "/" or pollen.form_value(_raw_query(request)) is not None
+
+
+def _pollen_answer(
+    challenge: bytes, fresh: bytes, headers: dict[str, str]
+) -> web.StreamResponse:
+    return RawAnswer(pollen.answer(challenge, fresh), pollen.CONTENT_TYPE, headers)
+
+
+class PollenEndpoint:
+    """
+    pollinate's server: the challenge's hash, and a hash over it and
+    `pollen.FRESH_BYTES` pool bytes withdrawn as ``/v1/entropy`` withdraws
+    them (the same client identity, grants, quotas, weighted wait and
+    refusals), waiting at most `POLLEN_WAIT` s.
+
+    Args:
+        config: the sink's limits (``max_body_bytes`` bounds the challenge).
+        entropy: the application's entropy endpoint, which does the withdrawal.
+        accounts: who the clients are.
+    """
+
+    def __init__(
+        self, config: HttpSinkConfig, entropy: EntropyEndpoint, accounts: Accounts
+    ) -> None:
+        self._entropy = entropy
+        self._accounts = accounts
+        self._limit = config.max_body_bytes
+        self._query = EntropyQuery(
+            pollen.FRESH_BYTES, "raw", min(POLLEN_WAIT, config.max_wait)
+        )
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """
+        ``POST`` (form body) or ``GET`` (query) with ``challenge=...``.
+        """
+        form = None
+        if request.method == "POST" and request.content_type == pollen.FORM_TYPE:
+            # Bounded by the application's client_max_size (max_body_bytes).
+            form = await request.read()
+        try:
+            challenge = pollen.find_challenge(_raw_query(request), form, self._limit)
+        except pollen.ChallengeTooLarge as exc:
+            return error_response(413, str(exc))
+        if not challenge:
+            return RawAnswer(pollen.NO_CHALLENGE, pollen.CONTENT_TYPE, status=400)
+        client = identify(self._accounts, request)
+        if isinstance(client, web.StreamResponse):
+            return client
+        encode = functools.partial(_pollen_answer, challenge)
+        answer = self._entropy.draw_now(client, self._query, encode)
+        if isinstance(answer, Pending):
+            return await self._entropy.answer_later(answer)
+        return answer
+
+    def or_page(self, page: _Handler) -> _Handler:
+        """
+        The ``GET /`` handler when pollen lives at ``/``: pollen for a query
+        naming a ``challenge``, ``page`` (the status page) for anything else,
+        HEAD included.
+        """
+
+        async def root(request: web.Request) -> web.StreamResponse:
+            if asks_pollen(request, "/"):
+                return await self.handle(request)
+            return await page(request)
+
+        return root
 
 
 Later: TypeAlias = Callable[[], Awaitable[web.StreamResponse]]

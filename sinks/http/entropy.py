@@ -19,6 +19,10 @@ Two paths, through `broker.withdrawal.Withdrawals`:
   (``wait > 0``), whose limits need their backend (Redis, a quota file), or
   that finds the pool short with ``wait=0`` (then the limits' refusal still
   comes before the 503, as if the pool had been asked second).
+
+Another endpoint that serves pool bytes (pollen, `sinks.http.app`) identifies
+its client itself and enters at `EntropyEndpoint.draw_now` with its own
+encoder, so it gets the same grants, waits and refusals.
 """
 
 import asyncio
@@ -26,9 +30,9 @@ import base64
 import math
 import re
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeAlias
 
 from aiohttp import web
 from multidict import MultiMapping
@@ -223,6 +227,10 @@ def _encode(data: bytes, output: str, headers: dict[str, str]) -> RawAnswer:
     return RawAnswer(data, _RAW, headers)
 
 
+Encode: TypeAlias = Callable[[bytes, dict[str, str]], web.StreamResponse]
+"""Turns the bytes served and their ``RateLimit-*`` headers into the answer."""
+
+
 @dataclass(frozen=True, slots=True)
 class Pending:
     """
@@ -232,6 +240,8 @@ class Pending:
 
     query: EntropyQuery
     client: Client
+    encode: Encode | None = None
+    """How the bytes are answered; None: as ``query.format`` says."""
 
 
 class EntropyEndpoint:
@@ -298,9 +308,22 @@ class EntropyEndpoint:
         client = identify(self._withdrawals.accounts, request)
         if isinstance(client, web.StreamResponse):
             return client
+        return self.draw_now(client, query)
+
+    def draw_now(
+        self, client: Client, query: EntropyQuery, encode: Encode | None = None
+    ) -> web.StreamResponse | Pending:
+        """
+        `answer_now` for a client already identified: the same grant, pool
+        read and refusals for any endpoint that serves pool bytes, answered
+        by ``encode`` (None: as ``query.format`` says).
+
+        Raises:
+            RuntimeError: as `answer_now`.
+        """
         if query.wait and self._state.draining.is_set():
             # Shutdown began: the slow path answers 503 after the limits.
-            return Pending(query, client)
+            return Pending(query, client, encode)
         count = query.count
         withdrawals = self._withdrawals
         try:
@@ -308,12 +331,15 @@ class EntropyEndpoint:
         except PoolClosedError:
             return _shutting_down()
         if taken is None:
-            return Pending(query, client)  # the limits need their backend
+            return Pending(query, client, encode)  # the limits need their backend
         data = taken.data
         grant = taken.grant
         if grant is not None and len(data) == count:
             self._state.bytes_out += count
-            return _encode(data, query.format, rate_headers(grant, taken.granted_at))
+            headers = rate_headers(grant, taken.granted_at)
+            if encode is not None:
+                return encode(data, headers)
+            return _encode(data, query.format, headers)
         if data:
             withdrawals.unserved(client, len(data), taken.granted_at)
             raise RuntimeError(f"pool returned {len(data)} of {count} bytes")
@@ -323,7 +349,7 @@ class EntropyEndpoint:
             # The pool is short: the limits still speak first (429/403).
             full = withdrawals.grant_all_nowait(client, count)
             if full is None:
-                return Pending(query, client)  # the limits need their backend
+                return Pending(query, client, encode)  # the limits need their backend
             if full.granted < count:
                 return refusal(full, count, full.charged_at or taken.granted_at)
             withdrawals.unserved(client, count, full.charged_at)
@@ -331,7 +357,7 @@ class EntropyEndpoint:
             return self._unavailable(count, f"only {ready} bytes ready, {count} asked")
         # Limits short with time to wait: the limits decide (and may wait),
         # then the pool.
-        return Pending(query, client)
+        return Pending(query, client, encode)
 
     async def answer_later(self, pending: Pending) -> web.StreamResponse:
         """
@@ -387,6 +413,8 @@ class EntropyEndpoint:
             # the short read is dropped rather than served twice.
             raise RuntimeError(f"pool returned {len(data)} of {count} bytes")
         self._state.bytes_out += count
+        if pending.encode is not None:
+            return pending.encode(data, headers)
         return _encode(data, query.format, headers)
 
     def _unavailable(self, wanted: int, message: str) -> web.StreamResponse:
