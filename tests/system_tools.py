@@ -18,6 +18,7 @@ TOOL_PACKAGES: dict[str, str] = {
     "ekeyd-egd-linux": "ekeyd-egd-linux",
     "systemd-socket-activate": "systemd",
     "systemd-analyze": "systemd",
+    "pollinate": "pollinate",
 }
 """Program on PATH → Debian package that installs it."""
 
