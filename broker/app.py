@@ -549,9 +549,10 @@ class Broker:
 
     async def reload(self) -> bool:
         """
-        Re-read the config file and apply its customers and limits; live
-        connections keep running under the new limits. A bad file is refused
-        and the running configuration kept.
+        Re-read the config file and apply its customers and limits, and the
+        HTTP sinks' TLS files (new handshakes only); live connections keep
+        running under the new limits. A bad file, certificate or key is
+        refused and the running configuration kept.
 
         Returns:
             True when the new customers and limits are in force.
@@ -562,6 +563,14 @@ class Broker:
             return False
         try:
             config = await asyncio.to_thread(load_config, self.config_path)
+            # Every sink's new TLS files load before anything changes, so a
+            # bad certificate refuses the whole reload.
+            tls_commits = [
+                commit
+                for sink in self.sinks
+                if isinstance(sink, HttpSink)
+                and (commit := await sink.prepare_tls_reload()) is not None
+            ]
             summary = self.accounts.reload(config.customers)
             self._config_status = ConfigStatus(
                 sha256=fingerprint(config, self.config_path),
@@ -572,6 +581,8 @@ class Broker:
             self._reload_refusal = str(exc)
             log.error("reload_refused", reason=str(exc), kept="previous configuration")
             return False
+        for commit in tls_commits:
+            commit()
         if config.model_dump(exclude={"customers"}) != self.config.model_dump(
             exclude={"customers"}
         ):

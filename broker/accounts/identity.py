@@ -25,12 +25,32 @@ TOKEN_PREFIX = "sha256:"  # noqa: S105
 
 
 @dataclass(frozen=True, slots=True)
+class PeerCertificate:
+    """
+    A client certificate verified during the TLS handshake.
+    """
+
+    fingerprint: str
+    """``sha256:<hex>`` of the DER certificate."""
+    common_name: str | None = None
+    """The subject's CN, if it has one."""
+
+    @property
+    def subject(self) -> str | None:
+        """
+        The subject as a customer's ``certs`` entry names it: ``CN=<name>``.
+        """
+        return None if self.common_name is None else f"CN={self.common_name}"
+
+
+@dataclass(frozen=True, slots=True)
 class Peer:
     """
     What a sink knows about the other end of a connection.
 
     ``ip`` for TCP and HTTP peers, ``uid`` (SO_PEERCRED) for Unix-socket peers,
-    ``token`` for an HTTP ``Authorization: Bearer`` header. The token is kept out
+    ``token`` for an HTTP ``Authorization: Bearer`` header, ``cert`` for a client
+    certificate verified by an HTTPS listener. The token is kept out
     of ``repr`` so it cannot leak into logs.
     """
 
@@ -38,6 +58,7 @@ class Peer:
     ip: str | None = None
     uid: int | None = None
     token: str | None = field(default=None, repr=False)
+    cert: PeerCertificate | None = None
 
 
 def hash_token(token: str) -> str:

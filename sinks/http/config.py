@@ -2,11 +2,15 @@
 Config model of the HTTP sink.
 """
 
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from broker.configbase import Duration, ListenAddress, SinkConfigBase, Size
+from broker.errors import ConfigError
+from sinks.http.tls import ClientAuth, TlsFiles, build_context
 
 # How much longer than the longest ``?wait=`` a request may take: room for the
 # grant, the budget store and writing the answer.
@@ -92,6 +96,88 @@ class HttpSinkConfig(SinkConfigBase):
         description="serve POST /v1/simulator/SERIAL/ACTION (loopback clients only) "
         "to unplug, replug, fail or heal simulated Entropy Keys",
     )
+
+    tls_cert: Path | None = Field(
+        default=None,
+        description="PEM certificate (chain) to serve HTTPS with; with tls_key. "
+        "Unset: plain HTTP. Re-read on SIGHUP",
+    )
+    tls_key: Path | None = Field(
+        default=None,
+        description="PEM private key of tls_cert (unencrypted; keep it mode "
+        "0600). Re-read on SIGHUP",
+    )
+    tls_client_ca: Path | None = Field(
+        default=None,
+        description="PEM bundle of the CAs client certificates must chain to; "
+        "needs tls_cert. Re-read on SIGHUP",
+    )
+    tls_client_auth: ClientAuth | None = Field(
+        default=None,
+        description="none: ask for no client certificate; optional: verify one "
+        "if offered; required: refuse a handshake without a valid one. Default: "
+        "optional with tls_client_ca, none without",
+    )
+
+    @property
+    def tls_files(self) -> TlsFiles | None:
+        """
+        The TLS files, or None for plain HTTP.
+        """
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        auth = self.tls_client_auth
+        if auth is None:
+            auth = "optional" if self.tls_client_ca is not None else "none"
+        return TlsFiles(self.tls_cert, self.tls_key, self.tls_client_ca, auth)
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Self:
+        # Each problem at its own key: "sinks[1].tls_key: ... does not match".
+        problems = self._tls_problems()
+        if problems:
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("tls", reason),
+                        loc=(key,),
+                        input=str(getattr(self, key)),
+                    )
+                    for key, reason in problems
+                ],
+            )
+        return self
+
+    def _tls_problems(self) -> list[tuple[str, str]]:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "tls_key" if self.tls_key is None else "tls_cert"
+            return [(missing, "tls_cert and tls_key go together: give both or neither")]
+        if self.tls_cert is None:
+            for key in ("tls_client_ca", "tls_client_auth"):
+                if getattr(self, key) is not None:
+                    return [(key, "needs tls_cert and tls_key")]
+            return []
+        if self.tls_client_auth in ("optional", "required") and not self.tls_client_ca:
+            return [("tls_client_ca", "needed to verify client certificates")]
+        if self.trusted_proxies:
+            return [
+                (
+                    "trusted_proxies",
+                    "a PROXY header travels ahead of TLS, and this sink reads "
+                    "it inside TLS: terminate TLS on the proxy, or pass TLS "
+                    "through without PROXY headers",
+                )
+            ]
+        files = self.tls_files
+        if files is None:
+            return []
+        try:
+            build_context(files)
+        except ConfigError as exc:
+            key, _, reason = str(exc).partition(": ")
+            return [(key, reason)]
+        return []
 
     @property
     def request_deadline(self) -> float:

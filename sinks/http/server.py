@@ -19,6 +19,12 @@ enforces the connection caps and the header deadline and hands each admitted
 connection to aiohttp's handler (`sinks.http.handler`), which answers
 ``GET /v1/entropy`` ahead of the application (`sinks.http.app.DirectEntropy`).
 
+With ``tls_cert`` and ``tls_key`` every listener speaks HTTPS
+(`sinks.http.tls`). asyncio completes the handshake before the guard sees the
+connection, under ``ssl_handshake_timeout`` = ``header_timeout``; the header
+deadline then starts at the handshake's end. A reload
+(`HttpSink.prepare_tls_reload`) re-reads the files for new handshakes only.
+
 A listen address that matches an inherited listening socket (systemd socket
 activation, or a takeover: `broker.inherited`) is served on that socket
 instead of bound. On a takeover (`broker.handover`) `release_listeners` stops
@@ -28,6 +34,8 @@ answered by `shutdown` as in any stop.
 
 import asyncio
 import socket
+import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -43,6 +51,12 @@ from sinks.http.config import HttpSinkConfig
 from sinks.http.connections import ConnectionGuard, Limits
 from sinks.http.handler import QuietRequestHandler, bounded
 from sinks.http.state import HttpSinkState
+from sinks.http.tls import (
+    EXPIRY_WARNING_DAYS,
+    CertificateInfo,
+    ServerTls,
+    key_exposed,
+)
 
 log = structlog.get_logger("ebroker.sinks.http")
 
@@ -53,6 +67,9 @@ _CLOSE_TIMEOUT = 1.0
 # How long aiohttp keeps reading (and discarding) a request body nobody read
 # before it closes the connection: enough for the client to see the answer.
 _LINGER = 2.0
+
+# How often a TLS sink looks again at its certificate's expiry.
+_EXPIRY_CHECK_INTERVAL = 86400.0
 
 
 class HttpSink:
@@ -85,6 +102,91 @@ class HttpSink:
         self._log = log.bind(sink=self.name)
         self._refusals = CountedLog(self._log, "http_refused")
         self._guard: ConnectionGuard | None = None
+        self._tls: ServerTls | None = None
+        self._expiry_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def tls(self) -> bool:
+        """
+        Whether this sink serves HTTPS.
+        """
+        return self._config.tls_files is not None
+
+    async def _start_tls(self) -> None:
+        files = self._config.tls_files
+        if files is None:
+            return
+        try:
+            self._tls = await asyncio.to_thread(ServerTls, files)
+        except ConfigError as exc:
+            raise ConfigError(f"sink {self.name!r}: {exc}") from None
+        if key_exposed(files.key):
+            self._log.warning(
+                "tls_key_readable_by_others",
+                path=str(files.key),
+                hint="chmod 600 the key file",
+            )
+        self._certificate_loaded(self._tls.info)
+
+    def _certificate_loaded(self, info: CertificateInfo) -> None:
+        self._log.info(
+            "tls_certificate_loaded",
+            fingerprint=info.fingerprint,
+            not_after=info.not_after_iso,
+        )
+        self._check_expiry()
+
+    def _check_expiry(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+        if self._tls is None:
+            return
+        info = self._tls.info
+        now = time.time()  # certificates expire by the wall clock
+        if info.expires_within(EXPIRY_WARNING_DAYS, now):
+            self._log.warning(
+                "tls_certificate_expiring",
+                not_after=info.not_after_iso,
+                days_left=round((info.not_after - now) / 86400.0, 1),
+                path=str(self._tls.files.cert),
+            )
+        self._expiry_timer = asyncio.get_running_loop().call_later(
+            _EXPIRY_CHECK_INTERVAL, self._check_expiry
+        )
+
+    async def prepare_tls_reload(self) -> Callable[[], None] | None:
+        """
+        Re-read the certificate, key and client CA for a reload, without
+        using them yet.
+
+        Returns:
+            None for a plain-HTTP sink; otherwise a function that puts the new
+            files in force for new handshakes (established connections keep
+            theirs).
+
+        Raises:
+            ConfigError: the new files do not load; the ones in force stay.
+        """
+        tls = self._tls
+        if tls is None:
+            return None
+        try:
+            commit = await asyncio.to_thread(tls.prepare_reload)
+        except ConfigError as exc:
+            self._log.error(
+                "tls_reload_refused", reason=str(exc), kept=tls.info.fingerprint
+            )
+            raise ConfigError(f"sink {self.name!r}: {exc}") from None
+
+        def apply() -> None:
+            previous = tls.info.fingerprint
+            info = commit()
+            if key_exposed(tls.files.key):
+                self._log.warning("tls_key_readable_by_others", path=str(tls.files.key))
+            self._log.info("tls_reloaded", previous=previous)
+            self._certificate_loaded(info)
+
+        return apply
 
     async def start(self) -> None:
         """
@@ -100,6 +202,7 @@ class HttpSink:
                     f"sink {self.name!r}: the http sink listens on TCP only, "
                     f"not {address}"
                 )
+        await self._start_tls()
         app = create_app(self._config, self._broker, self._state)
         runner = web.AppRunner(
             app,
@@ -118,7 +221,7 @@ class HttpSink:
         except BaseException:
             await self._close_runner()
             raise
-        self._log.info("sink_started", addresses=self._bound)
+        self._log.info("sink_started", addresses=self._bound, tls=self.tls)
 
     def _make_guard(
         self, server: web.Server | None, direct: DirectEntropy
@@ -163,11 +266,21 @@ class HttpSink:
         if self._guard is None:
             raise RuntimeError("listening before the connection guard exists")
         taken = self._inherited.take(self.name, address) if self._inherited else None
+        tls: dict[str, Any] = {}
+        if self._tls is not None:
+            # The guard sees a connection once its handshake is done; until
+            # then the handshake deadline is the header deadline, so a client
+            # that never finishes one holds its socket no longer than one that
+            # never sends its headers.
+            tls = {
+                "ssl": self._tls.context,
+                "ssl_handshake_timeout": self._config.header_timeout,
+            }
         try:
             if taken is not None:
                 # Already bound and listening: connections may wait in its backlog.
                 server = await loop.create_server(
-                    self._guard, sock=taken.sock, backlog=self._config.backlog
+                    self._guard, sock=taken.sock, backlog=self._config.backlog, **tls
                 )
             else:
                 server = await loop.create_server(
@@ -176,6 +289,7 @@ class HttpSink:
                     address.port,
                     backlog=self._config.backlog,
                     reuse_address=True,
+                    **tls,
                 )
         except OSError as exc:
             raise BrokerError(
@@ -265,6 +379,9 @@ class HttpSink:
             await server.wait_closed()
 
     async def _close_runner(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
         await self._stop_listening()
         runner, self._runner = self._runner, None
         if runner is not None:
