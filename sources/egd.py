@@ -49,6 +49,7 @@ from sources.upstream import (
     blame,
     closed,
     open_first,
+    os_reason,
     try_connect,
 )
 
@@ -252,7 +253,7 @@ class EgdSource:
             data = await connection.reader.read(connection.owed + 1)
         except OSError as exc:
             raise SourceError(
-                blame(endpoint, f"read failed: {exc.strerror or exc}")
+                blame(endpoint, f"read failed: {os_reason(exc)}")
             ) from exc
         if not data:
             raise SourceError(

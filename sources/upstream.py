@@ -34,6 +34,7 @@ same endpoint within an open: the supervisor's restart with backoff does.
 """
 
 import asyncio
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -302,8 +303,20 @@ async def try_connect(
     except TimeoutError:
         # Before OSError: TimeoutError is one, but "timed out" says more here.
         return ConnectFailed(f"no answer within {timeout:g} s (connect_timeout)")
-    except (SourceError, OSError) as exc:
-        return ConnectFailed(str(exc) or type(exc).__name__)
+    except SourceError as exc:
+        return ConnectFailed(str(exc))
+    except OSError as exc:
+        return ConnectFailed(os_reason(exc))
+
+
+def os_reason(exc: OSError) -> str:
+    """
+    The plain reason of an ``OSError`` ("Connection refused"), without the
+    errno number or the address that asyncio adds.
+    """
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc) or type(exc).__name__
 
 
 async def open_first(
