@@ -1,0 +1,312 @@
+"""
+The kernel sink's driver on a fake clock: a real pool, the recording stand-in
+for the kernel, and a socket pair standing in for the uevent socket.
+"""
+
+import json
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import structlog
+
+from broker.errors import BrokerError
+from broker.pool import EntropyPool
+from broker.status import BrokerView
+from sinks.kernel import sink as sink_module
+from sinks.kernel.config import KernelSinkConfig
+from sinks.kernel.device import detect_semantics
+from sinks.kernel.plan import KernelState
+from sinks.kernel.record import RecordingKernel
+from sinks.kernel.sink import KernelSink
+from sinks.kernel.wire import Semantics
+from tests.fakeclock import FakeClock, settle
+from tests.sinks.kernel.test_wire import USB_ADD_UEVENT, VMGENID_UEVENT
+
+
+@dataclass
+class FakeBroker:
+    pool: EntropyPool
+    state_dir: Path
+
+
+def fill(pool: EntropyPool, nbytes: int = 4096) -> None:
+    """
+    Credit enough input for at least ``nbytes`` * 0.8 output bytes.
+    """
+    pool.add(os.urandom(nbytes), 8.0)
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def summary(path: Path) -> list[tuple[str, int, str]]:
+    """
+    (action, credit, reason) of every recorded call.
+    """
+    return [(r["action"], r["credit"], r["reason"]) for r in records(path)]
+
+
+class CountingKernel(RecordingKernel):
+    """
+    The recording kernel, counting how often the sink looks at it.
+    """
+
+    looks = 0
+
+    def state(self) -> KernelState:
+        self.looks += 1
+        return super().state()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[EntropyPool]:
+    pool = EntropyPool(4096)
+    yield pool
+    pool.close()
+
+
+def make_sink(
+    tmp_path: Path,
+    pool: EntropyPool,
+    clock: FakeClock,
+    semantics: Semantics = Semantics.NEW,
+    uevents: socket.socket | None = None,
+    **settings: Any,
+) -> tuple[KernelSink, CountingKernel, Path]:
+    record = tmp_path / "kernel.jsonl"
+    kernel = CountingKernel(record, semantics, clock)
+    config = KernelSinkConfig.model_validate(
+        {"kind": "kernel", "uevents": uevents is not None, **settings}
+    )
+    broker = cast(BrokerView, FakeBroker(pool, tmp_path))
+    sink = KernelSink(config, broker, clock=clock, kernel=kernel, uevents=uevents)
+    return sink, kernel, record
+
+
+async def test_new_kernel_gets_credited_seed_then_uncredited_reseeds(
+    tmp_path: Path, pool: EntropyPool, clock: FakeClock
+) -> None:
+    """
+    A freshly booted new kernel gets one credited seed (256 bits) at once;
+    after it is ready, only uncredited writes with a reseed, every 60 s.
+    """
+    fill(pool)
+    sink, _, record = make_sink(tmp_path, pool, clock)
+    await sink.start()
+    await settle()
+    assert [("add", 256, "seed")] == summary(record)
+    assert records(record)[0]["ready"]
+    await clock.advance(59.0)
+    assert 1 == len(records(record))
+    await clock.advance(1.0)
+    await clock.advance(120.0)
+    assert [
+        ("add", 256, "seed"),
+        ("add", 0, "periodic"),
+        ("reseed", 0, "periodic"),
+        ("add", 0, "periodic"),
+        ("reseed", 0, "periodic"),
+        ("add", 0, "periodic"),
+        ("reseed", 0, "periodic"),
+    ] == summary(record)
+    times = [r["time"] - clock.time() for r in records(record) if r["action"] == "add"]
+    assert [-180.0, -120.0, -60.0, 0.0] == times
+    status = sink.status()
+    assert (64 * 4, 4, (f"record:{record}",)) == (
+        status.bytes_out,
+        status.requests,
+        status.addresses,
+    )
+    await sink.shutdown(0.0)
+
+
+async def test_empty_pool_neither_blocks_start_nor_spins(
+    tmp_path: Path, pool: EntropyPool, clock: FakeClock
+) -> None:
+    """
+    With nothing in the pool (upstreams unreachable at boot) start returns at
+    once, the sink looks at most about once per check_interval, says so once,
+    and seeds the kernel as soon as the pool has bytes.
+    """
+    sink, kernel, record = make_sink(tmp_path, pool, clock)
+    with structlog.testing.capture_logs() as logs:
+        await sink.start()
+        await clock.advance(30.0)
+        assert [] == records(record)
+        assert kernel.looks <= 32
+        fill(pool)
+        await clock.advance(1.0)
+    assert [("add", 256, "seed")] == summary(record)
+    events = [entry["event"] for entry in logs]
+    assert 1 == events.count("kernel_sink_pool_empty")
+    assert 1 == events.count("kernel_sink_pool_refilled")
+    assert 1 == events.count("crng_ready")
+    await sink.shutdown(0.0)
+
+
+async def test_vmgenid_uevent_reseeds_at_once(
+    tmp_path: Path, pool: EntropyPool, clock: FakeClock
+) -> None:
+    """
+    A NEW_VMGENID uevent (snapshot restore, clone) makes an uncredited write
+    and a reseed without waiting for the timer; other uevents do nothing.
+    """
+    fill(pool)
+    listener, kernel_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.setblocking(False)
+    sink, _, record = make_sink(tmp_path, pool, clock, uevents=listener)
+    await sink.start()
+    await clock.advance(10.0)
+    assert [("add", 256, "seed")] == summary(record)
+    kernel_side.send(USB_ADD_UEVENT)
+    await settle()
+    assert 1 == len(records(record))
+    with structlog.testing.capture_logs() as logs:
+        kernel_side.send(VMGENID_UEVENT)
+        await settle()
+    assert [("add", 0, "vmgenid"), ("reseed", 0, "vmgenid")] == summary(record)[1:]
+    assert "vm_generation_changed" in [entry["event"] for entry in logs]
+    # The next periodic reseed is a full interval after the clone's.
+    await clock.advance(59.0)
+    assert 3 == len(records(record))
+    await clock.advance(1.0)
+    assert ("add", 0, "periodic") == summary(record)[3]
+    await sink.shutdown(0.0)
+    kernel_side.close()
+
+
+async def test_new_kernel_already_ready_is_reseeded_at_start(
+    tmp_path: Path, pool: EntropyPool, clock: FakeClock
+) -> None:
+    """
+    A kernel ready before the agent runs gets no credit, only fresh input
+    and a reseed at start.
+    """
+    fill(pool)
+    sink, kernel, record = make_sink(tmp_path, pool, clock)
+    kernel.add(b"\0" * 32, 256, "bootloader")  # the boot loader's seed
+    await sink.start()
+    await settle()
+    assert [("add", 0, "start"), ("reseed", 0, "start")] == summary(record)[1:]
+    await sink.shutdown(0.0)
+
+
+async def test_classic_kernel_is_topped_up_whenever_it_falls_below_the_watermark(
+    tmp_path: Path, pool: EntropyPool, clock: FakeClock
+) -> None:
+    """
+    Classic semantics: from empty to the 3072-bit target at start, nothing
+    while above 1024 bits, and a new top-up within check_interval once
+    readers drain the count below the watermark.
+    """
+    fill(pool, 16384)
+    sink, kernel, record = make_sink(tmp_path, pool, clock, Semantics.CLASSIC)
+    await sink.start()
+    await clock.advance(0.5)
+    first = len(records(record))
+    assert kernel.state().entropy >= 3072
+    assert {("add", 256, "top_up")} == set(summary(record))
+    kernel.drain(1500)
+    await clock.advance(5.0)
+    assert len(records(record)) == first
+    kernel.drain(1000)
+    await clock.advance(1.0)
+    assert len(records(record)) > first
+    assert kernel.state().entropy >= 3072
+    await sink.shutdown(0.0)
+
+
+async def test_credit_setting_is_what_the_kernel_is_credited(
+    tmp_path: Path, pool: EntropyPool, clock: FakeClock
+) -> None:
+    """
+    ``credit = 2`` makes the seed 128 bytes (still 256 bits); ``credit = 8``
+    with 32-byte seeds credits 8 bits per byte, the most there is.
+    """
+    fill(pool)
+    sink, _, record = make_sink(tmp_path, pool, clock, credit=2, seed_bytes=128)
+    await sink.start()
+    await settle()
+    assert [(128, 256)] == [(r["bytes"], r["credit"]) for r in records(record)]
+    await sink.shutdown(0.0)
+
+
+async def test_uevent_socket_unavailable_is_said_once_and_timer_goes_on(
+    tmp_path: Path,
+    pool: EntropyPool,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    Without netlink (a sandbox forbidding AF_NETLINK) the sink says so once
+    at info and keeps its timer.
+    """
+
+    def refuse() -> socket.socket:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(sink_module, "open_uevent_socket", refuse)
+    fill(pool)
+    record = tmp_path / "kernel.jsonl"
+    config = KernelSinkConfig(kind="kernel", record=record)
+    sink = KernelSink(config, cast(BrokerView, FakeBroker(pool, tmp_path)), clock=clock)
+    with structlog.testing.capture_logs() as logs:
+        await sink.start()
+        await clock.advance(61.0)
+    unavailable = [e for e in logs if e["event"] == "vmgenid_events_unavailable"]
+    assert [("info", "Operation not permitted")] == [
+        (e["log_level"], e["error"]) for e in unavailable
+    ]
+    assert ["seed", "periodic", "periodic"] == [r["reason"] for r in records(record)]
+    await sink.shutdown(0.0)
+
+
+async def test_record_path_is_relative_to_the_state_dir(
+    tmp_path: Path, pool: EntropyPool, clock: FakeClock
+) -> None:
+    """
+    ``record = "kernel.jsonl"`` is written in the broker's state directory,
+    with a warning that the real kernel is not fed.
+    """
+    config = KernelSinkConfig(
+        kind="kernel", record=Path("kernel.jsonl"), semantics="classic", uevents=False
+    )
+    sink = KernelSink(config, cast(BrokerView, FakeBroker(pool, tmp_path)), clock=clock)
+    with structlog.testing.capture_logs() as logs:
+        await sink.start()
+    assert "kernel_sink_recording" in [e["event"] for e in logs]
+    assert (f"record:{tmp_path / 'kernel.jsonl'}",) == sink.status().addresses
+    await sink.shutdown(0.0)
+
+
+async def test_unreadable_poolsize_stops_the_start(
+    tmp_path: Path,
+    pool: EntropyPool,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    With ``semantics = "auto"`` and no readable poolsize, start fails with
+    a BrokerError naming the fix.
+    """
+    absent = tmp_path / "absent"
+    monkeypatch.setattr(
+        sink_module, "detect_semantics", lambda: detect_semantics(absent)
+    )
+    config = KernelSinkConfig(kind="kernel", record=tmp_path / "k.jsonl")
+    sink = KernelSink(config, cast(BrokerView, FakeBroker(pool, tmp_path)), clock=clock)
+    with pytest.raises(BrokerError, match='semantics = "classic" or "new"'):
+        await sink.start()
