@@ -288,7 +288,9 @@ class EgdSource:
             return
         result = await try_connect(preferred, _connect, self._timeout)
         if isinstance(result, ConnectFailed):
-            delay = endpoints.failed(preferred, time.monotonic(), result.reason)
+            delay = endpoints.failed(
+                preferred, time.monotonic(), result.reason, at_least=result.retry_after
+            )
             self._log.info(
                 "upstream_failback_failed",
                 endpoint=str(preferred),

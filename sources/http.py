@@ -68,6 +68,8 @@ log = structlog.get_logger("ebroker.sources.http")
 PATH: Final = "v1/entropy"
 _RETRY_DEFAULT: Final = 1.0
 _RETRY_MAX: Final = 60.0
+# A spent quota's Retry-After runs to the end of its period: up to a day.
+_QUOTA_WAIT_MAX: Final = 86400.0
 _MESSAGE_MAX: Final = 200
 _ERROR_BODY_MAX: Final = 4096
 
@@ -249,9 +251,10 @@ def tls_context(config: HttpSourceConfig) -> ssl.SSLContext:
     return context
 
 
-def retry_after(headers: Any) -> float:
+def retry_after(headers: Any, cap: float = _RETRY_MAX) -> float:
     """
-    Seconds a ``Retry-After`` header asks for (1 when absent or a date).
+    Seconds a ``Retry-After`` header asks for (1 when absent or a date), at
+    most ``cap``.
     """
     value = headers.get("Retry-After", "")
     try:
@@ -260,7 +263,7 @@ def retry_after(headers: Any) -> float:
         return _RETRY_DEFAULT
     if not 0 <= seconds < float("inf"):
         return _RETRY_DEFAULT
-    return min(_RETRY_MAX, seconds)
+    return min(cap, seconds)
 
 
 def _wait_text(seconds: float) -> str:
@@ -402,7 +405,9 @@ class HttpSource:
             return
         result = await try_connect(preferred, self._probe, self._config.connect_timeout)
         if isinstance(result, ConnectFailed):
-            delay = endpoints.failed(preferred, time.monotonic(), result.reason)
+            delay = endpoints.failed(
+                preferred, time.monotonic(), result.reason, at_least=result.retry_after
+            )
             self._log.info(
                 "upstream_failback_failed",
                 endpoint=preferred,
@@ -506,7 +511,7 @@ class HttpSource:
         if status == 403:
             seconds = 0.0
             if "Retry-After" in response.headers:
-                seconds = retry_after(response.headers)
+                seconds = retry_after(response.headers, _QUOTA_WAIT_MAX)
             return UpstreamRefused(f"{endpoint} denied access (403){said}", seconds)
         if status == 400:
             return UpstreamRefused(

@@ -284,6 +284,8 @@ class ConnectFailed:
     """
 
     reason: str
+    retry_after: float = 0.0
+    """Seconds the endpoint asked us to stay away."""
 
 
 async def try_connect(
@@ -303,6 +305,8 @@ async def try_connect(
     except TimeoutError:
         # Before OSError: TimeoutError is one, but "timed out" says more here.
         return ConnectFailed(f"no answer within {timeout:g} s (connect_timeout)")
+    except UpstreamRefused as exc:
+        return ConnectFailed(str(exc), exc.retry_after)
     except SourceError as exc:
         return ConnectFailed(str(exc))
     except OSError as exc:
@@ -355,7 +359,9 @@ async def open_first(
             else:
                 log.info("upstream_connected", endpoint=str(endpoint))
             return endpoint, result
-        delay = endpoints.failed(endpoint, time.monotonic(), result.reason)
+        delay = endpoints.failed(
+            endpoint, time.monotonic(), result.reason, at_least=result.retry_after
+        )
         log.info(
             "upstream_endpoint_failed",
             endpoint=str(endpoint),
