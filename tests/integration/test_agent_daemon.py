@@ -61,7 +61,7 @@ def agent_config(state_dir: Path, ports: tuple[int, int]) -> str:
         text, 'state_dir = "/var/lib/ebroker-agent"', f'state_dir = "{state_dir}"'
     )
     text = replace_once(text, 'format = "console"', 'format = "json"')
-    text = replace_once(text, 'endpoint_backoff = "30 s"', 'endpoint_backoff = "1 s"')
+    text = replace_once(text, 'endpoint_backoff = "10 s"', 'endpoint_backoff = "1 s"')
     text = replace_once(
         text,
         'reseed_interval = "60 s"',
