@@ -67,6 +67,7 @@ log = structlog.get_logger("ebroker.sources.http")
 
 PATH: Final = "v1/entropy"
 _RETRY_DEFAULT: Final = 1.0
+_RETRY_FLOOR: Final = 0.1
 _RETRY_MAX: Final = 60.0
 # A spent quota's Retry-After runs to the end of its period: up to a day.
 _QUOTA_WAIT_MAX: Final = 86400.0
@@ -393,7 +394,9 @@ class HttpSource:
                     reason=str(exc),
                     seconds=exc.seconds,
                 )
-                await asyncio.sleep(exc.seconds)
+                # A floor: "Retry-After: 0" on every answer must not become
+                # a busy loop against the upstream.
+                await asyncio.sleep(max(_RETRY_FLOOR, exc.seconds))
                 continue
             self._endpoints.delivered(time.monotonic())
             return data
