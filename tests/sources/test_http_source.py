@@ -375,6 +375,31 @@ async def test_failover_after_the_upstream_dies(token_file: Path) -> None:
     assert TOKEN not in repr(logs)
 
 
+async def test_failback_to_the_preferred_upstream_between_reads() -> None:
+    """
+    With ``failback`` due and the preferred upstream back, the next read is
+    served by it, without an error in between; the move is a failover.
+    """
+    port = free_port()
+    preferred = f"http://127.0.0.1:{port}/"
+    async with serving(token=None) as fallback:
+        source = make(preferred, fallback.url, failback="0.05 s")
+        async with source:
+            assert await source.read()
+            assert fallback.url == source.details()["endpoint"]
+            back = await Upstream(token=None).start(port=port)
+            try:
+                source.endpoints._states[0].due = 0.0
+                async with asyncio.timeout(DEADLINE):
+                    while source.details()["endpoint"] != preferred:
+                        assert await source.read()
+                assert await source.read()
+            finally:
+                await back.stop()
+    assert back.queries
+    assert 1 == source.details()["failovers"]
+
+
 # ---- secrets on disk -------------------------------------------------------------
 
 
