@@ -129,6 +129,19 @@ class KernelSink:
         self._task = asyncio.create_task(
             self._feed(plan, kernel), name=f"sink:{self.name}"
         )
+        self._task.add_done_callback(self._feeding_ended)
+
+    def _feeding_ended(self, task: "asyncio.Task[None]") -> None:
+        # The loop never returns: ending early is a bug, and the kernel is
+        # no longer fed, which the operator must hear of.
+        if task.cancelled():
+            return
+        error = task.exception()
+        self._log.error(
+            "kernel_sink_stopped_feeding",
+            error=repr(error),
+            exc_info=error,
+        )
 
     def pre_shutdown(self) -> None:
         return None
@@ -137,8 +150,8 @@ class KernelSink:
         task, self._task = self._task, None
         if task is not None:
             task.cancel(msg="kernel sink stopping")
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # wait, not await: a task a bug ended was reported when it ended.
+            await asyncio.wait((task,))
         self._unwatch_pollout()
         if self._uevents is not None:
             with contextlib.suppress(ValueError, RuntimeError):

@@ -310,3 +310,84 @@ async def test_unreadable_poolsize_stops_the_start(
     sink = KernelSink(config, cast(BrokerView, FakeBroker(pool, tmp_path)), clock=clock)
     with pytest.raises(BrokerError, match='semantics = "classic" or "new"'):
         await sink.start()
+
+
+class PollableKernel(CountingKernel):
+    """
+    A classic kernel whose POLLOUT never clears: a socket that is always
+    writable, as /dev/random is while the count is below the kernel's own
+    write_wakeup_threshold.
+    """
+
+    def __init__(self, path: Path, clock: FakeClock, fd: int) -> None:
+        super().__init__(path, Semantics.CLASSIC, clock)
+        self._pollable = fd
+
+    def pollable_fd(self) -> int | None:
+        return self._pollable
+
+
+async def test_classic_pollout_that_stays_raised_does_not_spin(
+    tmp_path: Path, pool: EntropyPool, clock: FakeClock
+) -> None:
+    """
+    A classic kernel above our watermark but below its own wake-up threshold
+    keeps POLLOUT raised: the sink looks once per wake-up and then only on its
+    timer, a bounded number of looks however long the loop runs.
+    """
+    fill(pool)
+    writable, other = socket.socketpair()
+    kernel = PollableKernel(tmp_path / "kernel.jsonl", clock, writable.fileno())
+    kernel.add(b"\0" * 512, 4096, "earlier")  # above the 1024-bit watermark
+    config = KernelSinkConfig(kind="kernel", uevents=False)
+    sink = KernelSink(
+        config,
+        cast(BrokerView, FakeBroker(pool, tmp_path)),
+        clock=clock,
+        kernel=kernel,
+    )
+    await sink.start()
+    for _ in range(20):
+        await settle()
+    assert kernel.looks <= 3
+    await clock.advance(10.0)
+    for _ in range(20):
+        await settle()
+    assert kernel.looks <= 2 * 10 + 3
+    assert 1 == len(records(tmp_path / "kernel.jsonl"))  # nothing written
+    await sink.shutdown(0.0)
+    writable.close()
+    other.close()
+
+
+class BrokenKernel(CountingKernel):
+    """
+    Answers the look at start, then fails with a bug (not an OSError).
+    """
+
+    def state(self) -> KernelState:
+        state = super().state()
+        if self.looks > 1:
+            raise RuntimeError("driver bug")
+        return state
+
+
+async def test_feeding_that_ends_by_a_bug_is_logged_as_an_error(
+    tmp_path: Path, pool: EntropyPool, clock: FakeClock
+) -> None:
+    """
+    The feeding task never ends by itself; if a bug ends it, the operator
+    hears of it at error level.
+    """
+    kernel = BrokenKernel(tmp_path / "kernel.jsonl", Semantics.NEW, clock)
+    config = KernelSinkConfig(kind="kernel", uevents=False)
+    sink = KernelSink(
+        config, cast(BrokerView, FakeBroker(pool, tmp_path)), clock=clock, kernel=kernel
+    )
+    with structlog.testing.capture_logs() as logs:
+        await sink.start()
+        await settle()
+    stopped = [e for e in logs if e["event"] == "kernel_sink_stopped_feeding"]
+    assert ["error"] == [e["log_level"] for e in stopped]
+    assert "driver bug" in stopped[0]["error"]
+    await sink.shutdown(0.0)
