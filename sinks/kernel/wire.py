@@ -11,10 +11,12 @@ kernel does not check the credit against ``8 x buf_size``: the caller must.
 
 Kernel uevents arrive on a NETLINK_KOBJECT_UEVENT socket bound to multicast
 group 1 as one datagram each: ``ACTION@DEVPATH`` then ``KEY=VALUE`` fields,
-each NUL-terminated. Since Linux 5.18 the vmgenid driver sends a ``change``
-event carrying ``NEW_VMGENID=1`` when the VM generation changes (snapshot
-restore, clone). udev's re-broadcasts (group 2) start with ``libudev`` and a
-binary header; they are not kernel uevents and are ignored.
+each NUL-terminated. The vmgenid driver of current kernels sends a
+``change`` event carrying ``NEW_VMGENID=1`` when the VM generation changes
+(snapshot restore, clone), after it has made the kernel reseed itself (5.18+);
+a kernel or hypervisor without it leaves the sink to its timer. udev's
+re-broadcasts (group 2) start with ``libudev`` and a binary header; they are
+not kernel uevents and are ignored.
 """
 
 import enum

@@ -20,17 +20,29 @@ from sinks.kernel.wire import (
     semantics_from_poolsize,
 )
 
-# A real uevent from QEMU's vmgenid device (-device vmgenid) on Linux 6.x, as
-# the kernel's kobject_uevent_env builds it: "ACTION@DEVPATH", then the
-# standard fields, then the driver's NEW_VMGENID=1, SEQNUM last.
+# The vmgenid driver's uevent (drivers/virt/vmgenid.c, vmgenid_notify: a
+# KOBJ_CHANGE with NEW_VMGENID=1) laid out as kobject_uevent_env builds every
+# kernel uevent: "ACTION@DEVPATH", the standard fields, the driver's own,
+# SEQNUM last. Since 6.10 the driver is a platform driver; QEMU's device
+# (-device vmgenid) is the ACPI id QEMUVGID. Written from the kernel's code,
+# not captured from a guest (no VMGenID device here).
 VMGENID_UEVENT = (
+    b"change@/devices/platform/QEMUVGID:00\0"
+    b"ACTION=change\0"
+    b"DEVPATH=/devices/platform/QEMUVGID:00\0"
+    b"SUBSYSTEM=platform\0"
+    b"NEW_VMGENID=1\0"
+    b"MODALIAS=acpi:QEMUVGID:\0"
+    b"SEQNUM=4242\0"
+)
+# 5.18-6.9: an ACPI driver, so the ACPI device's path and subsystem.
+VMGENID_UEVENT_ACPI = (
     b"change@/devices/LNXSYSTM:00/LNXSYBUS:00/QEMUVGID:00\0"
     b"ACTION=change\0"
     b"DEVPATH=/devices/LNXSYSTM:00/LNXSYBUS:00/QEMUVGID:00\0"
     b"SUBSYSTEM=acpi\0"
     b"NEW_VMGENID=1\0"
-    b"MODALIAS=acpi:QEMUVGID:\0"
-    b"SEQNUM=4242\0"
+    b"SEQNUM=977\0"
 )
 USB_ADD_UEVENT = (
     b"add@/devices/pci0000:00/0000:00:14.0/usb1/1-2\0"
@@ -155,15 +167,28 @@ def test_unknown_poolsize_is_an_error(text: str) -> None:
         semantics_from_poolsize(text)
 
 
-def test_vmgenid_uevent_is_a_new_vm_generation() -> None:
+@pytest.mark.parametrize(
+    ("datagram", "devpath", "subsystem"),
+    [
+        (VMGENID_UEVENT, "/devices/platform/QEMUVGID:00", "platform"),
+        (
+            VMGENID_UEVENT_ACPI,
+            "/devices/LNXSYSTM:00/LNXSYBUS:00/QEMUVGID:00",
+            "acpi",
+        ),
+    ],
+)
+def test_vmgenid_uevent_is_a_new_vm_generation(
+    datagram: bytes, devpath: str, subsystem: str
+) -> None:
     """
     The vmgenid driver's change event parses, and says the generation changed.
     """
-    event = parse_uevent(VMGENID_UEVENT)
+    event = parse_uevent(datagram)
     assert event is not None
     assert "change" == event.action
-    assert "/devices/LNXSYSTM:00/LNXSYBUS:00/QEMUVGID:00" == event.devpath
-    assert "acpi" == event.fields["SUBSYSTEM"]
+    assert devpath == event.devpath
+    assert subsystem == event.fields["SUBSYSTEM"]
     assert event.new_vm_generation
 
 
