@@ -204,6 +204,8 @@ def cmd_check_config(config_path: Path) -> int:
     sources = ", ".join(source.name for source in config.enabled_sources)
     sinks = ", ".join(
         f"{sink.kind} on {' '.join(str(a) for a in sink.listen)}"
+        if sink.listen
+        else sink.kind
         for sink in config.sinks
     )
     print(f"{config_path}: ok (sources: {sources}; sinks: {sinks})")
@@ -269,6 +271,13 @@ def cmd_status(url: str, raw: bool) -> int:
             f" {mark} {source['name']:<16} tier {source['priority']}  "
             f"{source['state']:<12} {source.get('rate', 0):>10.0f} B/s  "
             f"{source['reason']}"
+        )
+    print("sinks")
+    for sink in body.get("sinks", []):
+        print(
+            f"   {sink['name']:<16} {sink['kind']:<7} "
+            f"{sink.get('requests', 0):>9} requests {sink.get('bytes_out', 0):>12} "
+            f"bytes out  {' '.join(sink.get('addresses', []))}"
         )
     return EXIT_OK
 

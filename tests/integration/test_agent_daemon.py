@@ -12,6 +12,8 @@ import itertools
 import json
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -331,3 +333,57 @@ def test_agent_config_opens_no_port() -> None:
     assert ["egd"] == [source.kind for source in config.sources]
     assert Path("/var/lib/ebroker-agent") == config.broker.state_dir
     assert 2 == len(getattr(config.sources[0], "endpoints", []))
+
+
+def uncomment_status_sink(text: str) -> str:
+    """
+    The operator-plane sink agent.toml shows commented out, enabled, on an
+    ephemeral loopback port.
+    """
+    block = (
+        '# [[sinks]]\n# name = "operator"\n# kind = "http"\n'
+        '# plane = "operator"\n# listen = ["tcp://127.0.0.1:8890"]\n'
+    )
+    enabled = block.replace("# ", "").replace(":8890", ":0")
+    return replace_once(text, block, enabled)
+
+
+def test_status_shows_what_the_kernel_was_fed(fleet: Fleet, agent_dir: Path) -> None:
+    """
+    With the loopback status sink agent.toml offers, /v1/status lists the
+    kernel sink (where it writes, bytes written, writes) and ``ebroker
+    status`` prints it.
+    """
+    fleet.start_broker("a")
+    config = uncomment_status_sink(agent_config(agent_dir / "state", fleet.ports))
+    agent = start_daemon(agent_dir, config)
+    try:
+        wait_until(lambda: len(recorded(agent)) >= 3)
+        with urllib.request.urlopen(  # noqa: S310 - a loopback http:// URL
+            agent.operator_url + "/v1/status", timeout=DEADLINE
+        ) as response:
+            status = json.load(response)
+        [kernel] = [sink for sink in status["sinks"] if sink["kind"] == "kernel"]
+        record = f"record:{agent.state_dir / 'kernel.jsonl'}"
+        assert [record] == kernel["addresses"]
+        assert kernel["requests"] >= 2
+        assert kernel["bytes_out"] >= 64 + WRITE_BYTES
+        printed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "broker.cli",
+                "status",
+                "--url",
+                agent.operator_url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+            check=False,
+        )
+        assert 0 == printed.returncode, printed.stderr
+        [line] = [line for line in printed.stdout.splitlines() if record in line]
+        assert ["kernel", "kernel"] == line.split()[:2]
+    finally:
+        stop(agent)
