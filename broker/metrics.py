@@ -61,6 +61,11 @@ DEVICE_DETAILS: dict[str, tuple[str, str, str]] = {
     ),
     "resets": ("counter", "device_resets", "Protocol resets sent to the device"),
     "rekeys": ("counter", "device_rekeys", "Session rekeys completed"),
+    "failovers": (
+        "counter",
+        "upstream_failovers",
+        "Moves of an upstream source (egd, http) to another of its endpoints",
+    ),
 }
 
 

@@ -28,7 +28,13 @@ from typing import Any
 import pytest
 
 from tests.helpers import DEADLINE
-from tests.integration.clients import BrokerHttp, EgdReader, log_time, poll_until
+from tests.integration.clients import (
+    BrokerHttp,
+    EgdReader,
+    log_time,
+    metric_value,
+    poll_until,
+)
 from tests.integration.daemon import Daemon, default_config, start_daemon
 from tests.tls_ca import TestCA
 
@@ -277,6 +283,12 @@ async def run_failover(
             seconds.append(time.monotonic() - started)
             assert not source["_tiers"]["degraded"]
             await client.answered(10)
+            metrics = await http.metrics()
+            counted = metric_value(
+                metrics, "ebroker_upstream_failovers_total", source="upstream"
+            )
+            assert counted is not None
+            assert 2 <= counted
         logs = b.logs()
     # Moving endpoints restarts the source (and its start-up test): tier 1
     # covers that gap, as it covers any source restart.
