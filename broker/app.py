@@ -521,8 +521,11 @@ class Broker:
             self._spawn(self.notifier.keep_watchdog_fed(), name="watchdog")
 
     def _serving_text(self) -> str:
+        # A sink that listens nowhere (the kernel sink) names where it writes.
         addresses = [
-            address for sink in self.sinks for address in sink.bound_addresses()
+            address
+            for sink in self.sinks
+            for address in sink.bound_addresses() or sink.status().addresses
         ]
         return "serving on " + ", ".join(addresses)
 

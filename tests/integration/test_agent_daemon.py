@@ -281,6 +281,8 @@ def test_agent_with_no_broker_reachable_is_ready_at_once_and_keeps_trying(
         ready = notify.next_with("READY")
         ready_after = time.monotonic() - started
         assert "1" == ready["READY"]
+        record = agent_dir / "state" / "kernel.jsonl"
+        assert f"serving on record:{record}" == ready["STATUS"]
         assert [] == recorded(agent)
 
         # Retrying: several failed opens, the sink says once that it waits,
