@@ -5,12 +5,13 @@ booted kernel that writes down what the sink would have sent to the real one.
 Each write and reseed is one JSON line::
 
     {"time": 1767225600.5, "action": "add", "bytes": 64, "credit": 256,
-     "semantics": "new", "reason": "seed", "ready": true}
+     "semantics": "new", "reason": "seed", "ready": true, "entropy": 256}
 
 ``time`` is wall-clock seconds; ``action`` is ``add`` (RNDADDENTROPY) or
-``reseed`` (RNDRESEEDCRNG); ``credit`` is the bits credited; ``ready`` is the
-simulated CRNG's state after the call. No ioctl is made, so record mode needs
-no privilege and leaves the host's kernel alone.
+``reseed`` (RNDRESEEDCRNG); ``credit`` is the bits credited; ``ready`` and
+``entropy`` are the simulated kernel's CRNG state and entropy count after
+the call. No ioctl is made, so record mode needs no privilege and leaves the
+host's kernel alone.
 
 The simulation follows the driver generation's documented rules, so the
 schedule meets the states it would meet at boot:
@@ -116,6 +117,7 @@ class RecordingKernel:
             "semantics": str(self.semantics),
             "reason": reason,
             "ready": self.ready,
+            "entropy": self._count,
         }
         self._file.write(json.dumps(line) + "\n")
         self._file.flush()

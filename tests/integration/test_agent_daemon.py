@@ -389,3 +389,34 @@ def test_status_shows_what_the_kernel_was_fed(fleet: Fleet, agent_dir: Path) -> 
         assert ["kernel", "kernel"] == line.split()[:2]
     finally:
         stop(agent)
+
+
+def test_agent_tops_up_a_classic_kernel_to_its_target(
+    fleet: Fleet, agent_dir: Path
+) -> None:
+    """
+    ``semantics = "classic"``: the simulated classic kernel starts empty and
+    gets credited top-ups, 4 bits per byte, each raising its count, until
+    the count reaches 3072 bits (that the burst then stops is proven on a
+    fake clock in tests/sinks/kernel/test_sink.py).
+    """
+    fleet.start_broker("a")
+    config = replace_once(
+        agent_config(agent_dir / "state", fleet.ports),
+        'semantics = "auto"',
+        'semantics = "classic"',
+    )
+    agent = start_daemon(agent_dir, config)
+    try:
+        wait_until(lambda: any(r["entropy"] >= 3072 for r in recorded(agent)))
+        calls = recorded(agent)
+        assert {("add", "top_up", "classic")} == {
+            (r["action"], r["reason"], r["semantics"]) for r in calls
+        }
+        assert {WRITE_BYTES * 4} == {r["credit"] for r in calls}
+        counts = [r["entropy"] for r in calls]
+        # Each write raised the count (credit is asymptotic, never refused).
+        assert counts == sorted(set(counts))
+        assert len(calls) >= 3
+    finally:
+        stop(agent)
