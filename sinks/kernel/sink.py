@@ -88,6 +88,8 @@ class KernelSink:
         self._wake = asyncio.Event()
         self._plan: FeedPlan | None = None
         self._watching_fd: int | None = None
+        self._failing: str | None = None
+        """The kernel's last refusal, while it lasts (logged once)."""
         self.bytes_out = 0
         self.writes = 0
         self.reseeds = 0
@@ -222,7 +224,7 @@ class KernelSink:
             try:
                 state = kernel.state()
             except OSError as exc:
-                self._log.warning("kernel_state_unreadable", error=str(exc))
+                self._kernel_error("kernel_state_unreadable", exc)
                 plan.failed(now)
                 await self._wait(plan)
                 continue
@@ -285,12 +287,11 @@ class KernelSink:
             kernel.add(data, credit, str(write.reason))
         except OSError as exc:
             plan.failed(now)
-            self._log.warning(
-                "kernel_write_failed",
-                reason=str(write.reason),
-                error=exc.strerror or str(exc),
-            )
+            self._kernel_error("kernel_write_failed", exc, reason=str(write.reason))
             return
+        if self._failing is not None:
+            self._log.info("kernel_write_recovered", after=self._failing)
+            self._failing = None
         self.bytes_out += len(data)
         self.writes += 1
         plan.wrote(now, write, state)
@@ -303,9 +304,7 @@ class KernelSink:
             try:
                 kernel.reseed(str(write.reason))
             except OSError as exc:
-                self._log.warning(
-                    "kernel_reseed_failed", error=exc.strerror or str(exc)
-                )
+                self._kernel_error("kernel_reseed_failed", exc)
             else:
                 self.reseeds += 1
                 fields["reseeded"] = True
@@ -313,6 +312,15 @@ class KernelSink:
         # minute-by-minute feeding is not.
         routine = write.reason in ("periodic", "top_up")
         (self._log.debug if routine else self._log.info)("kernel_fed", **fields)
+
+    def _kernel_error(self, event: str, exc: OSError, **fields: Any) -> None:
+        # A kernel that keeps refusing is said once per kind of refusal, not
+        # once per try.
+        error = exc.strerror or str(exc)
+        if self._failing == f"{event}: {error}":
+            return
+        self._failing = f"{event}: {error}"
+        self._log.warning(event, error=error, **fields)
 
     async def _wait(self, plan: FeedPlan) -> None:
         delay = max(0.0, plan.get_timer() - self._clock.monotonic())

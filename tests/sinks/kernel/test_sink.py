@@ -391,3 +391,45 @@ async def test_feeding_that_ends_by_a_bug_is_logged_as_an_error(
     assert ["error"] == [e["log_level"] for e in stopped]
     assert "driver bug" in stopped[0]["error"]
     await sink.shutdown(0.0)
+
+
+class RefusingKernel(CountingKernel):
+    """
+    Refuses every RNDADDENTROPY while ``refusing`` is set.
+    """
+
+    refusing = True
+
+    def add(self, data: bytes, credit: int, reason: str) -> None:
+        if self.refusing:
+            raise PermissionError(1, "Operation not permitted")
+        super().add(data, credit, reason)
+
+
+async def test_kernel_refusing_writes_is_said_once_and_retried(
+    tmp_path: Path, pool: EntropyPool, clock: FakeClock
+) -> None:
+    """
+    A kernel that refuses writes (a capability dropped under the broker) is
+    warned about once, retried once per check_interval, and the recovery is
+    said once too.
+    """
+    fill(pool)
+    kernel = RefusingKernel(tmp_path / "kernel.jsonl", Semantics.NEW, clock)
+    config = KernelSinkConfig(kind="kernel", uevents=False)
+    sink = KernelSink(
+        config, cast(BrokerView, FakeBroker(pool, tmp_path)), clock=clock, kernel=kernel
+    )
+    with structlog.testing.capture_logs() as logs:
+        await sink.start()
+        await clock.advance(10.0)
+        # A try per check_interval, and the look after it.
+        assert kernel.looks <= 2 * 10 + 3
+        kernel.refusing = False
+        await clock.advance(1.0)
+    events = [entry["event"] for entry in logs]
+    assert 1 == events.count("kernel_write_failed")
+    assert 1 == events.count("kernel_write_recovered")
+    assert [("add", 256, "seed")] == summary(tmp_path / "kernel.jsonl")
+    assert 1 == sink.status().requests
+    await sink.shutdown(0.0)
