@@ -11,11 +11,13 @@ would raise the count by at most 8 bits of honest os.urandom output.
 
 import ctypes
 import errno
+import json
 import os
 import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -240,3 +242,88 @@ def test_broker_without_cap_sys_admin_exits_at_start(tmp_path: Path) -> None:
     assert "CAP_SYS_ADMIN" in lines[0]
     assert "run ebroker as root" in lines[0]
     assert "AmbientCapabilities=CAP_SYS_ADMIN" in lines[0]
+
+
+@as_root
+def test_unprivileged_user_with_ambient_cap_sys_admin_feeds_the_kernel() -> None:
+    """
+    What the agent's unit sets up (a dynamic user, CAP_SYS_ADMIN as the only
+    capability, ambient, no new privileges), here with user nobody: the
+    broker starts, feeds the real kernel and reseeds it.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not on PATH")
+    # pytest's own temporary directories are root's alone: nobody needs one
+    # it can reach.
+    with tempfile.TemporaryDirectory(prefix="ebroker-agent-") as name:
+        directory = Path(name)
+        directory.chmod(0o777)
+        fed = run_as_nobody(setpriv, directory)
+    reason = "start" if crng_ready() else "seed"
+    assert [reason] == [entry.get("reason") for entry in fed]
+
+
+def run_as_nobody(setpriv: str, tmp_path: Path) -> list[dict[str, object]]:
+    """
+    Run the broker with a kernel sink as nobody with ambient CAP_SYS_ADMIN
+    until its first kernel_fed line, and return the lines read up to it.
+    """
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            [broker]
+            state_dir = "{tmp_path / "state"}"
+            pool_size = "4 KiB"
+            low_watermark = "0 B"
+            drain = "0 s"
+
+            [logging]
+            format = "json"
+
+            [[sources]]
+            name = "getrandom"
+            kind = "getrandom"
+
+            [[sinks]]
+            kind = "kernel"
+            """
+        )
+    )
+    config.chmod(0o644)
+    process = subprocess.Popen(
+        [
+            setpriv,
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all,+sys_admin",
+            "--ambient-caps=-all,+sys_admin",
+            "--bounding-set=-all,+sys_admin",
+            "--no-new-privs",
+            "--",
+            sys.executable,
+            "-m",
+            "broker.cli",
+            "serve",
+            "--config",
+            str(config),
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    lines = []
+    try:
+        for line in process.stderr:
+            lines.append(line)
+            if '"kernel_fed"' in line:
+                return [json.loads(line)]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        process.stderr.close()
+    raise AssertionError("the broker never fed the kernel:\n" + "".join(lines))
