@@ -3,7 +3,8 @@ Config models for accounts: the ``[accounts]`` table (where counters live) and
 each ``[[customers]]`` entry (who a customer is and what it may draw).
 
 Customers are a top-level list in the TOML, beside ``[accounts]``. Checks that
-span customers (a network, uid or token listed twice; an id used twice) are in
+span customers (a network, uid, token or certificate listed twice; an id used
+twice) are in
 `validate_customers`, which returns one ``customers[i].key[j]: reason`` line per
 problem; the top-level config's model validator calls it, as it does for sink
 addresses.
@@ -33,6 +34,7 @@ from broker.configbase import ByteRate, Duration, Name, Size, StrictModel
 DEFAULT_CUSTOMER = "default"
 
 _TOKEN_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -58,6 +60,25 @@ def _check_token(value: str) -> str:
             "(the SHA-256 of the token); never put the token itself here"
         )
     return value
+
+
+def _check_cert(value: str) -> str:
+    value = value.strip()
+    tag, sep, rest = value.partition(":")
+    if sep and tag.lower() == "sha256":
+        # openssl x509 -fingerprint -sha256 prints "AB:CD:...": accept that too.
+        fingerprint = "sha256:" + rest.replace(":", "").lower()
+        if _FINGERPRINT_RE.match(fingerprint):
+            return fingerprint
+    elif value.startswith("CN="):
+        name = value.removeprefix("CN=")
+        if name.strip() and name.isprintable():
+            return value
+    raise ValueError(
+        "a client certificate is 'sha256:' and the 64 hex digits of the SHA-256 "
+        "of its DER form (openssl x509 -noout -fingerprint -sha256), or "
+        "'CN=<subject common name>'"
+    )
 
 
 def _check_sentinel(value: str) -> str:
@@ -90,6 +111,7 @@ def _check_env_name(value: str) -> str:
 
 Network = Annotated[IPNetwork, BeforeValidator(_parse_network), PlainSerializer(str)]
 TokenHash = Annotated[str, AfterValidator(_check_token)]
+CertId = Annotated[str, AfterValidator(_check_cert)]
 SentinelAddress = Annotated[str, AfterValidator(_check_sentinel)]
 EnvName = Annotated[str, AfterValidator(_check_env_name)]
 
@@ -116,6 +138,12 @@ class CustomerConfig(StrictModel):
         default_factory=list,
         description="HTTP bearer tokens of this customer, each stored as "
         "'sha256:<hex>' of the token",
+    )
+    certs: list[CertId] = Field(
+        default_factory=list,
+        description="HTTPS client certificates of this customer: "
+        "'sha256:<hex>' of the DER certificate, or 'CN=<name>' for any "
+        "certificate with that subject CN from the sink's tls_client_ca",
     )
     deny: bool = Field(
         default=False,
@@ -377,8 +405,9 @@ def _redis_problems(config: AccountsConfig) -> list[tuple[str, str]]:
 
 def validate_customers(customers: Sequence[CustomerConfig]) -> list[str]:
     """
-    Check what no single customer can: ids, networks, uids and tokens must each
-    belong to one customer, and bursts need a rate.
+    Check what no single customer can: ids, networks, uids, tokens and
+    client certificates must each belong to one customer, and bursts need a
+    rate.
 
     Overlapping networks are fine (the most specific wins); the *same* network
     twice is ambiguous.
@@ -391,6 +420,7 @@ def validate_customers(customers: Sequence[CustomerConfig]) -> list[str]:
     networks: dict[IPNetwork, str] = {}
     uids: dict[int, str] = {}
     tokens: dict[str, str] = {}
+    certs: dict[str, str] = {}
     for index, customer in enumerate(customers):
         where = f"customers[{index}]"
         if customer.id in ids:
@@ -417,6 +447,11 @@ def validate_customers(customers: Sequence[CustomerConfig]) -> list[str]:
                 # Say where, never what: even a hash is not echoed back.
                 problems.append(f"{path}: this token is also listed by {tokens[token]}")
             tokens.setdefault(token, path)
+        for position, cert in enumerate(customer.certs):
+            path = f"{where}.certs[{position}]"
+            if cert in certs:
+                problems.append(f"{path}: {cert} is also listed by {certs[cert]}")
+            certs.setdefault(cert, path)
         if customer.client_burst is not None and customer.client_rate is None:
             problems.append(f"{where}.client_burst: needs client_rate")
         if customer.burst is not None and customer.rate is None:

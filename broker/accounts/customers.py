@@ -25,7 +25,13 @@ from broker.accounts.config import (
     CustomerConfig,
     validate_customers,
 )
-from broker.accounts.identity import IdentityMap, Peer, hash_token, normalise_ip
+from broker.accounts.identity import (
+    IdentityMap,
+    Peer,
+    PeerCertificate,
+    hash_token,
+    normalise_ip,
+)
 from broker.errors import ConfigError
 
 MATCH_CACHE_SIZE = 65536
@@ -35,7 +41,11 @@ CLIENT_IDLE_FORGET = 3600.0
 
 Ident = tuple[str, str | int]
 """How a client is matched: ``("ip", "10.1.2.3")``, ``("uid", 1001)``,
-``("token", "sha256:...")``."""
+``("token", "sha256:...")``, ``("cert", "sha256:... CN=guest-7")``.
+
+An HTTP request is matched by its bearer token if it has one (an unknown
+token is refused, never passed on to the next rule), else by its verified
+client certificate if a customer lists it, else by its address."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +162,8 @@ class Customers:
         self._states = current
         self._matched.clear()
         self._identity = IdentityMap.build(
-            (c.id, c.networks, c.uids, c.tokens) for c in customers
+            ((c.id, c.networks, c.uids, c.tokens) for c in customers),
+            certs=((c.id, c.certs) for c in customers),
         )
 
     # ---- identification ------------------------------------------------------
@@ -167,6 +178,10 @@ class Customers:
                 return Denied(None, "unknown bearer token")
             ident: Ident = ("token", token_hash)
             key = f"token:{token_hash.removeprefix('sha256:')[:12]}"
+            customer = self._states[self._match(ident)]
+        elif peer.cert is not None and self._identity.by_cert(peer.cert) is not None:
+            ident = ("cert", _cert_value(peer.cert))
+            key = f"cert:{peer.cert.fingerprint.removeprefix('sha256:')[:12]}"
             customer = self._states[self._match(ident)]
         else:
             probe = (peer.transport, peer.ip, peer.uid)
@@ -202,6 +217,11 @@ class Customers:
             found = self._identity.by_uid(value)
         elif kind == "token" and isinstance(value, str):
             found = self._identity.by_token_hash(value)
+        elif kind == "cert" and isinstance(value, str):
+            fingerprint, _, common_name = value.partition(" ")
+            found = self._identity.by_cert(
+                PeerCertificate(fingerprint, common_name.removeprefix("CN=") or None)
+            )
         if found is None or found not in self._states:
             return DEFAULT_CUSTOMER
         return found
@@ -226,6 +246,12 @@ def _opens(before: CustomerConfig | None, after: CustomerConfig | None) -> bool:
     if after is None:
         return True
     return before.deny and not after.deny
+
+
+def _cert_value(cert: PeerCertificate) -> str:
+    # Both ways the certificate may be named, so a reload can match it
+    # again by either: "sha256:<hex> CN=<name>" (a fingerprint has no space).
+    return f"{cert.fingerprint} {cert.subject or ''}".rstrip()
 
 
 class _Match(NamedTuple):

@@ -1,13 +1,15 @@
 """
-Who is asking: turn a connection's peer (IP, Unix uid, bearer token) into the id
-of the customer that owns it.
+Who is asking: turn a connection's peer (IP, Unix uid, bearer token, client
+certificate) into the id of the customer that owns it.
 
 Networks resolve to the most specific prefix that contains the address, so a
 customer's ``10.1.2.0/24`` wins over another's ``10.1.0.0/16``. IPv4-mapped IPv6
 addresses (``::ffff:10.1.2.3``, what a dual-stack socket reports for an IPv4
 peer) are matched as the IPv4 address they carry. Tokens are never stored: the
 config holds ``sha256:<hex>`` hashes and a presented token is hashed and
-compared against every stored hash in constant time.
+compared against every stored hash in constant time. Client certificates,
+verified by the TLS handshake before they get here, match by the SHA-256 of
+their DER form first and by ``CN=<subject common name>`` second.
 """
 
 import hashlib
@@ -118,6 +120,7 @@ class IdentityMap:
         self._prefixes: dict[int, list[int]] = {4: [], 6: []}
         self._uids: dict[int, str] = {}
         self._tokens: list[tuple[bytes, str]] = []
+        self._certs: dict[str, str] = {}
 
     def add_network(self, network: IPNetwork, customer_id: str) -> None:
         table = self._networks[network.version].setdefault(network.prefixlen, {})
@@ -131,6 +134,22 @@ class IdentityMap:
 
     def add_token_hash(self, token_hash: str, customer_id: str) -> None:
         self._tokens.append((token_hash.lower().encode("ascii"), customer_id))
+
+    def add_cert(self, cert: str, customer_id: str) -> None:
+        """
+        ``cert`` is a validated ``certs`` entry: ``sha256:<hex>`` or ``CN=<name>``.
+        """
+        self._certs[cert] = customer_id
+
+    def by_cert(self, cert: PeerCertificate) -> str | None:
+        """
+        Customer owning a verified client certificate: by its fingerprint
+        first (one certificate), then by its subject CN.
+        """
+        found = self._certs.get(cert.fingerprint)
+        if found is None and cert.subject is not None:
+            found = self._certs.get(cert.subject)
+        return found
 
     def by_ip(self, ip: str) -> str | None:
         """
@@ -175,11 +194,16 @@ class IdentityMap:
         entries: Iterable[
             tuple[str, Iterable[IPNetwork], Iterable[int], Iterable[str]]
         ],
+        certs: Iterable[tuple[str, Iterable[str]]] = (),
     ) -> "IdentityMap":
         """
-        Build from ``(customer_id, networks, uids, token_hashes)`` tuples.
+        Build from ``(customer_id, networks, uids, token_hashes)`` tuples and
+        ``(customer_id, certs)`` pairs.
         """
         identity = cls()
+        for customer_id, cert_ids in certs:
+            for cert in cert_ids:
+                identity.add_cert(cert, customer_id)
         for customer_id, networks, uids, tokens in entries:
             for network in networks:
                 identity.add_network(network, customer_id)

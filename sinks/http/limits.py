@@ -1,8 +1,10 @@
 """
 Per-customer limits for ``GET /v1/entropy``: who is asking, and may they have it.
 
-Every decision comes from `broker.accounts.Accounts`; this module only turns
-them into HTTP: 400 for a bearer token that is not printable text (bytes that
+A request is identified by its bearer token, else by the client certificate
+its HTTPS connection was verified with (if a customer lists it), else by its
+address. Every decision comes from `broker.accounts.Accounts`; this module only
+turns them into HTTP: 400 for a bearer token that is not printable text (bytes that
 are not UTF-8, control characters), 401 for an unknown bearer token, 403 for a
 denied customer or a spent quota (with a JSON body saying which limit and until
 when), 429 with ``Retry-After`` and ``RateLimit-*`` headers for rate limits, 503
@@ -19,6 +21,21 @@ from aiohttp.web_request import BaseRequest
 from broker.accounts import Accounts, Client, Denied, Grant, Peer
 from sinks.http.answer import json_answer
 from sinks.http.state import MalformedToken, bearer_token
+from sinks.http.tls import peer_certificate
+
+
+def request_peer(request: BaseRequest, token: str | None) -> Peer:
+    """
+    What identifies a request: its bearer token, the client certificate its
+    connection was verified with (HTTPS), its address; the accounts match them
+    in that order.
+    """
+    return Peer(
+        "http",
+        ip=request.remote,
+        token=token,
+        cert=peer_certificate(request.transport),
+    )
 
 
 def identify(accounts: Accounts, request: BaseRequest) -> Client | web.StreamResponse:
@@ -35,7 +52,7 @@ def identify(accounts: Accounts, request: BaseRequest) -> Client | web.StreamRes
                 "WWW-Authenticate": 'Bearer realm="ebroker", error="invalid_request"'
             },
         )
-    identity = accounts.identify(Peer("http", ip=request.remote, token=token))
+    identity = accounts.identify(request_peer(request, token))
     if isinstance(identity, Denied):
         if identity.customer_id is None:
             return json_answer(

@@ -25,10 +25,11 @@ from typing import Any, Final
 from aiohttp import web
 
 from broker import __version__
-from broker.accounts import DEFAULT_CUSTOMER, Client, Denied, Peer
+from broker.accounts import DEFAULT_CUSTOMER, Client, Denied
 from broker.metrics import render_metrics
 from broker.status import BrokerView
 from sinks.http.admin import has_admin_token
+from sinks.http.limits import request_peer
 from sinks.http.state import (
     BROKER_KEY,
     CONFIG_KEY,
@@ -122,7 +123,7 @@ def _customer_client(broker: BrokerView, request: web.Request) -> Client | None:
         token = bearer_token(request)
     except MalformedToken:
         return None
-    client = broker.accounts.identify(Peer("http", ip=request.remote, token=token))
+    client = broker.accounts.identify(request_peer(request, token))
     if isinstance(client, Denied) or client.customer_id == DEFAULT_CUSTOMER:
         return None
     return client

@@ -107,6 +107,13 @@ async def tls_stream(
         yield reader, writer
     finally:
         writer.close()
+        try:
+            async with asyncio.timeout(DEADLINE):
+                await writer.wait_closed()
+        except (OSError, ssl.SSLError, TimeoutError):
+            # A connection the server refused mid-handshake cannot shut TLS
+            # down cleanly; drop the socket rather than leave it to the GC.
+            writer.transport.abort()
 
 
 async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
@@ -233,3 +240,89 @@ async def test_a_client_that_never_handshakes_is_dropped_while_others_are_served
         pass  # aborted rather than closed: dropped all the same
     assert loop.time() - opened >= 0.9
     stalled_writer.close()
+
+
+# ---- client certificates ----------------------------------------------------------
+
+
+async def get_entropy(daemon: Daemon, context: ssl.SSLContext, size: int) -> int:
+    """
+    One ``GET /v1/entropy`` on a new HTTPS connection made with ``context``.
+    """
+    async with tls_stream(daemon, context) as (reader, writer):
+        writer.write(
+            f"GET /v1/entropy?bytes={size}&format=raw HTTP/1.1\r\n"
+            "Host: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+        )
+        async with asyncio.timeout(DEADLINE):
+            answer = await reader.read()
+    return int(answer.split(b" ", 2)[1])
+
+
+async def test_client_certificate_carries_its_customers_limits(
+    run: Any, tmp_path: Path, ca: TestCA, server: CertFiles
+) -> None:
+    """
+    A client whose certificate CN a rate-limited customer lists is held to
+    that customer's burst (429 past it), while a client from the same address
+    with an unlisted certificate, and one with none, go on being served.
+    """
+    customers = """
+        [[customers]]
+        id = "metered"
+        certs = ["CN=guest-7"]
+        client_rate = "1 B/s"
+        client_burst = "64 B"
+        """
+    daemon = run(
+        https_config(tmp_path, server, f'tls_client_ca = "{ca.ca_path}"', customers)
+    )
+    metered = ca.client_context(ca.client_cert("guest-7"))
+    stranger = ca.client_context(ca.client_cert("guest-8"))
+    anonymous = ca.client_context()
+    assert 200 == await get_entropy(daemon, metered, 64)
+    assert 429 == await get_entropy(daemon, metered, 64)
+    for context in (stranger, anonymous, stranger, anonymous):
+        assert 200 == await get_entropy(daemon, context, 64)
+    assert 429 == await get_entropy(daemon, metered, 64)
+
+
+async def refused_at_handshake(daemon: Daemon, context: ssl.SSLContext) -> bool:
+    """
+    Whether a connection made with ``context`` gets no HTTP answer: the
+    handshake fails (with TLS 1.3 the client learns it at its first read).
+    """
+    try:
+        async with tls_stream(daemon, context) as (reader, writer):
+            writer.write(HEALTHZ)
+            async with asyncio.timeout(DEADLINE):
+                answer = await reader.read()
+    except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+        return True
+    return not answer.startswith(b"HTTP/")
+
+
+async def test_required_client_certificate_refuses_strangers_at_handshake(
+    run: Any, tmp_path: Path, ca: TestCA, server: CertFiles
+) -> None:
+    """
+    Under ``tls_client_auth = "required"`` a certificate from another CA and
+    no certificate at all are refused in the handshake; a certificate from
+    the configured CA is served.
+    """
+    keys = f'tls_client_ca = "{ca.ca_path}"\ntls_client_auth = "required"'
+    daemon = run(https_config(tmp_path, server, keys))
+    other_directory = tmp_path / "other-pki"
+    other_directory.mkdir()
+    other = TestCA(other_directory, "other")
+    forged = ca.client_context()
+    forged.load_cert_chain(*_files(other.client_cert("guest-7")))
+    assert await refused_at_handshake(daemon, forged)
+    assert await refused_at_handshake(daemon, ca.client_context())
+    guest = ca.client_context(ca.client_cert("guest-7"))
+    async with tls_stream(daemon, guest) as (reader, writer):
+        assert 200 == await ask(reader, writer)
+
+
+def _files(files: CertFiles) -> tuple[Path, Path]:
+    return files.cert, files.key

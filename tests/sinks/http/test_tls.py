@@ -17,6 +17,7 @@ import pytest
 import structlog
 from pydantic import ValidationError
 
+from broker.accounts.identity import PeerCertificate
 from broker.errors import ConfigError
 from sinks.http.config import HttpSinkConfig
 from sinks.http.tls import (
@@ -26,6 +27,7 @@ from sinks.http.tls import (
     certificate_info,
     der_not_after,
     key_exposed,
+    peer_certificate,
 )
 from tests.helpers import DEADLINE, eventually
 from tests.sinks.http.test_connections import port_of, running
@@ -375,3 +377,68 @@ async def test_a_plain_http_client_gets_no_answer_from_an_https_sink(
         assert not answer.startswith(b"HTTP/1.0 200")
         writer.close()
         await eventually(lambda: 0 == sink.status().connections)
+
+
+# ---- the client's certificate -----------------------------------------------------
+
+
+async def peer_seen(
+    tls: ServerTls, client: ssl.SSLContext
+) -> tuple[PeerCertificate | None, ssl.SSLObject | None]:
+    """
+    What `peer_certificate` reads from the server side of one connection
+    made with ``client``.
+    """
+    seen: asyncio.Future[tuple[PeerCertificate | None, Any]] = (
+        asyncio.get_running_loop().create_future()
+    )
+
+    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        transport = writer.transport
+        seen.set_result(
+            (peer_certificate(transport), transport.get_extra_info("ssl_object"))
+        )
+        writer.close()
+
+    listener = await asyncio.start_server(accept, "127.0.0.1", 0, ssl=tls.context)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client, server_hostname="127.0.0.1"
+        )
+        async with asyncio.timeout(DEADLINE):
+            result = await seen
+        writer.close()
+        return result
+    finally:
+        listener.close()
+
+
+async def test_verified_client_certificate_is_read_from_the_connection(
+    ca: TestCA, server: CertFiles
+) -> None:
+    """
+    A client certificate verified in the handshake is reported with the
+    SHA-256 of its DER form and its subject CN; a client without one is
+    reported as having none.
+    """
+    tls = ServerTls(TlsFiles(server.cert, server.key, ca.ca_path, "optional"))
+    guest = ca.client_cert("guest-7")
+    with_cert, _ = await peer_seen(tls, ca.client_context(guest))
+    without, ssl_object = await peer_seen(tls, ca.client_context())
+    assert PeerCertificate(fingerprint_of(guest.cert), "guest-7") == with_cert
+    assert "CN=guest-7" == with_cert.subject
+    assert (None, True) == (without, ssl_object is not None)
+
+
+def test_no_certificate_on_plain_or_closed_connections() -> None:
+    """
+    A request whose transport is gone, or which came over plain TCP, has no
+    client certificate.
+    """
+
+    class Plain:
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return default
+
+    assert (None, None) == (peer_certificate(None), peer_certificate(Plain()))
