@@ -16,7 +16,9 @@ New kernels (poolsize 256, Linux 5.18+ and the 2022 stable backports):
   ``seed_bytes`` at ``credit`` bits per byte, at least 256 bits, which is what
   the kernel needs to become ready. Nothing else happens before ready. A seed
   that did not make the kernel ready (credit 0, or another writer raced us) is
-  written again no sooner than ``check_interval`` later.
+  written again no sooner than ``check_interval`` later. A seed whose bytes
+  arrive after the CRNG became ready by other means goes uncredited
+  (`revise`): nothing is credited after ready.
 * Once ready, nothing is credited any more (the kernel ignores credit after
   ready anyway; crediting nothing keeps the sink honest). A *start* write
   (``write_bytes``, credit 0, then RNDRESEEDCRNG) folds outside input in at
@@ -258,6 +260,17 @@ class FeedPlan:
             return None
         self._pollout_armed = True
         return Write(settings.write_bytes, settings.credit, False, Reason.TOP_UP)
+
+    def revise(self, write: Write, state: KernelState) -> Write:
+        """
+        ``write`` as it should go now that the kernel looks like ``state``
+        (looked at again after waiting for the pool): a seed for a CRNG that
+        became ready meanwhile (virtio-rng, RDSEED) goes uncredited, as a
+        start write with a reseed.
+        """
+        if write.reason is Reason.SEED and state.ready:
+            return Write(write.nbytes, 0.0, True, Reason.START)
+        return write
 
     def in_burst(self) -> bool:
         """

@@ -254,6 +254,13 @@ class KernelSink:
                     waited=round(self._clock.monotonic() - starving_since, 3),
                 )
                 starving_since = None
+            if write.credit_per_byte > 0:
+                # The pool may have kept us waiting: credit only what the
+                # kernel still counts.
+                with contextlib.suppress(OSError):
+                    # Unreadable now: the look before the draw stands.
+                    state = kernel.state()
+                write = plan.revise(write, state)
             self._write(kernel, plan, write, data, state)
 
     async def _draw(self, write: Write) -> bytes:

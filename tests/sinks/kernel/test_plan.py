@@ -299,3 +299,17 @@ def test_classic_kernel_reseeds_on_a_vm_generation_change() -> None:
     assert Write(64, 0.0, True, Reason.VMGENID) == plan.due(
         3.0, KernelState(True, 3000)
     )
+
+
+def test_seed_is_revised_to_an_uncredited_start_once_ready() -> None:
+    """
+    A seed chosen before ready but written after goes uncredited with a
+    reseed; other writes are left as they are.
+    """
+    plan = new_plan()
+    seed = plan.due(0.0, NOT_READY)
+    assert seed is not None
+    assert Write(64, 0.0, True, Reason.START) == plan.revise(seed, READY)
+    assert seed == plan.revise(seed, NOT_READY)
+    top_up = Write(64, 4.0, False, Reason.TOP_UP)
+    assert top_up == plan.revise(top_up, READY)

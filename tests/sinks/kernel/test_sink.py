@@ -423,8 +423,9 @@ async def test_kernel_refusing_writes_is_said_once_and_retried(
     with structlog.testing.capture_logs() as logs:
         await sink.start()
         await clock.advance(10.0)
-        # A try per check_interval, and the look after it.
-        assert kernel.looks <= 2 * 10 + 3
+        # A try per check_interval: the look before it, the look before a
+        # credited write, and the look after it.
+        assert kernel.looks <= 3 * 10 + 4
         kernel.refusing = False
         await clock.advance(1.0)
     events = [entry["event"] for entry in logs]
@@ -432,4 +433,22 @@ async def test_kernel_refusing_writes_is_said_once_and_retried(
     assert 1 == events.count("kernel_write_recovered")
     assert [("add", 256, "seed")] == summary(tmp_path / "kernel.jsonl")
     assert 1 == sink.status().requests
+    await sink.shutdown(0.0)
+
+
+async def test_seed_whose_bytes_come_after_the_kernel_got_ready_is_uncredited(
+    tmp_path: Path, pool: EntropyPool, clock: FakeClock
+) -> None:
+    """
+    The sink waits for the pool with a seed in mind; the kernel becomes
+    ready by other means meanwhile (virtio-rng, RDSEED): the bytes go in
+    uncredited, with a reseed.
+    """
+    sink, kernel, record = make_sink(tmp_path, pool, clock)
+    await sink.start()
+    await settle()
+    kernel.add(b"\0" * 32, 256, "virtio-rng")  # ready without us
+    fill(pool)
+    await settle()
+    assert [("add", 0, "start"), ("reseed", 0, "start")] == summary(record)[1:]
     await sink.shutdown(0.0)
