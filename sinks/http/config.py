@@ -40,7 +40,9 @@ class HttpSinkConfig(SinkConfigBase):
         default=10.0,
         gt=0,
         description="a connection that has not sent its first request's headers "
-        "this many seconds after connecting is answered 408 and closed",
+        "this many seconds after connecting is answered 408 and closed; with "
+        "TLS, the handshake must finish within it too, and the headers then "
+        "get it again",
     )
     idle_timeout: Duration = Field(
         default=75.0,
@@ -148,6 +150,16 @@ class HttpSinkConfig(SinkConfigBase):
                 ],
             )
         return self
+
+    @field_validator("tls_cert", "tls_key", "tls_client_ca")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        # `ebroker check-config` in a shell and the service under systemd
+        # (working directory /) would read different files from one
+        # relative path.
+        if value is not None and not value.is_absolute():
+            raise ValueError(f"{value}: give an absolute path")
+        return value
 
     def _tls_problems(self) -> list[tuple[str, str]]:
         if (self.tls_cert is None) != (self.tls_key is None):

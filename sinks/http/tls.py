@@ -105,9 +105,18 @@ def build_context(files: TlsFiles) -> tuple[ssl.SSLContext, CertificateInfo]:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(_TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    context.options |= ssl.OP_NO_RENEGOTIATION
+
+    def no_passphrase() -> str:
+        # Without a callback OpenSSL would prompt on the terminal and hang
+        # the daemon (or check-config) on an encrypted key.
+        raise ConfigError(
+            f"tls_key: {files.key} is encrypted; give an unencrypted key "
+            "readable only by the broker's user"
+        )
+
     try:
-        context.load_cert_chain(files.cert, files.key)
+        context.load_cert_chain(files.cert, files.key, password=no_passphrase)
     except ssl.SSLError as exc:
         if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
             raise ConfigError(

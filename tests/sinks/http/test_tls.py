@@ -442,3 +442,118 @@ def test_no_certificate_on_plain_or_closed_connections() -> None:
             return default
 
     assert (None, None) == (peer_certificate(None), peer_certificate(Plain()))
+
+
+# ---- what the operator is told --------------------------------------------------
+
+
+async def test_start_logs_the_certificate_and_warns_of_expiry_and_exposed_keys(
+    ca: TestCA, captured: list[Any]
+) -> None:
+    """
+    A sink whose certificate expires within 14 days, with a key others may
+    read, logs the certificate, an expiry warning and a key warning.
+    """
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=5)
+    files = ca.server_cert(not_after=soon.replace(microsecond=0))
+    files.key.chmod(0o644)
+    async with running(tls_config(files)) as sink:
+        assert sink.tls
+    events = {entry["event"]: entry for entry in captured}
+    assert fingerprint_of(files.cert) == events["tls_certificate_loaded"]["fingerprint"]
+    assert 4 < events["tls_certificate_expiring"]["days_left"] <= 5
+    assert str(files.key) == events["tls_key_readable_by_others"]["path"]
+    assert events["sink_started"]["tls"] is True
+
+
+async def test_a_distant_expiry_is_not_warned_about(
+    server: CertFiles, captured: list[Any]
+) -> None:
+    """
+    A certificate valid for years starts without warnings.
+    """
+    async with running(tls_config(server)):
+        pass
+    assert [] == [entry for entry in captured if entry["log_level"] == "warning"]
+
+
+async def test_reload_applies_a_new_client_ca_to_new_handshakes(
+    tmp_path: Path, ca: TestCA, server: CertFiles
+) -> None:
+    """
+    Replacing the ``tls_client_ca`` file and reloading makes new handshakes
+    accept certificates of the new CA and refuse those of the old one.
+    """
+    other_directory = tmp_path / "other"
+    other_directory.mkdir()
+    other = TestCA(other_directory, "other")
+    bundle = tmp_path / "clients.pem"
+    bundle.write_bytes(ca.ca_path.read_bytes())
+    tls = ServerTls(TlsFiles(server.cert, server.key, bundle, "required"))
+
+    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"ok")
+        writer.close()
+
+    listener = await asyncio.start_server(accept, "127.0.0.1", 0, ssl=tls.context)
+    port = listener.sockets[0].getsockname()[1]
+
+    async def accepted(issuer: TestCA) -> bool:
+        context = ca.client_context(issuer.client_cert("guest-7"))
+        try:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=context, server_hostname="127.0.0.1"
+            )
+        except (ssl.SSLError, ConnectionResetError):
+            return False
+        try:
+            async with asyncio.timeout(DEADLINE):
+                return b"ok" == await reader.read()
+        except (ssl.SSLError, ConnectionResetError):
+            return False
+        finally:
+            writer.transport.abort()
+
+    try:
+        assert (True, False) == (await accepted(ca), await accepted(other))
+        bundle.write_bytes(other.ca_path.read_bytes())
+        tls.prepare_reload()()
+        assert (False, True) == (await accepted(ca), await accepted(other))
+    finally:
+        listener.close()
+        await listener.wait_closed()
+
+
+def test_relative_paths_are_refused(server: CertFiles) -> None:
+    """
+    A relative ``tls_*`` path is refused: a shell and the service would read
+    different files.
+    """
+    with pytest.raises(ValidationError) as caught:
+        tls_config(server, tls_key="server.key")
+    error = caught.value.errors()[0]
+    assert (("tls_key",), True) == (error["loc"], "absolute" in error["msg"])
+
+
+def test_encrypted_key_is_refused_without_a_prompt(
+    tmp_path: Path, server: CertFiles
+) -> None:
+    """
+    A passphrase-protected key is refused at ``tls_key`` rather than
+    prompting on the terminal.
+    """
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(server.key.read_bytes(), None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    with pytest.raises(ValidationError) as caught:
+        tls_config(server, tls_key=str(encrypted))
+    error = caught.value.errors()[0]
+    assert (("tls_key",), True) == (error["loc"], "is encrypted" in error["msg"])
