@@ -23,7 +23,15 @@ ebroker bounds what one connection may have pending.
 A read returns whatever has arrived (1 to 255 bytes times ``pipeline``) and
 tops the requests up first; it has no time limit of its own (the supervisor's
 watchdog cancels a read that delivers nothing, and the stall fails the
-endpoint over).
+endpoint over at the next open).
+
+When the endpoint in use fails during a read (end of file, a reset, more
+bytes than asked), the read fails over (`sources.upstream.fail_over`): the
+connection is dropped, the next endpoint is opened as an open would (the
+entropy-level check, within ``connect_timeout``), and the read goes on there
+with fresh requests. What the dead endpoint delivered was returned as it
+arrived, and nothing of it is returned again; bytes a reset discarded before
+they were read are lost, as on any reset.
 """
 
 import asyncio
@@ -48,6 +56,8 @@ from sources.upstream import (
     UpstreamConfigBase,
     blame,
     closed,
+    fail_over,
+    failover_budget,
     open_first,
     os_reason,
     try_connect,
@@ -206,6 +216,7 @@ class EgdSource:
         self.priority = config.priority
         self.credit = config.credit
         self._timeout = config.connect_timeout
+        self._budget = failover_budget(config.watchdog)
         self._window = config.pipeline * REQUEST_MAX
         self._endpoints: Endpoints[EgdEndpoint] = Endpoints(
             config.endpoints,
@@ -242,13 +253,44 @@ class EgdSource:
         closed(self._endpoints, exc, self._log)
 
     async def read(self) -> bytes:
+        # The watchdog runs from about here: the failover budget does too.
+        deadline = time.monotonic() + self._budget
         await self._failback()
-        connection = self._connection
-        endpoint = self._endpoints.current
-        if connection is None or endpoint is None:
-            raise SourceError("egd source is not open")
-        self._top_up(connection)
+        while True:
+            connection = self._connection
+            endpoint = self._endpoints.current
+            if connection is None or endpoint is None:
+                raise SourceError("egd source is not open")
+            try:
+                data = await self._receive(endpoint, connection)
+            except SourceError as exc:
+                # Closed before the failover awaits anything: a read
+                # cancelled meanwhile leaves nothing open behind it.
+                self._connection = None
+                connection.close()
+                _, self._connection = await fail_over(
+                    self._endpoints,
+                    endpoint,
+                    exc,
+                    _connect,
+                    self._timeout,
+                    deadline,
+                    self._log,
+                )
+                continue
+            self._endpoints.delivered(time.monotonic())
+            return data
+
+    async def _receive(self, endpoint: EgdEndpoint, connection: _Connection) -> bytes:
+        """
+        What has arrived from ``endpoint``, after topping the requests up.
+
+        Raises:
+            SourceError: the endpoint failed (end of file with bytes owed, a
+                reset, more bytes than asked).
+        """
         try:
+            self._top_up(connection)
             # One byte more than owed: more than owed is a protocol error.
             data = await connection.reader.read(connection.owed + 1)
         except OSError as exc:
@@ -266,7 +308,6 @@ class EgdSource:
                 "(not an EGD server, or a broken one)"
             )
         connection.owed -= len(data)
-        self._endpoints.delivered(time.monotonic())
         return data
 
     def _top_up(self, connection: _Connection) -> None:

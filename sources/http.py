@@ -12,6 +12,14 @@ malformed answer) fails that endpoint over to the next. Reads then ask for
 ``read_size`` bytes with ``wait=`` seconds of patience, one request at a time
 on a kept-alive connection.
 
+When the endpoint in use fails during a read (refused, reset, closed, a
+malformed or short answer, a refusal below), the read fails over
+(`sources.upstream.fail_over`): the next endpoint is asked as an open asks
+it (one block without waiting, within ``connect_timeout``), and the read
+returns that block, or goes on asking that endpoint when it answered with
+backpressure. A short or cut answer is never returned: the block is asked
+again of the next endpoint.
+
 Backpressure: a 429 (rate limit) or 503 (pool short, upstream draining) is an
 upstream doing its job, not a dead one. The read waits what ``Retry-After``
 says (1 s when absent, at most 60 s) and asks the same endpoint again. It
@@ -20,7 +28,7 @@ the source's ``watchdog`` is a stall: the supervisor restarts the source and
 the open moves to the next endpoint.
 
 Refusals: 401 (token refused) and 403 (denied, quota spent) fail the endpoint
-with a message saying so; a spent quota's ``Retry-After`` keeps the endpoint
+over with a message saying so; a spent quota's ``Retry-After`` keeps the endpoint
 backing off at least that long. 400 means this source asks for more than the
 upstream allows (``read_size`` over its ``max_request_bytes``, ``wait`` over
 its ``max_wait``): the upstream's message is kept. Redirects are not
@@ -59,6 +67,8 @@ from sources.upstream import (
     UpstreamRefused,
     blame,
     closed,
+    fail_over,
+    failover_budget,
     open_first,
     try_connect,
 )
@@ -302,6 +312,7 @@ class HttpSource:
         self.priority = config.priority
         self.credit = config.credit
         self._config = config
+        self._budget = failover_budget(config.watchdog)
         self._endpoints: Endpoints[str] = Endpoints(
             config.urls,
             backoff_max=config.endpoint_backoff,
@@ -376,16 +387,31 @@ class HttpSource:
             return b""
 
     async def read(self) -> bytes:
+        # The watchdog runs from about here: the failover budget does too.
+        deadline = time.monotonic() + self._budget
         await self._failback()
         first, self._first = self._first, b""
         if first:
             return first
-        endpoint = self._endpoints.current
-        if endpoint is None or self._session is None:
-            raise SourceError("http source is not open")
         while True:
+            endpoint = self._endpoints.current
+            if endpoint is None or self._session is None:
+                raise SourceError("http source is not open")
             try:
                 data = await self._request(endpoint, self._config.wait)
+            except SourceError as exc:
+                _, first = await fail_over(
+                    self._endpoints,
+                    endpoint,
+                    exc,
+                    self._probe,
+                    self._config.connect_timeout,
+                    deadline,
+                    self._log,
+                )
+                if first:
+                    return first
+                continue  # the new endpoint answered with backpressure
             except Backpressure as exc:
                 self._backpressure += 1
                 self._log.debug(

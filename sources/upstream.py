@@ -21,16 +21,38 @@ of its own: every call that starts or checks a delay takes ``now``.
 - An endpoint's failures are forgiven once it has delivered for
   `STABLE_SECONDS` in a row (`Endpoints.delivered`): one that accepts and
   then dies at once keeps a growing delay instead of winning every open.
+- Failover inside a read (`fail_over`): when the endpoint in use fails
+  during a read (end of file, reset, a bad answer, a refusal), it backs off
+  and the same read connects to the next endpoint that answers and goes on
+  from there, so the supervisor sees a read that took a little longer, not a
+  failed source. Each other endpoint that is not backing off is tried at
+  most once per read, within ``connect_timeout``, and the whole failover ends
+  within half the source's watchdog (`failover_budget`), so that the
+  watchdog never fires first and the endpoint moved to has the other half to
+  deliver. A read never waits for an endpoint backing off: that one failed
+  moments ago, and a read waiting for it would be a gap in the supply that
+  the supervisor cannot see (the source still counts as healthy, so no
+  fallback fills in). When no endpoint answers, the read raises: whether
+  every endpoint is down is the supervisor's call (its restart with backoff,
+  the open waiting for the earliest endpoint, the tier below meanwhile).
 - Failback: the source stays on the endpoint that works. With ``failback``
   set, once it has been on a less preferred one for that long, the driver
   tries the most preferred endpoint that is not backing off, between two
   reads (`Endpoints.failback_due`); if that connects the source moves back,
-  otherwise that endpoint backs off and the source stays where it is. Moving
-  endpoints this way never interrupts the supply; moving after a failure does
-  (the supervisor restarts the source, and its start-up test runs again).
+  otherwise that endpoint backs off and the source stays where it is.
+
+Neither move runs a fresh start-up test. The start-up test is there to catch
+a device that is broken when it starts; what an upstream sends is its own
+conditioned output, which says nothing of a noise source's start-up, and
+every byte from any endpoint still goes through the supervisor's continuous
+health tests, which would quarantine an endpoint that sent stuck or repeated
+bytes just as they would a device. A restart would buy no assurance and cost
+a tier flap (a degraded broker, its fallback crediting the pool) on every
+upstream hiccup while another endpoint of the same source is healthy.
 
 Every move to another endpoint counts as a failover. Drivers never retry the
-same endpoint within an open: the supervisor's restart with backoff does.
+endpoint that just failed within a read: the supervisor's restart with
+backoff, or a later failover or open, does.
 """
 
 import asyncio
@@ -45,6 +67,7 @@ from pydantic import Field
 
 from broker.configbase import Duration, SourceConfigBase
 from broker.errors import SourceError
+from broker.runner import derive_watchdog
 
 T = TypeVar("T")
 
@@ -53,6 +76,21 @@ BACKOFF_INITIAL = 0.5
 
 STABLE_SECONDS = 10.0
 """Seconds an endpoint must deliver in a row before its failures are forgiven."""
+
+FAILOVER_SHARE = 0.5
+"""Share of a source's watchdog one read may spend failing over."""
+
+
+def failover_budget(watchdog: float | None) -> float:
+    """
+    Seconds one read may spend failing over to another endpoint: half the
+    source's ``watchdog`` (unset: the supervisor's default for a source of
+    unknown rate, as an upstream is), the other half left for the endpoint
+    moved to to deliver.
+    """
+    if watchdog is None:
+        watchdog = derive_watchdog(None)
+    return FAILOVER_SHARE * watchdog
 
 
 class UpstreamConfigBase(SourceConfigBase):
@@ -162,6 +200,23 @@ class Endpoints(Generic[T]):
         When the earliest endpoint stops backing off (monotonic seconds).
         """
         return min(s.due for s in self._states)
+
+    def next_untried(self, tried: Sequence[T], now: float) -> tuple[T, float] | None:
+        """
+        Whom a failover inside a read tries next, and from when: the most
+        preferred endpoint not in ``tried`` that is due by ``now``, else the
+        one of them due earliest.
+
+        Returns:
+            The endpoint and when it is due (monotonic seconds), or None once
+            every endpoint is in ``tried``.
+        """
+        rest = [s for s in self._states if s.endpoint not in tried]
+        if not rest:
+            return None
+        ready = [s for s in rest if s.due <= now]
+        state = ready[0] if ready else min(rest, key=lambda s: s.due)
+        return state.endpoint, state.due
 
     def connected(self, endpoint: T, now: float) -> bool:
         """
@@ -289,12 +344,22 @@ class ConnectFailed:
 
 
 async def try_connect(
-    endpoint: T, connect: Callable[[T], Awaitable[C]], timeout: float
+    endpoint: T,
+    connect: Callable[[T], Awaitable[C]],
+    timeout: float,
+    *,
+    limit: str = "connect_timeout",
 ) -> C | ConnectFailed:
     """
     Connect to ``endpoint`` within ``timeout`` seconds.
 
     ``connect`` must leave nothing open when it raises or is cancelled.
+
+    Args:
+        endpoint: where to connect.
+        connect: opens a connection to an endpoint and checks that it answers.
+        timeout: seconds the attempt may take.
+        limit: what set ``timeout``, for the reason when it runs out.
 
     Returns:
         What ``connect`` returned, or why it failed.
@@ -304,7 +369,7 @@ async def try_connect(
             return await connect(endpoint)
     except TimeoutError:
         # Before OSError: TimeoutError is one, but "timed out" says more here.
-        return ConnectFailed(f"no answer within {timeout:g} s (connect_timeout)")
+        return ConnectFailed(f"no answer within {timeout:g} s ({limit})")
     except UpstreamRefused as exc:
         return ConnectFailed(str(exc), exc.retry_after)
     except SourceError as exc:
@@ -372,11 +437,113 @@ async def open_first(
     raise SourceError("no upstream endpoint answered: " + "; ".join(reasons))
 
 
+async def fail_over(
+    endpoints: Endpoints[T],
+    failed: T,
+    error: Exception,
+    connect: Callable[[T], Awaitable[C]],
+    timeout: float,
+    deadline: float,
+    log: Any,
+) -> tuple[T, C]:
+    """
+    Inside a read, the endpoint in use failed: back it off and connect to the
+    next endpoint that answers, so that the read goes on from there.
+
+    Each other endpoint is tried at most once, in order of preference, within
+    ``timeout``; one backing off is not waited for, and nothing runs past
+    ``deadline``.
+
+    Args:
+        endpoints: the source's bookkeeping; ``failed`` is its current one.
+        failed: the endpoint that failed.
+        error: how it failed (an `UpstreamRefused` keeps it away at least
+            its ``retry_after``).
+        connect: as for `open_first`; it must leave nothing open when it
+            raises or is cancelled.
+        timeout: seconds one attempt may take (``connect_timeout``).
+        deadline: monotonic time by which the failover gives up.
+        log: the source's logger.
+
+    Returns:
+        The endpoint moved to and what ``connect`` returned for it.
+
+    Raises:
+        SourceError: no other endpoint answered by ``deadline``; the message
+            says why ``failed`` was left, then why each other one was not
+            used.
+    """
+    _blame(endpoints, failed, error, log)
+    tried = [failed]
+    reasons: list[str] = []
+    while (pick := endpoints.next_untried(tried, time.monotonic())) is not None:
+        endpoint, due = pick
+        now = time.monotonic()
+        tried.append(endpoint)
+        if due > now:
+            reasons.append(f"{endpoint}: backing off {due - now:.3g} s more")
+            continue
+        left = deadline - now
+        if left <= 0:
+            reasons.append(f"{endpoint}: not tried, the read's failover budget ran out")
+            continue
+        if left < timeout:
+            result = await try_connect(
+                endpoint, connect, left, limit="the read's failover budget"
+            )
+        else:
+            result = await try_connect(endpoint, connect, timeout)
+        if not isinstance(result, ConnectFailed):
+            endpoints.connected(endpoint, time.monotonic())
+            log.warning(
+                "upstream_failover",
+                endpoint=str(endpoint),
+                previous=str(failed),
+                reason=endpoints.last_error,
+                failovers=endpoints.failovers,
+            )
+            return endpoint, result
+        delay = endpoints.failed(
+            endpoint, time.monotonic(), result.reason, at_least=result.retry_after
+        )
+        log.info(
+            "upstream_endpoint_failed",
+            endpoint=str(endpoint),
+            reason=result.reason,
+            retry_in=round(delay, 3),
+        )
+        reasons.append(blame(endpoint, result.reason))
+    message = blame(failed, _reason(error))
+    if reasons:
+        message += "; no other endpoint answered: " + "; ".join(reasons)
+    raise SourceError(message) from error
+
+
+def _reason(exc: Exception) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _blame(endpoints: Endpoints[T], endpoint: T, exc: Exception, log: Any) -> None:
+    """
+    ``endpoint`` failed with ``exc``: back it off, and say so at warning.
+    """
+    at_least = exc.retry_after if isinstance(exc, UpstreamRefused) else 0.0
+    reason = _reason(exc)
+    delay = endpoints.failed(endpoint, time.monotonic(), reason, at_least=at_least)
+    log.warning(
+        "upstream_endpoint_failed",
+        endpoint=str(endpoint),
+        reason=reason,
+        retry_in=round(delay, 3),
+    )
+
+
 def closed(endpoints: Endpoints[Any], exc: BaseException | None, log: Any) -> None:
     """
     Record how a source left its endpoint: a failure of the endpoint when an
     error ended the source (a driver error, a stall, a health failure), no
-    blame when it was stopped (cancelled) or closed cleanly.
+    blame when it was stopped (cancelled) or closed cleanly. An endpoint that
+    a read already failed over from is not blamed twice.
     """
     current = endpoints.current
     if current is None:
@@ -384,15 +551,7 @@ def closed(endpoints: Endpoints[Any], exc: BaseException | None, log: Any) -> No
     if not isinstance(exc, Exception):
         endpoints.disconnected()
         return
-    at_least = exc.retry_after if isinstance(exc, UpstreamRefused) else 0.0
-    reason = str(exc) or type(exc).__name__
-    delay = endpoints.failed(current, time.monotonic(), reason, at_least=at_least)
-    log.warning(
-        "upstream_endpoint_failed",
-        endpoint=str(current),
-        reason=reason,
-        retry_in=round(delay, 3),
-    )
+    _blame(endpoints, current, exc, log)
 
 
 class UpstreamRefused(SourceError):

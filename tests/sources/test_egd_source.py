@@ -1,8 +1,8 @@
 """
 The ``egd`` upstream source against small real EGD servers on loopback:
 pipelined blocking reads, bad answers, short reads, end of file mid-answer, a
-slow server, failover between endpoints, Unix sockets, and the config's
-endpoint checks with their key paths.
+slow server, failover between endpoints (inside a read, and at an open), Unix
+sockets, and the config's endpoint checks with their key paths.
 """
 
 import asyncio
@@ -28,7 +28,8 @@ class EgdServer:
     """
     A tiny EGD server: answers ``00`` with a level and ``02 NN`` with NN
     random bytes, unless the test gives it another behaviour. Records every
-    request and how many were outstanding at most.
+    request, every byte it sent, and how many requests were outstanding at
+    most.
     """
 
     def __init__(self, behaviour: str = "good") -> None:
@@ -36,6 +37,7 @@ class EgdServer:
         self.requests: list[int] = []
         self.connections = 0
         self.max_outstanding = 0
+        self.sent = bytearray()
         self.server: asyncio.Server | None = None
         self.endpoint = ""
         self._writers: list[asyncio.StreamWriter] = []
@@ -101,8 +103,10 @@ class EgdServer:
             data = os.urandom(command[1])
             if self.behaviour == "eof_mid_answer" and served:
                 writer.write(data[:100])
+                self.sent += data[:100]
                 await writer.drain()
                 return
+            self.sent += data
             if self.behaviour == "extra":
                 data += b"\x00\x01\x02"
             if self.behaviour == "pieces":
@@ -301,29 +305,157 @@ async def test_ipv6_loopback_endpoint() -> None:
 # ---- failover ------------------------------------------------------------------
 
 
-async def test_fails_over_to_the_next_endpoint_and_says_so() -> None:
+async def read_tracking(
+    source: EgdSource, count: int
+) -> tuple[dict[EgdEndpoint, bytes], int]:
     """
-    When the first endpoint dies, the read fails; the next open connects to
-    the second (the first backs off), the status shows it, and the failover
-    is logged at warning with the endpoint and the reason.
+    Read at least ``count`` bytes; each read's bytes filed under the endpoint
+    the source was on when it returned (one read, one connection), in order.
+    """
+    by_endpoint: dict[EgdEndpoint, bytes] = {}
+    total = 0
+    async with asyncio.timeout(DEADLINE):
+        while total < count:
+            data = await source.read()
+            endpoint = source.endpoints.current
+            assert endpoint is not None
+            by_endpoint[endpoint] = by_endpoint.get(endpoint, b"") + data
+            total += len(data)
+    return by_endpoint, total
+
+
+async def test_a_read_spanning_an_endpoint_dying_goes_on_from_the_next() -> None:
+    """
+    The first endpoint dies in the middle of an answer: no read fails, the
+    reads go on from the second; what the first sent before dying is
+    returned once, in order, and nothing of it again; the first backs off,
+    and the failover is shown, counted and logged at warning with the reason.
+    """
+    async with serving("eof_mid_answer") as first, serving() as second:
+        source = make(first.endpoint, second.endpoint, pipeline=1)
+        with structlog.testing.capture_logs() as logs:
+            async with source:
+                by_endpoint, _ = await read_tracking(source, 4 * 255)
+                details = source.details()
+    one, two = (parse_egd_endpoint(s.endpoint) for s in (first, second))
+    assert {one, two} == set(by_endpoint)
+    assert bytes(first.sent) == by_endpoint[one]
+    assert 255 + 100 == len(by_endpoint[one])
+    assert bytes(second.sent[: len(by_endpoint[two])]) == by_endpoint[two]
+    assert second.endpoint == details["endpoint"]
+    assert 1 == details["failovers"]
+    assert 1 == details["endpoints"][0]["failures"]
+    assert 0 < details["endpoints"][0]["backoff"]
+    assert "requested bytes unanswered" in details["last_error"]
+    failover = [entry for entry in logs if entry["event"] == "upstream_failover"]
+    assert 1 == len(failover)
+    assert "warning" == failover[0]["log_level"]
+    assert (second.endpoint, first.endpoint) == (
+        failover[0]["endpoint"],
+        failover[0]["previous"],
+    )
+    assert first.endpoint in failover[0]["reason"]
+
+
+async def test_a_killed_endpoint_fails_over_without_a_failed_read() -> None:
+    """
+    The endpoint in use is killed (its connections dropped, nothing
+    listening): the next read is served by the other endpoint, not failed.
     """
     async with serving() as first, serving() as second:
         source = make(first.endpoint, second.endpoint)
-        with pytest.raises(SourceError, match=r"unanswered|reset by peer"):
+        async with source:
+            assert await source.read()
+            await first.stop()
+            _, total = await read_tracking(source, 10 * 255)
+            assert second.endpoint == source.details()["endpoint"]
+    assert 10 * 255 <= total
+
+
+async def test_a_read_fails_soon_when_every_endpoint_is_dead() -> None:
+    """
+    The endpoint in use dies and the other refuses: the read fails at once,
+    naming both and why; both back off, and closing blames neither twice.
+    """
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    async with serving() as first:
+        source = make(first.endpoint, dead)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(SourceError) as caught:
             await open_and_read(source, then=first.stop)
+        assert loop.time() - started < 1.0
+    assert first.endpoint in str(caught.value)
+    assert f"no other endpoint answered: {dead}: Connection refused" in str(
+        caught.value
+    )
+    assert [1, 1] == [entry["failures"] for entry in source.details()["endpoints"]]
+    assert source.endpoints.current is None
+
+
+async def test_a_failover_ends_within_half_the_watchdog() -> None:
+    """
+    The next endpoint accepts and never answers, and ``connect_timeout`` is
+    longer than the watchdog: the failover gives up at half the watchdog, so
+    the read fails before the watchdog fires, saying why.
+    """
+    async with serving("eof_mid_answer") as first, serving("silent") as second:
+        source = make(
+            first.endpoint, second.endpoint, connect_timeout="20 s", watchdog="1 s"
+        )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(SourceError, match="the read's failover budget"):
+            await open_and_read(source)
+        assert loop.time() - started < 1.0
+    assert source.endpoints.current is None
+
+
+async def test_a_read_cancelled_while_failing_over_leaves_the_source_closable() -> None:
+    """
+    Cancelled while it fails over (the watchdog, a shutdown), a read leaves
+    no connection open and the source closes cleanly; the endpoint that died
+    backs off, the one being tried is not blamed.
+    """
+    async with serving("eof_mid_answer") as first, serving("silent") as second:
+        source = make(first.endpoint, second.endpoint, connect_timeout="20 s")
+        with pytest.raises(TimeoutError):
+            async with source, asyncio.timeout(0.3):
+                await read_at_least(source, 1 << 30)
+        await eventually(lambda: second.connections == 1)
+    assert source.endpoints.current is None
+    assert [1, 0] == [entry["failures"] for entry in source.details()["endpoints"]]
+
+
+async def test_an_open_after_a_failed_endpoint_says_so() -> None:
+    """
+    A source that failed on its first endpoint (the other one down then) and
+    is opened again by the supervisor connects to the second; the move is a
+    failover, logged at warning with the reason.
+    """
+    second_port = free_port()
+    second_endpoint = f"tcp://127.0.0.1:{second_port}"
+    async with serving() as first:
+        source = make(first.endpoint, second_endpoint)
+        with pytest.raises(SourceError, match=r"(unanswered|reset by peer); no other"):
+            await open_and_read(source, then=first.stop)
+    server = await asyncio.start_server(EgdServer()._handle, "127.0.0.1", second_port)
+    try:
+        source.endpoints._states[1].due = 0.0
         with structlog.testing.capture_logs() as logs:
             async with source:
                 assert await source.read()
                 details = source.details()
-    assert second.endpoint == details["endpoint"]
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert second_endpoint == details["endpoint"]
     assert 1 == details["failovers"]
-    assert first.endpoint in details["last_error"]
+    assert first.endpoint in details["endpoints"][0]["last_error"]
     failover = [entry for entry in logs if entry["event"] == "upstream_failover"]
     assert 1 == len(failover)
     assert "warning" == failover[0]["log_level"]
-    assert second.endpoint == failover[0]["endpoint"]
     assert first.endpoint == failover[0]["previous"]
-    assert first.endpoint in failover[0]["reason"]
 
 
 async def test_an_open_skips_a_dead_endpoint_to_reach_a_live_one() -> None:

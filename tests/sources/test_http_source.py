@@ -2,8 +2,9 @@
 The ``http`` upstream source against small real aiohttp servers on loopback
 that answer as ebroker's ``/v1/entropy`` does: reads, backpressure (429/503
 with Retry-After), refusals (401, 403, 400, redirects), malformed and short
-answers, a slow upstream, failover, TLS verification with a test CA and a
-client certificate, and a token that never shows in logs, errors or status.
+answers, a slow upstream, failover (inside a read, and at an open), TLS
+verification with a test CA and a client certificate, and a token that never
+shows in logs, errors or status.
 """
 
 # ruff: noqa: S105, S106 - the tokens here are test values, not secrets
@@ -42,6 +43,7 @@ class Upstream:
         self.behaviour = behaviour
         self.token = token
         self.queries: list[dict[str, str]] = []
+        self.sent: list[bytes] = []
         self.busy = 0
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -127,9 +129,9 @@ class Upstream:
             return response
         if behaviour == "slow":
             await self._released.wait()
-        return web.Response(
-            body=os.urandom(count), content_type="application/octet-stream"
-        )
+        body = os.urandom(count)
+        self.sent.append(body)
+        return web.Response(body=body, content_type="application/octet-stream")
 
 
 @contextlib.asynccontextmanager
@@ -357,19 +359,117 @@ async def test_fails_over_and_shows_the_endpoint() -> None:
     assert "cannot connect" in details["endpoints"][0]["last_error"]
 
 
-async def test_failover_after_the_upstream_dies(token_file: Path) -> None:
+async def test_a_read_goes_on_from_the_next_upstream_when_one_dies(
+    token_file: Path,
+) -> None:
     """
-    When the upstream in use dies, the read fails; the next open moves to the
-    other one and logs the failover at warning.
+    When the upstream in use dies, no read fails: the next read is served by
+    the other upstream (its open-style first block), the failover is counted
+    and logged at warning, the dead one backs off, and the token shows in no
+    log.
     """
     async with serving() as first, serving() as second:
         source = make(first.url, second.url, token_file=str(token_file))
-        with pytest.raises(SourceError):
-            await read_until_failure(source, then=first.stop)
         with structlog.testing.capture_logs() as logs:
-            await open_and_read(source)
+            async with source:
+                blocks = [await source.read()]
+                await first.stop()
+                async with asyncio.timeout(DEADLINE):
+                    blocks += [await source.read() for _ in range(3)]
+                details = source.details()
+    assert first.sent[:1] == blocks[:1]
+    assert second.sent == blocks[1:]
+    assert "wait" not in second.queries[0]  # asked as an open asks
+    assert second.url == details["endpoint"]
+    assert 1 == details["failovers"]
+    assert 1 == details["endpoints"][0]["failures"]
+    assert 0 < details["endpoints"][0]["backoff"]
     failover = [entry for entry in logs if entry["event"] == "upstream_failover"]
     assert [second.url] == [entry["endpoint"] for entry in failover]
+    assert "warning" == failover[0]["log_level"]
+    assert first.url == failover[0]["previous"]
+    assert TOKEN not in repr(logs)
+
+
+async def test_a_cut_answer_is_asked_again_of_the_next_upstream() -> None:
+    """
+    An answer cut short mid-read is never returned, in part or whole: the
+    read returns a whole block from the next upstream instead, and no block
+    twice.
+    """
+    async with serving(token=None) as first, serving(token=None) as second:
+        source = make(first.url, second.url, read_size=1000)
+        async with source:
+            blocks = [await source.read()]
+            first.behaviour = "cut"
+            blocks.append(await source.read())
+            details = source.details()
+    assert first.sent == blocks[:1]
+    assert second.sent == blocks[1:]
+    assert [1000, 1000] == [len(block) for block in blocks]
+    assert "answer cut short" in details["endpoints"][0]["last_error"]
+
+
+async def test_a_busy_next_upstream_is_waited_for_not_failed() -> None:
+    """
+    The upstream moved to answers with backpressure: the read waits and asks
+    it again, as it would the upstream it started on.
+    """
+    async with (
+        serving(token=None) as first,
+        serving("busy_then_good", token=None) as second,
+    ):
+        source = make(first.url, second.url)
+        async with source:
+            assert await source.read()
+            await first.stop()
+            async with asyncio.timeout(DEADLINE):
+                assert 4096 == len(await source.read())
+            details = source.details()
+    assert second.url == details["endpoint"]
+    assert 1 == details["backpressure_waits"]
+
+
+async def test_a_read_fails_soon_when_every_upstream_is_dead() -> None:
+    """
+    The upstream in use dies and the other refuses: the read fails at once,
+    naming both and why, and both back off.
+    """
+    dead = f"http://127.0.0.1:{free_port()}/"
+    loop = asyncio.get_running_loop()
+    async with serving(token=None) as first:
+        source = make(first.url, dead)
+        started = loop.time()
+        with pytest.raises(SourceError) as caught:
+            await read_until_failure(source, then=first.stop)
+        assert loop.time() - started < 2.0
+    assert first.url in str(caught.value)
+    assert f"no other endpoint answered: {dead}: cannot connect" in str(caught.value)
+    assert [1, 1] == [entry["failures"] for entry in source.details()["endpoints"]]
+
+
+async def test_an_open_after_a_failed_upstream_moves_to_the_other(
+    token_file: Path,
+) -> None:
+    """
+    A source that failed on its only live upstream, opened again once the
+    other is up, moves to it and logs the failover at warning.
+    """
+    port = free_port()
+    other = f"http://127.0.0.1:{port}/"
+    async with serving() as first:
+        source = make(first.url, other, token_file=str(token_file))
+        with pytest.raises(SourceError):
+            await read_until_failure(source, then=first.stop)
+    back = await Upstream().start(port=port)
+    try:
+        source.endpoints._states[1].due = 0.0
+        with structlog.testing.capture_logs() as logs:
+            await open_and_read(source)
+    finally:
+        await back.stop()
+    failover = [entry for entry in logs if entry["event"] == "upstream_failover"]
+    assert [other] == [entry["endpoint"] for entry in failover]
     assert "warning" == failover[0]["log_level"]
     assert 1 == source.details()["failovers"]
     assert TOKEN not in repr(logs)

@@ -1,7 +1,9 @@
 """
 Endpoint selection for upstream sources: preference order, per-endpoint
 backoff with jitter, waiting for the earliest, forgiveness after a stable run,
-and failback, all on a time line the test moves (`Endpoints` takes ``now``).
+failback, and whom a failover inside a read tries, all on a time line the test
+moves (`Endpoints` takes ``now``); then the async helpers, failover inside a
+read among them.
 """
 
 import asyncio
@@ -19,6 +21,8 @@ from sources.upstream import (
     Endpoints,
     UpstreamRefused,
     closed,
+    fail_over,
+    failover_budget,
     open_first,
     try_connect,
 )
@@ -209,6 +213,32 @@ def test_failback_skips_endpoints_backing_off_and_worse_ones() -> None:
     assert endpoints.failback_due(20.0) is None  # A still backs off, C is worse
 
 
+def test_next_untried_prefers_the_best_due_then_the_earliest() -> None:
+    """
+    A failover inside a read tries the most preferred endpoint it has not
+    tried that is due; when none is, the one due earliest (and when); None
+    once every endpoint was tried.
+    """
+    endpoints = make(A, B, C)
+    endpoints.failed(A, 0.0, "eof")  # due at 0.25
+    endpoints.failed(B, 0.0, "refused", at_least=5.0)
+    assert (C, 0.0) == endpoints.next_untried([A], 0.0)
+    assert (A, 0.25) == endpoints.next_untried([C], 0.0)
+    assert (A, 0.25) == endpoints.next_untried([C], 0.25)
+    assert (B, 5.0) == endpoints.next_untried([A, C], 1.0)
+    assert endpoints.next_untried([A, B, C], 1.0) is None
+
+
+def test_the_failover_budget_is_half_the_watchdog() -> None:
+    """
+    A read may spend half its watchdog failing over (the supervisor's 30 s
+    default when unset), so the watchdog never fires first and the endpoint
+    moved to has the other half to deliver.
+    """
+    assert 5.0 == failover_budget(10.0)
+    assert 15.0 == failover_budget(None)
+
+
 def test_details_name_endpoints_and_errors_only() -> None:
     """
     The status shows the endpoint in use, each endpoint's failures and
@@ -344,3 +374,191 @@ async def test_backoff_on_a_fake_time_line() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert [0.0, 0.5, 1.5, 3.5, 7.5, 15.5, 23.5, 31.5, 39.5] == tries
+
+
+# ---- failover inside a read ----------------------------------------------------
+
+
+def refusing(*dead: str) -> Any:
+    async def connect(endpoint: str) -> str:
+        if endpoint in dead:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return f"connection to {endpoint}"
+
+    return connect
+
+
+async def test_fail_over_moves_to_the_next_endpoint_and_backs_the_failed_off() -> None:
+    """
+    The endpoint in use failed inside a read: it backs off, the next one that
+    answers is connected (C after B refuses), the move counts as a failover
+    and is logged at warning with the reason.
+    """
+    endpoints = make(A, B, C)
+    endpoints.connected(A, time.monotonic())
+    with structlog.testing.capture_logs() as logs:
+        endpoint, connection = await fail_over(
+            endpoints,
+            A,
+            SourceError("a closed the connection"),
+            refusing(B),
+            1.0,
+            time.monotonic() + 5.0,
+            structlog.get_logger(),
+        )
+    assert (C, "connection to c") == (endpoint, connection)
+    assert C == endpoints.current
+    assert 1 == endpoints.failovers
+    details = endpoints.details(time.monotonic())
+    assert [1, 1, 0] == [entry["failures"] for entry in details["endpoints"]]
+    assert 0 < details["endpoints"][0]["backoff"]
+    assert "a closed the connection" == details["endpoints"][0]["last_error"]
+    failover = [entry for entry in logs if entry["event"] == "upstream_failover"]
+    assert 1 == len(failover)
+    assert "warning" == failover[0]["log_level"]
+    assert ("c", "a") == (failover[0]["endpoint"], failover[0]["previous"])
+    failed = [entry for entry in logs if entry["event"] == "upstream_endpoint_failed"]
+    assert ["a", "b"] == [entry["endpoint"] for entry in failed]
+    assert "warning" == failed[0]["log_level"]
+
+
+async def test_fail_over_raises_at_once_when_no_other_endpoint_answers() -> None:
+    """
+    Every other endpoint refuses: each is tried once, the error names every
+    endpoint and why, every one backs off, and the source is on none (so
+    closing it blames nobody twice).
+    """
+    endpoints = make(A, B, C)
+    endpoints.connected(A, time.monotonic())
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(SourceError) as caught:
+        await fail_over(
+            endpoints,
+            A,
+            SourceError("a: read failed: Connection reset by peer"),
+            refusing(A, B, C),
+            1.0,
+            time.monotonic() + 5.0,
+            structlog.get_logger(),
+        )
+    assert loop.time() - started < 1.0
+    assert (
+        "a: read failed: Connection reset by peer; no other endpoint answered: "
+        "b: Connection refused; c: Connection refused"
+    ) == str(caught.value)
+    assert [] == endpoints.candidates(time.monotonic())
+    assert endpoints.current is None
+    closed(endpoints, caught.value, structlog.get_logger())
+    assert [1, 1, 1] == [
+        entry["failures"] for entry in endpoints.details(0.0)["endpoints"]
+    ]
+
+
+async def test_fail_over_keeps_a_refusal_away_for_its_retry_after() -> None:
+    """
+    An endpoint that refused with Retry-After (a spent quota) backs off at
+    least that long, as it does when an open fails.
+    """
+    endpoints = make(A, B)
+    endpoints.connected(A, time.monotonic())
+    await fail_over(
+        endpoints,
+        A,
+        UpstreamRefused("a denied access (403)", retry_after=300.0),
+        refusing(),
+        1.0,
+        time.monotonic() + 5.0,
+        structlog.get_logger(),
+    )
+    assert [B] == endpoints.candidates(time.monotonic() + 299.0)
+
+
+async def test_fail_over_does_not_wait_for_an_endpoint_backing_off() -> None:
+    """
+    An endpoint backing off, even for a moment, is not waited for inside a
+    read: the read fails at once, saying so, and the supervisor decides what
+    an upstream with every endpoint down means.
+    """
+    loop = asyncio.get_running_loop()
+    endpoints = make(A, B)
+    endpoints.connected(A, time.monotonic())
+    endpoints.failed(B, time.monotonic(), "eof")  # 0.25 s
+    started = loop.time()
+    with pytest.raises(SourceError, match=r"b: backing off 0\.2\d* s more"):
+        await fail_over(
+            endpoints,
+            A,
+            SourceError("eof"),
+            refusing(),
+            1.0,
+            time.monotonic() + 5.0,
+            structlog.get_logger(),
+        )
+    assert loop.time() - started < 0.2
+
+
+async def test_fail_over_never_runs_past_its_deadline() -> None:
+    """
+    Endpoints that accept and never answer are abandoned at the deadline,
+    whatever ``connect_timeout`` allows each, and the reason says so.
+    """
+    loop = asyncio.get_running_loop()
+    endpoints = make(A, B, C)
+    endpoints.connected(A, time.monotonic())
+
+    async def hang(endpoint: str) -> str:
+        await asyncio.Event().wait()
+        return endpoint
+
+    started = loop.time()
+    with pytest.raises(SourceError) as caught:
+        await fail_over(
+            endpoints,
+            A,
+            SourceError("eof"),
+            hang,
+            10.0,
+            time.monotonic() + 0.2,
+            structlog.get_logger(),
+        )
+    assert loop.time() - started < 0.5
+    assert "(the read's failover budget)" in str(caught.value)
+    assert "c: not tried, the read's failover budget ran out" in str(caught.value)
+
+
+async def test_a_cancelled_fail_over_leaves_nothing_connected() -> None:
+    """
+    Cancelled while it connects (the watchdog, a shutdown), a failover leaves
+    the source on no endpoint, and the one that failed backed off: closing
+    the source then has nothing to undo.
+    """
+    endpoints = make(A, B)
+    endpoints.connected(A, time.monotonic())
+    started = asyncio.Event()
+
+    async def hang(endpoint: str) -> str:
+        started.set()
+        await asyncio.Event().wait()
+        return endpoint
+
+    task = asyncio.create_task(
+        fail_over(
+            endpoints,
+            A,
+            SourceError("eof"),
+            hang,
+            10.0,
+            time.monotonic() + 10.0,
+            structlog.get_logger(),
+        )
+    )
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert endpoints.current is None
+    closed(endpoints, asyncio.CancelledError(), structlog.get_logger())
+    assert [1, 0] == [
+        entry["failures"] for entry in endpoints.details(0.0)["endpoints"]
+    ]
