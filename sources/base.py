@@ -4,9 +4,13 @@ The Source interface: what every driver provides to the supervisor.
 A driver is an async context manager (open the device on enter, release it on
 exit) with ``async read() -> bytes``. Drivers raise `broker.errors.SourceError` (or
 any ``OSError``) on device trouble; they never retry on their own, because the
-supervisor decides what happens next (backoff, reconnect, failover), and they
-never time a read out: the supervisor's watchdog cancels a read that takes too
-long, so a read must leave the driver closable when it is cancelled.
+supervisor decides what happens next (backoff, reconnect, failover between
+sources and tiers), and they never time a read out: the supervisor's watchdog
+cancels a read that takes too long, so a read must leave the driver closable
+when it is cancelled. The one exception is a driver with several endpoints for
+one supply (the upstream ``egd`` and ``http`` sources): it moves to its next
+endpoint within a read, once per endpoint and within half its watchdog, and
+raises only when none answers, so that one dead upstream is not a tier change.
 """
 
 from collections.abc import Mapping
