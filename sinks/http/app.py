@@ -50,7 +50,7 @@ from broker.status import BrokerView
 from sinks.http import pollen
 from sinks.http.admin import has_admin_token, reload_handler, simulator_handler
 from sinks.http.answer import RawAnswer
-from sinks.http.config import HttpSinkConfig
+from sinks.http.config import HttpSinkConfig, path_taken
 from sinks.http.entropy import PATH, EntropyEndpoint, EntropyQuery, Pending
 from sinks.http.limits import identify
 from sinks.http.page import index
@@ -81,12 +81,6 @@ more than the sink's ``max_wait``): well inside pollinate's ``--max-time``
 (``-w``, 10 s by default, 5 s is common), so a client that must wait its turn
 gets the answer, and one that cannot be served gets a refusal in time.
 """
-
-# Paths of the API's own routes: pollen cannot share them (``/`` it can).
-_API_PATHS: Final = frozenset(
-    {PATH, "/healthz", "/readyz", "/v1/status", "/metrics", "/v1/admin/reload"}
-)
-_API_PREFIXES: Final = ("/v1/admin/", "/v1/simulator/")
 
 
 @web.middleware
@@ -216,9 +210,7 @@ def create_app(
         ConfigError: ``pollen_path`` is the path of another endpoint.
     """
     pollen_path = config.pollen_path if config.pollen else None
-    if pollen_path is not None and (
-        pollen_path in _API_PATHS or pollen_path.startswith(_API_PREFIXES)
-    ):
+    if pollen_path is not None and path_taken(pollen_path):
         raise ConfigError(
             f"pollen_path {pollen_path!r} is taken by another endpoint of the sink"
         )

@@ -3,7 +3,7 @@ Config model of the HTTP sink.
 """
 
 from pathlib import Path
-from typing import Literal, Self
+from typing import Final, Literal, Self
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -15,6 +15,27 @@ from sinks.http.tls import ClientAuth, TlsFiles, build_context
 # How much longer than the longest ``?wait=`` a request may take: room for the
 # grant, the budget store and writing the answer.
 _REQUEST_MARGIN = 10.0
+
+API_PATHS: Final = frozenset(
+    {"/v1/entropy", "/healthz", "/readyz", "/v1/status", "/metrics"}
+)
+"""Paths of the API's own routes, which the pollen endpoint cannot share."""
+
+API_PREFIXES: Final = ("/v1/admin/", "/v1/simulator/")
+"""Prefixes of the API's own routes, which the pollen endpoint cannot share."""
+
+POLLEN_BODY_BYTES: Final = len("challenge=") + 128
+"""
+Size of pollinate's POST body: ``challenge=`` and the hex of a SHA-512, so
+a smaller ``max_body_bytes`` would answer every pollinate 413.
+"""
+
+
+def path_taken(path: str) -> bool:
+    """
+    Whether ``path`` is one of the API's own routes (``/`` is not).
+    """
+    return path in API_PATHS or path.startswith(API_PREFIXES)
 
 
 class HttpSinkConfig(SinkConfigBase):
@@ -149,6 +170,41 @@ class HttpSinkConfig(SinkConfigBase):
                     for key, reason in problems
                 ],
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_pollen(self) -> Self:
+        if not self.pollen:
+            return self
+        problems: list[InitErrorDetails] = []
+        if path_taken(self.pollen_path):
+            problems.append(
+                InitErrorDetails(
+                    type=PydanticCustomError(
+                        "pollen",
+                        "{path} is taken by another endpoint of the API; "
+                        "pollen needs a path of its own (or /)",
+                        {"path": self.pollen_path},
+                    ),
+                    loc=("pollen_path",),
+                    input=self.pollen_path,
+                )
+            )
+        if self.max_body_bytes < POLLEN_BODY_BYTES:
+            problems.append(
+                InitErrorDetails(
+                    type=PydanticCustomError(
+                        "pollen",
+                        "pollinate POSTs {need} bytes (challenge= and 128 hex "
+                        "digits): with pollen, give at least {need}",
+                        {"need": POLLEN_BODY_BYTES},
+                    ),
+                    loc=("max_body_bytes",),
+                    input=self.max_body_bytes,
+                )
+            )
+        if problems:
+            raise ValidationError.from_exception_data(type(self).__name__, problems)
         return self
 
     @field_validator("tls_cert", "tls_key", "tls_client_ca")
