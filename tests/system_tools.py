@@ -19,6 +19,9 @@ TOOL_PACKAGES: dict[str, str] = {
     "systemd-socket-activate": "systemd",
     "systemd-analyze": "systemd",
     "pollinate": "pollinate",
+    "promtool": "prometheus",
+    "chromium": "chromium",
+    "chromedriver": "chromium-driver",
 }
 """Program on PATH → Debian package that installs it."""
 
