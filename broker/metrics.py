@@ -6,11 +6,27 @@ at scrape time, so the numbers can never drift from what status reports, and an
 idle broker pays nothing for metrics. Each broker gets its own `CollectorRegistry`
 (never the process-global default), so several brokers in one process (tests)
 do not collide.
+
+Names follow the Prometheus conventions that ``promtool check metrics`` lints:
+base units in the name (bytes, seconds, celsius, volts), ``_total`` on
+counters, ``_info`` gauges of 1 carrying labels, and no label that Prometheus
+sets itself (``instance``, ``job``): the host is ``hostname`` on
+``ebroker_build_info``. Entropy is counted in bytes (credited bits / 8), as
+promtool asks. Labels are bounded by the config: sources, sinks, customers and
+tiers, never clients. The registry also holds prometheus_client's process,
+platform and garbage-collector collectors, so ``process_*`` and ``python_*``
+come with every scrape.
 """
 
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder
 from prometheus_client.exposition import generate_latest as _generate_text
 from prometheus_client.metrics_core import (
@@ -24,9 +40,28 @@ from prometheus_client.registry import Collector
 from broker import __version__
 from broker.status import BrokerView, SourceState
 
+if TYPE_CHECKING:
+    # Only for annotations: the config module imports every source and sink.
+    from broker.config import Config
+
 NAMESPACE = "ebroker"
 SOURCE_STATES: tuple[str, ...] = tuple(state.value for state in SourceState)
 HEALTH_STATES: tuple[str, ...] = ("ok", "degraded", "unhealthy", "shutting_down")
+BITS_PER_BYTE = 8
+
+
+@runtime_checkable
+class _Configured(Protocol):
+    """
+    A broker whose configuration can be read: the running `broker.app.Broker`.
+
+    `BrokerView` does not list the pool's low watermark; until it does, the
+    collector reads it from the configuration when the broker has one, and
+    views without it (test doubles) simply lack that series.
+    """
+
+    @property
+    def config(self) -> "Config": ...
 
 
 def _one_hot(
@@ -47,7 +82,11 @@ def _one_hot(
 
 DEVICE_DETAILS: dict[str, tuple[str, str, str]] = {
     "temperature_c": ("gauge", "device_temperature_celsius", "Device temperature"),
-    "voltage_v": ("gauge", "device_supply_volts", "Device supply voltage"),
+    "voltage_v": (
+        "gauge",
+        "device_supply_voltage_volts",
+        "Device supply voltage",
+    ),
     "fips_failures": (
         "gauge",
         "device_fips_failed_blocks",
@@ -93,7 +132,8 @@ class BrokerCollector(Collector):
     def _collect_broker(self) -> Iterator[Metric]:
         broker = self._broker
         info = InfoMetricFamily(f"{NAMESPACE}_build", "Version of this broker")
-        info.add_metric([], {"version": __version__, "instance": broker.instance})
+        # "hostname", not "instance": Prometheus sets instance to the target.
+        info.add_metric([], {"version": __version__, "hostname": broker.instance})
         yield info
         yield GaugeMetricFamily(
             f"{NAMESPACE}_start_time_seconds",
@@ -143,9 +183,9 @@ class BrokerCollector(Collector):
             value=stats.bytes_in,
         )
         yield CounterMetricFamily(
-            f"{prefix}_credited_bits",
-            "Entropy credited to absorbed input, in bits",
-            value=stats.credited_bits_in,
+            f"{prefix}_credited_entropy_bytes",
+            "Entropy credited to absorbed input, in bytes (credited bits / 8)",
+            value=stats.credited_bits_in / BITS_PER_BYTE,
         )
         yield CounterMetricFamily(
             f"{prefix}_uncredited_input_bytes",
@@ -162,6 +202,13 @@ class BrokerCollector(Collector):
             "Conditioned output blocks produced",
             value=stats.blocks_out,
         )
+        if isinstance(self._broker, _Configured):
+            yield GaugeMetricFamily(
+                f"{prefix}_low_watermark_bytes",
+                "Pool level below which, with no healthy source, the broker "
+                "reports unhealthy",
+                value=self._broker.config.broker.low_watermark,
+            )
 
     def _collect_sources(self) -> Iterator[Metric]:
         prefix = f"{NAMESPACE}_source"
@@ -190,13 +237,18 @@ class BrokerCollector(Collector):
             f"{prefix}_input_bytes", "Raw bytes read from each source", labels=labels
         )
         credited = CounterMetricFamily(
-            f"{prefix}_credited_bits",
-            "Entropy credited from each source, in bits",
+            f"{prefix}_credited_entropy_bytes",
+            "Entropy credited from each source, in bytes (credited bits / 8)",
             labels=labels,
         )
         restarts = CounterMetricFamily(
             f"{prefix}_restarts",
             "Times each source's driver was restarted",
+            labels=labels,
+        )
+        changed = GaugeMetricFamily(
+            f"{prefix}_state_change_time_seconds",
+            "Wall-clock time (Unix seconds) of each source's last state change",
             labels=labels,
         )
         for source in self._broker.sources_status():
@@ -206,9 +258,11 @@ class BrokerCollector(Collector):
             priority.add_metric(values, source.priority)
             rate.add_metric(values, source.rate)
             bytes_in.add_metric(values, source.bytes_in)
-            credited.add_metric(values, source.credited_bits)
+            credited.add_metric(values, source.credited_bits / BITS_PER_BYTE)
             restarts.add_metric(values, source.restarts)
+            changed.add_metric(values, source.since)
         yield from (state, feeding, priority, rate, bytes_in, credited, restarts)
+        yield changed
         yield from self._collect_device_details()
 
     def _collect_tiers(self) -> Iterator[Metric]:
@@ -296,6 +350,22 @@ class BrokerCollector(Collector):
             "Bytes left in the current quota period",
             labels=labels,
         )
+        used = GaugeMetricFamily(
+            f"{prefix}_quota_used_bytes",
+            "Bytes drawn in the current quota period (by every broker sharing "
+            "the budget store)",
+            labels=labels,
+        )
+        limit = GaugeMetricFamily(
+            f"{prefix}_quota_limit_bytes",
+            "Bytes each customer may draw per quota period",
+            labels=labels,
+        )
+        resets = GaugeMetricFamily(
+            f"{prefix}_quota_reset_time_seconds",
+            "Wall-clock time (Unix seconds) the current quota period ends",
+            labels=labels,
+        )
         clients = GaugeMetricFamily(
             f"{prefix}_clients", "Clients seen recently per customer", labels=labels
         )
@@ -308,6 +378,10 @@ class BrokerCollector(Collector):
             quota = customer.get("quota")
             if quota:
                 remaining.add_metric([name], quota.get("remaining", 0))
+                used.add_metric([name], quota.get("used", 0))
+                limit.add_metric([name], quota.get("limit", 0))
+                if isinstance(quota.get("resets_at"), int | float):
+                    resets.add_metric([name], quota["resets_at"])
         backend = GaugeMetricFamily(
             f"{NAMESPACE}_accounts_backend_healthy",
             "1 while the budget store (memory or Redis) answers",
@@ -315,8 +389,8 @@ class BrokerCollector(Collector):
         backend.add_metric(
             [], 1.0 if snapshot.get("backend", {}).get("healthy", True) else 0.0
         )
-        yield from (served, throttled, throttled_requests, denied, remaining, clients)
-        yield backend
+        yield from (served, throttled, throttled_requests, denied, clients)
+        yield from (remaining, used, limit, resets, backend)
 
     def _collect_device_details(self) -> Iterator[Metric]:
         # Sources that report device facts (Entropy Keys) get one series per
@@ -382,10 +456,15 @@ class BrokerCollector(Collector):
 
 def create_registry(broker: BrokerView) -> CollectorRegistry:
     """
-    Build a registry holding one `BrokerCollector` for ``broker``.
+    Build a registry holding a `BrokerCollector` for ``broker``, and the
+    process (``process_*``), platform (``python_info``) and garbage-collector
+    (``python_gc_*``) collectors of prometheus_client.
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BrokerCollector(broker))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
     return registry
 
 

@@ -134,7 +134,7 @@ def test_pool_series_follow_the_pool() -> None:
     assert 4096 == found[("ebroker_pool_capacity_bytes", ())]
     assert 0 == found[("ebroker_pool_waiters", ())]
     assert 80 == found[("ebroker_pool_input_bytes_total", ())]
-    assert 640 == found[("ebroker_pool_credited_bits_total", ())]
+    assert 80 == found[("ebroker_pool_credited_entropy_bytes_total", ())]
     assert 10 == found[("ebroker_pool_output_bytes_total", ())]
     assert 2 == found[("ebroker_pool_output_blocks_total", ())]
 
@@ -175,7 +175,7 @@ def test_source_counters_and_gauges() -> None:
     found = samples(render_metrics(broker)[0])
     labels = (("kind", "device"), ("source", "key1"))
     assert 1000 == found[("ebroker_source_input_bytes_total", labels)]
-    assert 8000 == found[("ebroker_source_credited_bits_total", labels)]
+    assert 1000 == found[("ebroker_source_credited_entropy_bytes_total", labels)]
     assert 3 == found[("ebroker_source_restarts_total", labels)]
     assert 250 == found[("ebroker_source_rate_bytes_per_second", labels)]
     assert 2 == found[("ebroker_source_priority", labels)]
@@ -228,7 +228,7 @@ def test_refusals_and_closures_are_counted_by_reason() -> None:
 def test_health_readiness_and_build_info() -> None:
     """
     Health is one-hot over its statuses, serving and ready are 0/1, and build
-    info names the version and instance.
+    info names the version and hostname.
     """
     broker = FakeBroker(
         current_health=Health(False, "unhealthy", ("no healthy source",)),
@@ -241,7 +241,7 @@ def test_health_readiness_and_build_info() -> None:
     }
     assert 0 == found[("ebroker_serving", ())]
     assert 0 == found[("ebroker_ready", ())]
-    info = (("instance", "metrics-test"), ("version", __version__))
+    info = (("hostname", "metrics-test"), ("version", __version__))
     assert 1 == found[("ebroker_build_info", info)]
     assert broker.started_at == found[("ebroker_start_time_seconds", ())]
 

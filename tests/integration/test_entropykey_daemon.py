@@ -280,7 +280,7 @@ async def test_keys_report_temperature_and_voltage(
         metrics, "ebroker_device_temperature_celsius", source="ekey-b"
     )
     assert 3.254 == metric_value(
-        metrics, "ebroker_device_supply_volts", source="ekey-c"
+        metrics, "ebroker_device_supply_voltage_volts", source="ekey-c"
     )
 
 
