@@ -11,7 +11,14 @@ CONFIG ?= config/ebroker.toml
 APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -qq -o=Dpkg::Use-Pty=0
 CAN_APT = [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null
 
-.PHONY: install system-packages run test stress lint fmt bench cov check clean
+.PHONY: install install-cli system-packages run test stress lint fmt bench cov check clean
+
+# `make install-cli` (and `make run`) put `ebroker` on PATH: a symlink to the
+# venv's script in $(PREFIX)/bin when root, else in ~/.local/bin. CLI_DIR picks
+# another directory; FORCE=1 replaces a different file already there.
+PREFIX ?= /usr/local
+CLI_DIR ?= $(if $(filter 0,$(shell id -u)),$(PREFIX)/bin,$(HOME)/.local/bin)
+FORCE ?=
 
 # Debian's Python keeps venv (ensurepip) in its own package, python3-venv.
 $(STAMP): pyproject.toml
@@ -30,6 +37,25 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+install-cli: $(STAMP)
+	@target="$(abspath $(BIN))/ebroker"; dir="$(CLI_DIR)"; link="$$dir/ebroker"; \
+	mkdir -p "$$dir" || exit 1; \
+	if [ -L "$$link" ] && [ "$$(readlink "$$link")" = "$$target" ]; then \
+	  echo "==> $$link already links to $$target"; \
+	elif [ -e "$$link" ] && [ ! -L "$$link" ] && [ -z "$(FORCE)" ]; then \
+	  echo "==> $$link exists and is not a link to this checkout: left alone." >&2; \
+	  echo "    Run $$target directly, or replace it: make install-cli FORCE=1" >&2; \
+	else \
+	  if [ -L "$$link" ] || [ -e "$$link" ]; then \
+	    echo "==> replacing $$link (was $$(readlink "$$link" || echo 'a file'))"; \
+	  fi; \
+	  ln -sfn "$$target" "$$link" && echo "==> linked $$link -> $$target"; \
+	fi; \
+	case ":$$PATH:" in *":$$dir:"*) ;; *) \
+	  echo "==> $$dir is not on your PATH; add this line to ~/.profile (or ~/.bashrc):"; \
+	  echo "    export PATH=\"$$dir:\$$PATH\"";; \
+	esac
+
 system-packages:
 	@missing="$$($(PYTHON) tests/system_tools.py missing)"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
@@ -42,7 +68,7 @@ system-packages:
 	  echo "    install them with: sudo apt-get install -y $$missing"; \
 	fi
 
-run: $(STAMP)
+run: install-cli
 	$(BIN)/ebroker serve --config $(CONFIG)
 
 test: $(STAMP) system-packages
