@@ -5,8 +5,15 @@ between the kernel's accepted socket and aiohttp's `RequestHandler`.
 aiohttp has no connection cap and no deadline for a request's headers: a
 client that opens a socket and trickles a header byte now and then holds a
 file descriptor for as long as it likes. Every accepted TCP connection is
-therefore first a `GuardedConnection`, which moves through three phases:
+therefore first a `GuardedConnection`, which moves through these phases:
 
+``HANDSHAKE``
+    HTTPS only. The connection was counted against ``max_connections`` and
+    ``max_connections_per_client`` at accept, like a plain one, and is
+    refused the same way over a cap, before any TLS. The guard runs the
+    handshake itself (`sinks.http.tls.TlsSession`, on the context in force),
+    bounded by ``header_timeout``; a failed one is counted as
+    ``tls_handshake``. From then on every phase below sees decrypted bytes.
 ``GATE``
     The first bytes go through the PROXY gate (always, so that a PROXY header
     from an address that is not a trusted proxy is refused). Over
@@ -25,7 +32,8 @@ therefore first a `GuardedConnection`, which moves through three phases:
 
 ``header_timeout`` runs from accept until the blank line that ends the first
 request's headers, across ``GATE`` and ``HEADERS``; blank lines before the
-request line (which aiohttp skips) do not end it.
+request line (which aiohttp skips) do not end it. With TLS it bounds the
+handshake first, then starts again when the handshake ends.
 
 Every admitted connection's transport is wrapped in a `GuardedTransport`,
 which counts what aiohttp writes. Whenever bytes wait in the transport's
@@ -46,6 +54,7 @@ reason per interval.
 import asyncio
 import enum
 import ipaddress
+import ssl
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,6 +64,7 @@ import structlog
 
 from broker.accounts.identity import normalise_ip
 from broker.ratelog import CountedLog
+from sinks.http.tls import TlsSession
 from sinks.proxy import ProxyGate, ProxyRefused
 
 log = structlog.get_logger("ebroker.sinks.http")
@@ -69,6 +79,12 @@ _TIMEOUT_ANSWER: Final = (
     b"Content-Length: 24\r\n"
     b"\r\n"
     b"request headers too slow"
+)
+
+
+# What a TLS connection's transport tells through ``get_extra_info``.
+_TLS_INFO: Final = frozenset(
+    {"ssl_object", "sslcontext", "peercert", "cipher", "compression"}
 )
 
 
@@ -87,6 +103,7 @@ class Limits:
 
 
 class _Phase(enum.Enum):
+    HANDSHAKE = "handshake"
     GATE = "gate"
     HEADERS = "headers"
     RELAY = "relay"
@@ -101,6 +118,8 @@ class ConnectionGuard:
         limits: caps and deadlines.
         make_handler: builds aiohttp's protocol for an admitted connection.
         refusals: where refusals are counted and logged.
+        tls: for HTTPS, returns the context a new handshake uses (the newest
+            after a reload); None for plain HTTP.
     """
 
     def __init__(
@@ -108,10 +127,12 @@ class ConnectionGuard:
         limits: Limits,
         make_handler: Callable[[], asyncio.Protocol],
         refusals: CountedLog,
+        tls: Callable[[], ssl.SSLContext] | None = None,
     ) -> None:
         self.limits = limits
         self.make_handler = make_handler
         self.refusals = refusals
+        self.tls = tls
         self._connections: set[GuardedConnection] = set()
         self._per_client: Counter[str] = Counter()
 
@@ -161,6 +182,8 @@ class GuardedConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._inner: asyncio.Protocol | None = None
         self._gate: ProxyGate | None = None
+        self._tls: TlsSession | None = None
+        self._eof_delivered = False
         self._client: str | None = None
         self._peer = "?"
         self._tail = b""
@@ -188,12 +211,23 @@ class GuardedConnection(asyncio.Protocol):
         # client; any other peer is its own client, capped right at accept.
         if not self._gate.trusted and not self._claim(host):
             return
-        loop = asyncio.get_running_loop()
-        self._header_timer = loop.call_later(
-            self._guard.limits.header_timeout, self._headers_expired
-        )
+        if self._guard.tls is not None:
+            self._tls = TlsSession(self._guard.tls())
+            self._phase = _Phase.HANDSHAKE
+        self._start_header_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self._tls is not None:
+            data = self._decrypt(data)
+            if data:
+                self._received(data)
+            ended = self._tls.peer_closed and not self._eof_delivered
+            if ended and not self._delivered_eof():
+                self.close()
+            return
+        self._received(data)
+
+    def _received(self, data: bytes) -> None:
         if self._phase is _Phase.GATE:
             data = self._through_gate(data)
             if not data:
@@ -204,6 +238,16 @@ class GuardedConnection(asyncio.Protocol):
             self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
+        if self._tls is not None:
+            if not self._tls.established or self._eof_delivered:
+                # A client gone mid-handshake, or a TLS stream already ended:
+                # nothing more to hand on; the transport closes.
+                return None
+            self._tls.peer_closed = True
+        return self._delivered_eof()
+
+    def _delivered_eof(self) -> bool | None:
+        self._eof_delivered = True
         if self._phase is _Phase.GATE:
             rest = self._through_gate(b"")
             if self._inner is not None and rest:
@@ -236,6 +280,39 @@ class GuardedConnection(asyncio.Protocol):
             inner.connection_lost(exc)
 
     # ---- phases --------------------------------------------------------------
+
+    def _start_header_timer(self) -> None:
+        self._stop_header_timer()
+        self._header_timer = asyncio.get_running_loop().call_later(
+            self._guard.limits.header_timeout, self._headers_expired
+        )
+
+    def _decrypt(self, data: bytes) -> bytes:
+        """
+        Run the TLS layer on bytes from the socket.
+
+        Returns:
+            The decrypted bytes for the phases above it.
+        """
+        tls = self._tls
+        if tls is None or self._phase is _Phase.CLOSED:
+            return b""
+        handshaking = not tls.established
+        try:
+            plain = tls.receive(data)
+        except ssl.SSLError as exc:
+            # The alert, if OpenSSL wrote one, goes out ahead of the close.
+            self._send_raw(tls.outgoing())
+            self._refuse(
+                "tls_handshake" if handshaking else "tls_error",
+                detail=exc.reason or type(exc).__name__,
+            )
+            return b""
+        self._send_raw(tls.outgoing())
+        if handshaking and tls.established:
+            self._phase = _Phase.GATE
+            self._start_header_timer()
+        return plain
 
     def _through_gate(self, data: bytes) -> bytes:
         """
@@ -304,7 +381,7 @@ class GuardedConnection(asyncio.Protocol):
 
     def _headers_expired(self) -> None:
         self._header_timer = None
-        if self._phase not in (_Phase.GATE, _Phase.HEADERS):
+        if self._phase not in (_Phase.HANDSHAKE, _Phase.GATE, _Phase.HEADERS):
             return
         if self._phase is _Phase.HEADERS:
             self.write(_TIMEOUT_ANSWER)
@@ -314,9 +391,18 @@ class GuardedConnection(asyncio.Protocol):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """
-        Write to the socket, watching that the bytes leave the buffer.
+        Write to the socket (through TLS on HTTPS), watching that the bytes
+        leave the buffer.
         """
         if self._transport is None:
+            return
+        if self._tls is not None:
+            try:
+                data = self._tls.send(data)
+            except ssl.SSLError:
+                # The TLS stream is already closed: the socket follows.
+                return
+            self._send_raw(data)
             return
         self._written += len(data)
         self._transport.write(data)
@@ -328,9 +414,47 @@ class GuardedConnection(asyncio.Protocol):
         """
         if self._transport is None:
             return
+        if self._tls is not None:
+            self.write(b"".join(chunks))
+            return
         self._written += sum(len(chunk) for chunk in chunks)
         self._transport.writelines(chunks)
         self._watch_writes()
+
+    def _send_raw(self, data: bytes) -> None:
+        # Bytes for the socket as they are (TLS records): counted as written.
+        if self._transport is None or not data:
+            return
+        self._written += len(data)
+        self._transport.write(data)
+        self._watch_writes()
+
+    def tls_info(self, name: str) -> Any:
+        """
+        TLS facts under asyncio's ``get_extra_info`` names, or None.
+        """
+        tls = self._tls
+        if tls is None or not tls.established:
+            return None
+        match name:
+            case "ssl_object":
+                return tls.ssl_object
+            case "sslcontext":
+                return tls.context
+            case "peercert":
+                return tls.ssl_object.getpeercert()
+            case "cipher":
+                return tls.ssl_object.cipher()
+            case "compression":
+                return tls.ssl_object.compression()
+        return None
+
+    @property
+    def secure(self) -> bool:
+        """
+        Whether the connection speaks TLS.
+        """
+        return self._tls is not None
 
     def _watch_writes(self) -> None:
         """
@@ -367,6 +491,8 @@ class GuardedConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
+        if self._tls is not None and not transport.is_closing():
+            self._send_raw(self._tls.close())
         transport.close()
         if self._close_timer is None and self._phase is not _Phase.CLOSED:
             self._close_timer = asyncio.get_running_loop().call_later(
@@ -380,7 +506,8 @@ class GuardedConnection(asyncio.Protocol):
             self._transport.abort()
 
     def close_if_unserved(self) -> None:
-        if self._phase in (_Phase.GATE, _Phase.HEADERS) and self._transport:
+        unserved = (_Phase.HANDSHAKE, _Phase.GATE, _Phase.HEADERS)
+        if self._phase in unserved and self._transport:
             self.close()
             self._phase = _Phase.CLOSED
 
@@ -427,6 +554,9 @@ class GuardedTransport(asyncio.Transport):
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "peername" and self._peername is not None:
             return self._peername
+        if self._connection.secure and name in _TLS_INFO:
+            info = self._connection.tls_info(name)
+            return default if info is None else info
         return self._transport.get_extra_info(name, default)
 
     def is_closing(self) -> bool:
@@ -468,10 +598,12 @@ class GuardedTransport(asyncio.Transport):
         self._connection.writelines(list(list_of_data))
 
     def write_eof(self) -> None:
+        if self._connection.secure:
+            raise NotImplementedError("TLS has no half-close")
         self._transport.write_eof()
 
     def can_write_eof(self) -> bool:
-        return self._transport.can_write_eof()
+        return not self._connection.secure and self._transport.can_write_eof()
 
     def abort(self) -> None:
         self._transport.abort()

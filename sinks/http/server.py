@@ -20,9 +20,10 @@ connection to aiohttp's handler (`sinks.http.handler`), which answers
 ``GET /v1/entropy`` ahead of the application (`sinks.http.app.DirectEntropy`).
 
 With ``tls_cert`` and ``tls_key`` every listener speaks HTTPS
-(`sinks.http.tls`). asyncio completes the handshake before the guard sees the
-connection, under ``ssl_handshake_timeout`` = ``header_timeout``; the header
-deadline then starts at the handshake's end. A reload
+(`sinks.http.tls`). The listeners still accept plain TCP: the guard counts a
+connection against the caps at accept, refuses it before any TLS when over
+one, and then runs the handshake itself within ``header_timeout``; the header
+deadline starts again at the handshake's end. A reload
 (`HttpSink.prepare_tls_reload`) re-reads the files for new handshakes only.
 
 A listen address that matches an inherited listening socket (systemd socket
@@ -255,10 +256,12 @@ class HttpSink:
             write_timeout=config.request_deadline,
             trusted_proxies=config.trusted_proxies,
         )
+        tls = self._tls
         return ConnectionGuard(
             limits,
             make_handler=lambda: QuietRequestHandler(server, **handler_options),
             refusals=self._refusals,
+            tls=(lambda: tls.current) if tls is not None else None,
         )
 
     async def _listen(self, runner: web.AppRunner, address: ListenAddress) -> None:
@@ -266,21 +269,11 @@ class HttpSink:
         if self._guard is None:
             raise RuntimeError("listening before the connection guard exists")
         taken = self._inherited.take(self.name, address) if self._inherited else None
-        tls: dict[str, Any] = {}
-        if self._tls is not None:
-            # The guard sees a connection once its handshake is done; until
-            # then the handshake deadline is the header deadline, so a client
-            # that never finishes one holds its socket no longer than one that
-            # never sends its headers.
-            tls = {
-                "ssl": self._tls.context,
-                "ssl_handshake_timeout": self._config.header_timeout,
-            }
         try:
             if taken is not None:
                 # Already bound and listening: connections may wait in its backlog.
                 server = await loop.create_server(
-                    self._guard, sock=taken.sock, backlog=self._config.backlog, **tls
+                    self._guard, sock=taken.sock, backlog=self._config.backlog
                 )
             else:
                 server = await loop.create_server(
@@ -289,7 +282,6 @@ class HttpSink:
                     address.port,
                     backlog=self._config.backlog,
                     reuse_address=True,
-                    **tls,
                 )
         except OSError as exc:
             raise BrokerError(

@@ -1,20 +1,27 @@
 """
 TLS for the HTTP sink: building the server's `ssl.SSLContext` from the
-configured files, swapping it on reload, and reading a client's certificate.
+configured files, swapping it on reload, running one connection's TLS over
+memory buffers, and reading a client's certificate.
 
-The listeners are created once with one context (`ServerTls.context`), which
-asyncio cannot replace. A reload therefore builds a complete new context and
-the listening context's SNI callback, which OpenSSL runs for every ClientHello
-whether or not the client names a server, points each new handshake at it.
+The listeners accept plain TCP, so that the connection guard
+(`sinks.http.connections`) counts a connection against its caps from the
+moment it is accepted, before any handshake. Each admitted connection then
+gets a `TlsSession` on the context in force (`ServerTls.current`): a reload
+builds a complete new context and puts it in force for new handshakes only.
 Connections already established keep the certificate they were handshaken
 with; a new certificate, key or client CA that does not load is refused and
 the context in force stays.
+
+A `TlsSession` is sans-I/O: bytes from the socket go in, decrypted bytes and
+bytes for the socket come out, so the guard keeps every deadline (the
+handshake is bounded by ``header_timeout``) and the socket's flow control.
 
 Client certificates are verified against ``tls_client_ca`` by OpenSSL during
 the handshake; only a verified certificate ever reaches `peer_certificate`, so
 its fingerprint and subject CN can be trusted to name a customer.
 """
 
+import contextlib
 import hashlib
 import ssl
 import stat
@@ -218,7 +225,7 @@ def der_not_after(der: bytes) -> float:
 
 class ServerTls:
     """
-    The TLS context a sink listens with, and the one new handshakes get.
+    The TLS context new handshakes get, swapped whole on reload.
 
     Args:
         files: where the certificate, key and client CA are.
@@ -229,16 +236,7 @@ class ServerTls:
 
     def __init__(self, files: TlsFiles) -> None:
         self.files = files
-        self.context, self.info = build_context(files)
-        self._current = self.context
-        self.context.sni_callback = self._choose
-
-    def _choose(self, ssl_object: ssl.SSLObject, _name: str | None, _: Any) -> None:
-        # OpenSSL asks before it picks a certificate: hand it the context
-        # in force. Returning None lets the handshake go on.
-        if self._current is not self.context:
-            ssl_object.context = self._current
-        return None
+        self.current, self.info = build_context(files)
 
     def prepare_reload(self) -> Callable[[], CertificateInfo]:
         """
@@ -254,11 +252,109 @@ class ServerTls:
         context, info = build_context(self.files)
 
         def commit() -> CertificateInfo:
-            self._current = context
+            self.current = context
             self.info = info
             return info
 
         return commit
+
+
+# Most decrypted bytes taken out of OpenSSL at a time.
+_READ_CHUNK = 65536
+
+
+class TlsSession:
+    """
+    The server side of one TLS connection, over memory buffers.
+
+    `receive` takes what the socket read and returns the application bytes it
+    decrypts to; `send` encrypts; after either, `outgoing` holds what must be
+    written to the socket (handshake messages, alerts, records).
+
+    Args:
+        context: the server context the handshake uses.
+    """
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.ssl_object = context.wrap_bio(
+            self._incoming, self._outgoing, server_side=True
+        )
+        self.established = False
+        """Whether the handshake has completed."""
+        self.peer_closed = False
+        """Whether the peer ended the TLS stream (close_notify, or EOF)."""
+
+    def receive(self, data: bytes) -> bytes:
+        """
+        Feed bytes read from the socket (``b""``: the socket's EOF).
+
+        Returns:
+            The application bytes decrypted so far; check `established` for
+            the end of the handshake.
+
+        Raises:
+            ssl.SSLError: the handshake failed (no or untrusted client
+                certificate, not TLS at all) or a record is corrupt; any
+                alert for the peer is in `outgoing`.
+        """
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()
+        if not self.established:
+            try:
+                self.ssl_object.do_handshake()
+            except ssl.SSLWantReadError:
+                return b""
+            self.established = True
+        chunks: list[bytes] = []
+        while not self.peer_closed:
+            try:
+                chunk = self.ssl_object.read(_READ_CHUNK)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                self.peer_closed = True
+                break
+            if not chunk:
+                self.peer_closed = True
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def send(self, data: bytes | bytearray | memoryview) -> bytes:
+        """
+        Encrypt application bytes.
+
+        Returns:
+            The records to write to the socket (with anything else pending).
+        """
+        if data:
+            self.ssl_object.write(data)
+        return self.outgoing()
+
+    def close(self) -> bytes:
+        """
+        Start a clean TLS close.
+
+        Returns:
+            The close_notify alert (and anything pending) for the socket.
+        """
+        # The peer's close_notify has not come (or never will): ours is in
+        # the buffer all the same, and the socket closes next.
+        if self.established:
+            with contextlib.suppress(ssl.SSLError):
+                self.ssl_object.unwrap()
+        return self.outgoing()
+
+    def outgoing(self) -> bytes:
+        """
+        Take the bytes waiting to be written to the socket.
+        """
+        return self._outgoing.read()
 
 
 def peer_certificate(transport: Any) -> PeerCertificate | None:

@@ -6,6 +6,7 @@ the client certificate read from a connection.
 """
 
 import asyncio
+import contextlib
 import datetime
 import hashlib
 import ssl
@@ -23,6 +24,7 @@ from sinks.http.config import HttpSinkConfig
 from sinks.http.tls import (
     ServerTls,
     TlsFiles,
+    TlsSession,
     build_context,
     certificate_info,
     der_not_after,
@@ -325,15 +327,16 @@ def test_server_tls_swaps_the_context_for_new_handshakes(
     ca: TestCA, server: CertFiles
 ) -> None:
     """
-    Until a reload is applied the listening context answers itself; after
-    it, its SNI callback hands new handshakes the new context.
+    Until a reload is applied new handshakes get the first context; after
+    it, the new one.
     """
     tls = ServerTls(TlsFiles(server.cert, server.key))
+    first = tls.current
     commit = tls.prepare_reload()
-    assert tls.context.sni_callback is not None
+    assert first is tls.current
     info = commit()
     assert info == tls.info
-    assert tls._current is not tls.context
+    assert first is not tls.current
 
 
 # ---- deadlines ------------------------------------------------------------------
@@ -400,7 +403,7 @@ async def peer_seen(
         )
         writer.close()
 
-    listener = await asyncio.start_server(accept, "127.0.0.1", 0, ssl=tls.context)
+    listener = await asyncio.start_server(accept, "127.0.0.1", 0, ssl=tls.current)
     port = listener.sockets[0].getsockname()[1]
     try:
         _, writer = await asyncio.open_connection(
@@ -489,39 +492,24 @@ async def test_reload_applies_a_new_client_ca_to_new_handshakes(
     other = TestCA(other_directory, "other")
     bundle = tmp_path / "clients.pem"
     bundle.write_bytes(ca.ca_path.read_bytes())
-    tls = ServerTls(TlsFiles(server.cert, server.key, bundle, "required"))
+    config = tls_config(server, tls_client_ca=str(bundle), tls_client_auth="required")
 
-    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"ok")
-        writer.close()
-
-    listener = await asyncio.start_server(accept, "127.0.0.1", 0, ssl=tls.context)
-    port = listener.sockets[0].getsockname()[1]
-
-    async def accepted(issuer: TestCA) -> bool:
+    async def accepted(port: int, issuer: TestCA) -> bool:
         context = ca.client_context(issuer.client_cert("guest-7"))
         try:
-            reader, writer = await asyncio.open_connection(
-                "127.0.0.1", port, ssl=context, server_hostname="127.0.0.1"
-            )
+            _, answer = await served_certificate(port, context, HEALTHZ)
         except (ssl.SSLError, ConnectionResetError):
             return False
-        try:
-            async with asyncio.timeout(DEADLINE):
-                return b"ok" == await reader.read()
-        except (ssl.SSLError, ConnectionResetError):
-            return False
-        finally:
-            writer.transport.abort()
+        return answer.startswith(b"HTTP/1.0 200")
 
-    try:
-        assert (True, False) == (await accepted(ca), await accepted(other))
+    async with running(config) as sink:
+        port = port_of(sink)
+        assert (True, False) == (await accepted(port, ca), await accepted(port, other))
         bundle.write_bytes(other.ca_path.read_bytes())
-        tls.prepare_reload()()
-        assert (False, True) == (await accepted(ca), await accepted(other))
-    finally:
-        listener.close()
-        await listener.wait_closed()
+        apply = await sink.prepare_tls_reload()
+        assert apply is not None
+        apply()
+        assert (False, True) == (await accepted(port, ca), await accepted(port, other))
 
 
 def test_relative_paths_are_refused(server: CertFiles) -> None:
@@ -557,3 +545,131 @@ def test_encrypted_key_is_refused_without_a_prompt(
         tls_config(server, tls_key=str(encrypted))
     error = caught.value.errors()[0]
     assert (("tls_key",), True) == (error["loc"], "is encrypted" in error["msg"])
+
+
+# ---- the session over memory buffers ---------------------------------------------
+
+
+def handshake_pair(
+    ca: TestCA, server: CertFiles, client: CertFiles | None = None
+) -> tuple[TlsSession, ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    """
+    A `TlsSession` and a client `ssl.SSLObject` (with its incoming and
+    outgoing buffers) that have not yet exchanged a byte.
+    """
+    files = TlsFiles(server.cert, server.key, ca.ca_path, "optional")
+    session = TlsSession(build_context(files)[0])
+    into_client, from_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    peer = ca.client_context(client).wrap_bio(
+        into_client, from_client, server_hostname="127.0.0.1"
+    )
+    return session, peer, into_client, from_client
+
+
+def run_handshake(
+    session: TlsSession,
+    peer: ssl.SSLObject,
+    into_client: ssl.MemoryBIO,
+    from_client: ssl.MemoryBIO,
+) -> None:
+    for _ in range(10):
+        try:
+            peer.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        else:
+            if session.established:
+                return
+        assert b"" == session.receive(from_client.read())
+        into_client.write(session.outgoing())
+    raise AssertionError("handshake did not finish")
+
+
+def test_session_handshakes_and_relays_both_ways(ca: TestCA, server: CertFiles) -> None:
+    """
+    In memory: the handshake ends, the client's certificate is there,
+    application bytes go both ways, and a close_notify ends the stream.
+    """
+    session, peer, into_client, from_client = handshake_pair(
+        ca, server, ca.client_cert("guest-7")
+    )
+    assert not session.established
+    run_handshake(session, peer, into_client, from_client)
+    assert "guest-7" == (peer_certificate_of(session) or "")
+    peer.write(b"GET / HTTP/1.1\r\n\r\n")
+    assert b"GET / HTTP/1.1\r\n\r\n" == session.receive(from_client.read())
+    into_client.write(session.send(b"HTTP/1.1 200 OK\r\n\r\n"))
+    assert b"HTTP/1.1 200 OK\r\n\r\n" == peer.read(100)
+    # Our close_notify is out; the server's comes later.
+    with contextlib.suppress(ssl.SSLWantReadError):
+        peer.unwrap()
+    assert b"" == session.receive(from_client.read())
+    assert session.peer_closed
+    assert session.close()
+
+
+def peer_certificate_of(session: TlsSession) -> str | None:
+    seen = peer_certificate(_Extra(session.ssl_object))
+    return None if seen is None else seen.common_name
+
+
+class _Extra:
+    def __init__(self, ssl_object: ssl.SSLObject) -> None:
+        self.ssl_object = ssl_object
+
+    def get_extra_info(self, name: str) -> Any:
+        return self.ssl_object if name == "ssl_object" else None
+
+
+def test_session_refuses_garbage_with_an_alert(ca: TestCA, server: CertFiles) -> None:
+    """
+    Cleartext instead of a ClientHello fails the handshake.
+    """
+    session, *_ = handshake_pair(ca, server)
+    with pytest.raises(ssl.SSLError):
+        session.receive(HEALTHZ)
+    assert not session.established
+
+
+# ---- counted from accept ----------------------------------------------------------
+
+
+async def test_silent_tls_connections_count_against_the_caps_from_accept(
+    ca: TestCA, server: CertFiles
+) -> None:
+    """
+    TCP connections that never send a ClientHello hold the client's share;
+    one more is refused at once, another client is served meanwhile.
+    """
+    config = tls_config(server, max_connections_per_client=2, header_timeout=30)
+    async with running(config) as sink:
+        port = port_of(sink)
+        held = [
+            await asyncio.open_connection(
+                "127.0.0.1", port, local_addr=("127.0.1.1", 0)
+            )
+            for _ in range(3)
+        ]
+        await eventually(
+            lambda: 1 == sink.status().refused.get("max_connections_per_client", 0)
+        )
+        async with asyncio.timeout(DEADLINE):
+            assert b"" == await held[2][0].read()
+        assert 2 == sink.status().connections
+        _, answer = await served_certificate(port, ca.client_context(), HEALTHZ)
+        assert answer.startswith(b"HTTP/1.0 200")
+        assert not held[0][0].at_eof()
+        for _, writer in held:
+            writer.close()
+        await eventually(lambda: 0 == sink.status().connections)
+
+
+async def test_a_failed_handshake_is_counted(server: CertFiles) -> None:
+    """
+    Cleartext to the HTTPS port is counted as ``tls_handshake``.
+    """
+    async with running(tls_config(server)) as sink:
+        _, writer = await asyncio.open_connection("127.0.0.1", port_of(sink))
+        writer.write(HEALTHZ)
+        await eventually(lambda: 1 == sink.status().refused.get("tls_handshake", 0))
+        writer.close()
