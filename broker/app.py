@@ -33,6 +33,8 @@ from broker.errors import BrokerError, ConfigError
 from broker.fdlimit import needed_for, raise_soft_limit
 from broker.handover import HandoverHooks, HandoverListener
 from broker.health_policy import HealthInputs, assess
+from broker.history import History
+from broker.history_recorder import HistoryRecorder, configured_step
 from broker.inherited import InheritedListeners
 from broker.ownership import StateDirLock
 from broker.pool import EntropyPool
@@ -251,6 +253,9 @@ class Broker:
         self._reload_refusal: str | None = None
         self._started_sinks: list[Sink] = []
         self._teardown = contextlib.AsyncExitStack()
+        self._history = HistoryRecorder(
+            self, self.state_dir, clock=clock, step=configured_step(os.environ)
+        )
 
     # ---- BrokerView ---------------------------------------------------------------
 
@@ -268,6 +273,10 @@ class Broker:
 
     def config_status(self) -> ConfigStatus:
         return self._config_status
+
+    @property
+    def history(self) -> History:
+        return self._history.history
 
     def sources_status(self) -> list[SourceStatus]:
         return self.supervisor.statuses()
@@ -338,6 +347,7 @@ class Broker:
             stack.push_async_callback(self.supervisor.stop)
             stack.push_async_callback(self._cancel_tasks)
             self._watch_for_keys()
+            await stack.enter_async_context(self._history)
             stack.push_async_callback(self._stop_sinks)
             stack.callback(self.inherited.close_unclaimed)
             for sink in self.sinks:

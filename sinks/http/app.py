@@ -52,6 +52,8 @@ from sinks.http.admin import has_admin_token, reload_handler, simulator_handler
 from sinks.http.answer import RawAnswer
 from sinks.http.config import HttpSinkConfig, path_taken
 from sinks.http.entropy import PATH, EntropyEndpoint, EntropyQuery, Pending
+from sinks.http.history import PATH as HISTORY_PATH
+from sinks.http.history import history_handler
 from sinks.http.limits import identify
 from sinks.http.page import index
 from sinks.http.probes import healthz, metrics, readyz, status
@@ -243,6 +245,7 @@ def create_app(
     router.add_get(PATH, entropy.handle, allow_head=False)
     router.add_get("/v1/status", status)
     router.add_get("/metrics", metrics)
+    router.add_get(HISTORY_PATH, history_handler(broker))
     if config.admin_token is not None:
         router.add_post("/v1/admin/reload", reload_handler(broker, config.admin_token))
     if config.simulator_control:
