@@ -25,7 +25,7 @@ from broker import __version__
 from broker.config import Config, load_config
 from broker.errors import BrokerError, ConfigError
 from broker.logging import configure_logging
-from sources.entropykey.config import DEFAULT_KEYRING
+from sources.entropykey.config import DEFAULT_KEYRING, EntropyKeySourceConfig
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -35,6 +35,28 @@ RELOAD_WAIT = 10.0
 
 OPERATOR_URL = "http://127.0.0.1:8890"
 """Where the shipped configs put the operator-plane HTTP sink (status, metrics)."""
+KEY_BUSY_WORDS = ("reset by peer", "closed the connection", "busy", "cannot claim")
+"""What a transport says when something else holds the key (the simulator and
+ekey-ulusbd close a second client; the USB claim fails with EBUSY)."""
+DEFAULT_CONFIG = Path("/etc/ebroker/ebroker.toml")
+"""Where the packaged systemd unit's broker reads its configuration."""
+WATCH_INTERVAL = 2.0
+"""Seconds between redraws of `ebroker status --watch`."""
+
+STATUS_HELP = """\
+Show a running broker's status: health and phase, the pool, each source, the
+sinks, the budget store and the customers.
+
+The first line and the exit status follow the Nagios/Icinga plugin rules:
+  0 OK        healthy and serving
+  1 WARNING   degraded (only a fallback tier feeds the pool, the budget store is
+              unreachable, a configured source cannot run), starting, draining
+              or closing, a source quarantined, stalled or failed, or a
+              customer at 90 % of its quota or more
+  2 CRITICAL  unhealthy: no healthy source and the pool below its low watermark
+  3 UNKNOWN   no broker answered at --url, or not with a status document
+--nagios prints only that line, with performance data after '|'. Colour only on
+a terminal, and never when NO_COLOR is set."""
 
 log = structlog.get_logger("ebroker.cli")
 
@@ -72,17 +94,47 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("config", type=Path, help="configuration file (TOML)")
 
-    status = commands.add_parser("status", help="show a running broker's status")
+    status = commands.add_parser(
+        "status",
+        help="show a running broker's status (exit 0 OK, 1 WARNING, 2 CRITICAL, "
+        "3 UNKNOWN, as a Nagios/Icinga plugin)",
+        description=STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     status.add_argument(
         "--url",
         default=OPERATOR_URL,
         help="base URL of the broker's operator-plane HTTP sink",
     )
-    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    shape = status.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="print the raw JSON")
+    shape.add_argument(
+        "--nagios",
+        action="store_true",
+        help="print only the plugin line, with performance data",
+    )
+    status.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=WATCH_INTERVAL,
+        metavar="SECONDS",
+        help=f"redraw every SECONDS (default {WATCH_INTERVAL:g}) until Ctrl-C",
+    )
 
     keys = commands.add_parser("keys", help="list Entropy Keys and their state")
     keys.add_argument(
-        "--keyring", type=Path, default=DEFAULT_KEYRING, help="keyring file"
+        "--keyring",
+        type=Path,
+        help="keyring file (default: the running broker's, else the one in "
+        f"--config, else {DEFAULT_KEYRING})",
+    )
+    keys.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        help=f"read the keyring path from this configuration (default "
+        f"{DEFAULT_CONFIG} when it exists)",
     )
     keys.add_argument(
         "--url",
@@ -100,6 +152,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     rekey.add_argument("--transport", choices=["usb", "tty", "unix"], default="usb")
     rekey.add_argument("--path", type=Path, help="device or socket path (tty, unix)")
+    rekey.add_argument(
+        "--url",
+        default=OPERATOR_URL,
+        help="a running broker to ask whether it holds the key ('' to skip)",
+    )
 
     reload = commands.add_parser(
         "reload", help="make a running broker re-read its customers and limits"
@@ -232,7 +289,16 @@ def _read_status(url: str) -> dict[str, Any]:
     try:
         with urllib.request.urlopen(target, timeout=5) as response:  # noqa: S310 - scheme checked above
             document = json.load(response)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except urllib.error.HTTPError as exc:
+        raise StatusUnavailable(f"{target} answered {exc.code} {exc.reason}") from exc
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        why = reason.strerror if isinstance(reason, OSError) else None
+        raise StatusUnavailable(
+            f"no broker answered at {url} ({(why or str(reason)).lower()}): is it "
+            "running, and is --url its operator-plane HTTP sink?"
+        ) from exc
+    except (OSError, ValueError) as exc:
         raise StatusUnavailable(f"cannot read {target}: {exc}") from exc
     if not isinstance(document, dict):
         raise StatusUnavailable(f"{target} did not answer with a status document")
@@ -245,41 +311,64 @@ def _read_status(url: str) -> dict[str, Any]:
     return document
 
 
-def cmd_status(url: str, raw: bool) -> int:
+def _colour_wanted() -> bool:
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def _status_frame(
+    url: str, shape: str, previous: dict[str, Any] | None
+) -> tuple[int, str, dict[str, Any] | None]:
+    """
+    One reading of the broker: the exit status, the text to print and the
+    document (None when there was none).
+    """
+    from broker.status_table import Verdict, perfdata, render, verdict
+
     try:
-        body = _read_status(url)
-    except ValueError as exc:
-        return _fail(str(exc), EXIT_USAGE)
-    except StatusUnavailable as exc:
-        return _fail(str(exc))
-    if raw:
-        print(json.dumps(body, indent=2))
+        document = _read_status(url)
+        assessment = verdict(document)
+    except (ValueError, StatusUnavailable) as exc:
+        return Verdict.UNKNOWN, f"EBROKER UNKNOWN - {exc}", None
+    if shape == "json":
+        return assessment.verdict, json.dumps(document, indent=2), document
+    if shape == "nagios":
+        return assessment.verdict, assessment.plugin_line(perfdata(document)), document
+    out_rate = None
+    if previous is not None:
+        elapsed = float(document.get("time", 0)) - float(previous.get("time", 0))
+        served = int(document.get("pool", {}).get("bytes_out", 0)) - int(
+            previous.get("pool", {}).get("bytes_out", 0)
+        )
+        if elapsed > 0 and served >= 0:
+            out_rate = served / elapsed
+    text = render(document, assessment, colour=_colour_wanted(), out_rate=out_rate)
+    return assessment.verdict, text, document
+
+
+def cmd_status(url: str, shape: str, watch: float | None = None) -> int:
+    """
+    Print the broker's status once (exit status as a monitoring plugin), or
+    every ``watch`` seconds until Ctrl-C (exit 0).
+    """
+    if watch is None:
+        code, text, _ = _status_frame(url, shape, None)
+        print(text)
+        return code
+    if watch <= 0:
+        return _fail("--watch needs a positive number of seconds", EXIT_USAGE)
+    clear = sys.stdout.isatty()
+    previous: dict[str, Any] | None = None
+    try:
+        while True:
+            _, text, document = _status_frame(url, shape, previous)
+            previous = document or previous
+            if clear:
+                sys.stdout.write("\x1b[H\x1b[2J")
+            print(text + ("" if clear else "\n"), flush=True)
+            time.sleep(watch)
+    except KeyboardInterrupt:
+        # Ctrl-C is how a watch ends: not an error.
         return EXIT_OK
-    health = body.get("health", {})
-    pool = body.get("pool", {})
-    print(
-        f"instance {body.get('instance')}  phase {body.get('phase', '?')}  "
-        f"health {health.get('status')}"
-    )
-    for reason in health.get("reasons", []):
-        print(f"  - {reason}")
-    print(f"pool     {pool.get('level')} / {pool.get('capacity')} bytes ready")
-    print("sources")
-    for source in body.get("sources", []):
-        mark = "*" if source.get("feeding") else " "
-        print(
-            f" {mark} {source['name']:<16} tier {source['priority']}  "
-            f"{source['state']:<12} {source.get('rate', 0):>10.0f} B/s  "
-            f"{source['reason']}"
-        )
-    print("sinks")
-    for sink in body.get("sinks", []):
-        print(
-            f"   {sink['name']:<16} {sink['kind']:<7} "
-            f"{sink.get('requests', 0):>9} requests {sink.get('bytes_out', 0):>12} "
-            f"bytes out  {' '.join(sink.get('addresses', []))}"
-        )
-    return EXIT_OK
 
 
 def _fetch_status(url: str) -> dict[str, Any] | None:
@@ -295,11 +384,67 @@ def _fetch_status(url: str) -> dict[str, Any] | None:
         return None
 
 
-def cmd_keys(keyring: Path, url: str) -> int:
+def _config_keyrings(config_path: Path) -> list[Path]:
+    """
+    The keyrings of a configuration's Entropy Key sources.
+
+    Raises:
+        ConfigError: the file cannot be read or is not a valid configuration.
+    """
+    config = load_config(config_path)
+    keyrings = [
+        source.keyring
+        for source in config.sources
+        if isinstance(source, EntropyKeySourceConfig)
+    ]
+    return list(dict.fromkeys(keyrings))
+
+
+def _pick_keyring(
+    keyring: Path | None, config_path: Path | None, status: dict[str, Any] | None
+) -> tuple[Path, str]:
+    """
+    The keyring ``ebroker keys`` reads and where that choice came from:
+    ``--keyring``, then ``--config``, then the running broker's Entropy Key
+    sources, then the systemd unit's configuration, then the default path.
+
+    Raises:
+        ConfigError: ``--config`` names a file that is not a valid configuration.
+    """
+    if keyring is not None:
+        return keyring, "--keyring"
+    if config_path is not None:
+        found = _config_keyrings(config_path)
+        if found:
+            return found[0], f"from {config_path}"
+    for source in (status or {}).get("sources", []):
+        details = source.get("details") or {}
+        if source.get("kind") == "entropykey" and details.get("keyring"):
+            return Path(details["keyring"]), "the running broker's"
+    config_seen = ((status or {}).get("config") or {}).get("path")
+    candidates = [Path(config_seen)] if config_seen else []
+    if config_path is None:
+        candidates.append(DEFAULT_CONFIG)
+    for candidate in candidates:
+        try:
+            found = _config_keyrings(candidate)
+        except ConfigError:
+            continue
+        if found:
+            return found[0], f"from {candidate}"
+    return DEFAULT_KEYRING, "default"
+
+
+def cmd_keys(keyring: Path | None, url: str, config_path: Path | None = None) -> int:
     from sources.entropykey.cli import format_rows, list_keys
 
     status = _fetch_status(url)
-    rows, warnings = list_keys(keyring, status)
+    try:
+        chosen, origin = _pick_keyring(keyring, config_path, status)
+    except ConfigError as exc:
+        return _fail(f"invalid configuration:\n{exc}")
+    print(f"keyring {chosen} ({origin})")
+    rows, warnings = list_keys(chosen, status)
     for warning in warnings:
         print(f"ebroker: warning: {warning}", file=sys.stderr)
     if url and status is None:
@@ -314,17 +459,66 @@ def cmd_keys(keyring: Path, url: str) -> int:
     return EXIT_OK
 
 
-def cmd_rekey(serial: str, keyring: Path, transport: str, path: Path | None) -> int:
+def _broker_holding(serial: str, url: str) -> str | None:
+    """
+    Which running broker drives the key ``serial``, as words for the operator
+    ("the broker (pid 1234)"), or None when none answering at ``url`` does.
+    """
+    status = _fetch_status(url)
+    if status is None:
+        return None
+    held = any(
+        source.get("kind") == "entropykey"
+        and (source.get("details") or {}).get("serial") == serial
+        and source.get("state") != "stopped"
+        for source in status.get("sources", [])
+    )
+    if not held:
+        return None
+    pid = _broker_pid(status)
+    return f"the broker (pid {pid})" if pid is not None else f"the broker at {url}"
+
+
+def _broker_pid(status: dict[str, Any]) -> int | None:
+    from broker.ownership import holder
+
+    config_path = (status.get("config") or {}).get("path")
+    if not config_path:
+        return None
+    try:
+        config = load_config(Path(config_path))
+    except ConfigError:
+        return None
+    return holder(config.broker.state_dir)
+
+
+def cmd_rekey(
+    serial: str, keyring: Path, transport: str, path: Path | None, url: str = ""
+) -> int:
     from sources.entropykey.cli import read_master_key, rekey, rekey_transport
     from sources.entropykey.keyring import KeyringError
     from sources.entropykey.rekey import RekeyError
 
+    holding = _broker_holding(serial, url)
+    if holding is not None:
+        return _fail(
+            f"{holding} holds key {serial}: stop it first (systemctl stop ebroker) "
+            "and run rekey again"
+        )
     try:
         master_key = read_master_key()
         link = rekey_transport(serial, transport, path)
         print(rekey(serial, keyring, master_key, link))
     except (KeyringError, RekeyError, ValueError) as exc:
-        return _fail(f"rekey failed, keyring unchanged: {exc}")
+        hint = ""
+        if isinstance(exc, RekeyError) and any(
+            word in str(exc).lower() for word in KEY_BUSY_WORDS
+        ):
+            hint = (
+                "; if a broker (or ekeyd) drives this key, stop it first "
+                "(systemctl stop ebroker) and run rekey again"
+            )
+        return _fail(f"rekey failed, keyring unchanged: {exc}{hint}")
     return EXIT_OK
 
 
@@ -451,11 +645,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             return cmd_check_config(args.config)
         if args.command == "status":
-            return cmd_status(args.url, args.json)
+            shape = "json" if args.json else "nagios" if args.nagios else "table"
+            return cmd_status(args.url, shape, args.watch)
         if args.command == "keys":
-            return cmd_keys(args.keyring, args.url)
+            return cmd_keys(args.keyring, args.url, args.config)
         if args.command == "rekey":
-            return cmd_rekey(args.serial, args.keyring, args.transport, args.path)
+            return cmd_rekey(
+                args.serial, args.keyring, args.transport, args.path, args.url
+            )
         if args.command == "reload":
             return cmd_reload(args.state_dir, args.url, args.admin_token_file)
         if args.command == "hash-token":

@@ -44,8 +44,24 @@ class KeyRow:
 def _keyring_serials(path: Path) -> tuple[set[str], str | None]:
     try:
         return {serial_to_text(serial) for serial in load_keyring(path)}, None
-    except (KeyringError, OSError) as exc:
-        return set(), str(exc)
+    except KeyringError as exc:
+        return set(), f"{path}: {exc}"
+    except OSError as exc:
+        return set(), keyring_problem(path, exc)
+
+
+def keyring_problem(path: Path, exc: OSError) -> str:
+    """
+    An unreadable keyring, named, with what to do about it.
+    """
+    why = (exc.strerror or str(exc)).lower()
+    if isinstance(exc, FileNotFoundError):
+        fix = "give --keyring FILE, or --config with the broker's configuration"
+    elif isinstance(exc, PermissionError):
+        fix = "run as root or as the broker's user (the keyring is mode 0600)"
+    else:
+        fix = "check the path"
+    return f"{path}: {why} ({fix})"
 
 
 def list_keys(
@@ -60,7 +76,7 @@ def list_keys(
     warnings: list[str] = []
     known, problem = _keyring_serials(keyring)
     if problem:
-        warnings.append(f"keyring: {problem}")
+        warnings.append(f"keyring {problem}")
     rows: dict[str, KeyRow] = {}
     try:
         devices = find_usb_keys(backend)

@@ -36,7 +36,7 @@ from .events import (
     StatusReport,
 )
 from .keyring import KeyringError, load_keyring
-from .session import Session
+from .session import OPENING_RESET, Session
 from .transport import KeyTransport
 from .wire import Info
 
@@ -218,6 +218,9 @@ class EntropyKeySource:
                     )
                 case SerialNumber():
                     pass  # the session already checked it against the keyring
+                case Anomaly(kind="reset", detail=detail) if detail == OPENING_RESET:
+                    # Every session begins with a reset: routine, not an anomaly.
+                    self._log.info("entropykey_session_opening", reset=detail)
                 case Anomaly(kind=kind, detail=detail):
                     self._log.warning("entropykey_anomaly", anomaly=kind, detail=detail)
         return bytes(entropy)
@@ -287,6 +290,7 @@ class EntropyKeySource:
         voltage = self._info.voltage_mv
         return {
             "serial": self.serial,
+            "keyring": str(self._keyring_path),
             "attachment": self.transport.description,
             "session": session_state,
             "session_reason": reason,

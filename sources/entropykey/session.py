@@ -91,6 +91,8 @@ NONCE_LEN: Final = 12
 SEQUENCE_MAX: Final = 4095
 KEYREQ_REPEAT_LIMIT: Final = 5
 BADKEY_LIMIT: Final = 50
+OPENING_RESET: Final = "connection opened"
+"""The reason of the reset every session begins with (routine, unlike the rest)."""
 
 # The event types are defined in `events` and re-exported: tests and tools
 # import them together with `Session` from here.
@@ -99,6 +101,7 @@ __all__ = [
     "KEYREQ_REPEAT_LIMIT",
     "NEED_DATA",
     "NONCE_LEN",
+    "OPENING_RESET",
     "SEQUENCE_MAX",
     "Anomaly",
     "Counters",
@@ -235,7 +238,7 @@ class Session:
         self._failure: FailureMode | None = None
         self._failure_reason = ""
         self._terminal_reason = ""
-        self._reset_reason = "connection opened"
+        self._reset_reason = OPENING_RESET
         self._now = 0.0
         self._deadline: float | None = None
         self._consecutive_mac_failures = 0
@@ -299,7 +302,7 @@ class Session:
         Begin the connection: queue a reset for the key and arm the timer.
         """
         self._now = now
-        self._reset("connection opened")
+        self._reset(OPENING_RESET)
         self._update_status()
 
     def receive_data(self, data: bytes, now: float | None = None) -> None:
