@@ -1,7 +1,7 @@
 """
 The ``egd`` source: another EGD server (another ebroker, ekeyd, any EGD
 server) read with blocking requests, over TCP or a Unix socket, failing over
-between a list of endpoints (`sources.upstream`).
+between a list of endpoints (`sources.upstream.driver`).
 
 An open connects to the first endpoint that answers and asks it for its
 entropy level (``00``): every EGD server answers that at once, so a port that
@@ -26,7 +26,7 @@ watchdog cancels a read that delivers nothing, and the stall fails the
 endpoint over at the next open).
 
 When the endpoint in use fails during a read (end of file, a reset, more
-bytes than asked), the read fails over (`sources.upstream.fail_over`): the
+bytes than asked), the read fails over (`sources.upstream.failover`): the
 connection is dropped, the next endpoint is opened as an open would (the
 entropy-level check, within ``connect_timeout``), and the read goes on there
 with fresh requests. What the dead endpoint delivered was returned as it
@@ -39,29 +39,19 @@ import os
 import random
 import re
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal
 
 import structlog
 from pydantic import BeforeValidator, Field, PlainSerializer
 
 from broker.configtypes import MAX_UNIX_PATH
 from broker.errors import SourceError
-from sources.upstream import (
-    ConnectFailed,
-    Endpoints,
-    UpstreamConfigBase,
-    blame,
-    closed,
-    fail_over,
-    failover_budget,
-    open_first,
-    os_reason,
-    try_connect,
-)
+from sources.upstream.config import UpstreamConfigBase
+from sources.upstream.driver import UpstreamSource
+from sources.upstream.endpoints import blame
+from sources.upstream.failover import os_reason
 
 log = structlog.get_logger("ebroker.sources.egd")
 
@@ -167,37 +157,10 @@ class _Connection:
         self.writer.transport.abort()
 
 
-async def _connect(endpoint: EgdEndpoint) -> _Connection:
+class EgdSource(UpstreamSource[EgdEndpoint, _Connection]):
     """
-    Connect and check that an EGD server answers (the entropy level).
-    """
-    if endpoint.scheme == "unix":
-        reader, writer = await asyncio.open_unix_connection(endpoint.path)
-    else:
-        reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            # A healthy upstream may be idle for long while our pool is full.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    connection = _Connection(reader, writer)
-    try:
-        writer.write(b"\x00")
-        await reader.readexactly(4)
-    except asyncio.IncompleteReadError:
-        connection.close()
-        raise SourceError(
-            f"{endpoint} closed the connection before answering the entropy-level "
-            "request (not an EGD server?)"
-        ) from None
-    except BaseException:
-        connection.close()
-        raise
-    return connection
-
-
-class EgdSource:
-    """
-    Reads blocks from the first reachable endpoint.
+    Blocking reads of 255 bytes from an upstream EGD server, ``pipeline`` of
+    them outstanding, on the first endpoint that answers.
 
     Args:
         config: the source's settings.
@@ -212,74 +175,38 @@ class EgdSource:
         *,
         rng: Callable[[], float] = random.random,
     ) -> None:
-        self.name = config.name
-        self.priority = config.priority
-        self.credit = config.credit
-        self._timeout = config.connect_timeout
-        self._budget = failover_budget(config.watchdog)
+        super().__init__(config, config.endpoints, log=log, rng=rng)
         self._window = config.pipeline * REQUEST_MAX
-        self._endpoints: Endpoints[EgdEndpoint] = Endpoints(
-            config.endpoints,
-            backoff_max=config.endpoint_backoff,
-            failback=config.failback,
-            rng=rng,
-        )
-        self._connection: _Connection | None = None
-        self._log = log.bind(source=config.name, kind=self.kind)
 
-    @property
-    def nominal_rate(self) -> float | None:
-        return None
-
-    @property
-    def endpoints(self) -> Endpoints[EgdEndpoint]:
-        return self._endpoints
-
-    async def __aenter__(self) -> Self:
-        _, self._connection = await open_first(
-            self._endpoints, _connect, self._timeout, self._log
-        )
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None:
+    async def _connect(self, endpoint: EgdEndpoint) -> _Connection:
+        """
+        Connect and check that an EGD server answers (the entropy level).
+        """
+        if endpoint.scheme == "unix":
+            reader, writer = await asyncio.open_unix_connection(endpoint.path)
+        else:
+            reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                # A healthy upstream may be idle for long while our pool is full.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        connection = _Connection(reader, writer)
+        try:
+            writer.write(b"\x00")
+            await reader.readexactly(4)
+        except asyncio.IncompleteReadError:
             connection.close()
-        closed(self._endpoints, exc, self._log)
+            raise SourceError(
+                f"{endpoint} closed the connection before answering the entropy-level "
+                "request (not an EGD server?)"
+            ) from None
+        except BaseException:
+            connection.close()
+            raise
+        return connection
 
-    async def read(self) -> bytes:
-        # The watchdog runs from about here: the failover budget does too.
-        deadline = time.monotonic() + self._budget
-        await self._failback()
-        while True:
-            connection = self._connection
-            endpoint = self._endpoints.current
-            if connection is None or endpoint is None:
-                raise SourceError("egd source is not open")
-            try:
-                data = await self._receive(endpoint, connection)
-            except SourceError as exc:
-                # Closed before the failover awaits anything: a read
-                # cancelled meanwhile leaves nothing open behind it.
-                self._connection = None
-                connection.close()
-                _, self._connection = await fail_over(
-                    self._endpoints,
-                    endpoint,
-                    exc,
-                    _connect,
-                    self._timeout,
-                    deadline,
-                    self._log,
-                )
-                continue
-            self._endpoints.delivered(time.monotonic())
-            return data
+    def _drop(self, connection: _Connection) -> None:
+        connection.close()
 
     async def _receive(self, endpoint: EgdEndpoint, connection: _Connection) -> bytes:
         """
@@ -318,41 +245,5 @@ class EgdSource:
         if requests:
             connection.writer.write(bytes(requests))
 
-    async def _failback(self) -> None:
-        """
-        Between two reads, move to a more preferred endpoint once
-        ``failback`` is due and it answers; stay put if it does not.
-        """
-        endpoints = self._endpoints
-        preferred = endpoints.failback_due(time.monotonic())
-        if preferred is None:
-            return
-        result = await try_connect(preferred, _connect, self._timeout)
-        if isinstance(result, ConnectFailed):
-            delay = endpoints.failed(
-                preferred, time.monotonic(), result.reason, at_least=result.retry_after
-            )
-            self._log.info(
-                "upstream_failback_failed",
-                endpoint=str(preferred),
-                reason=result.reason,
-                retry_in=round(delay, 3),
-            )
-            return
-        previous = endpoints.current
-        old, self._connection = self._connection, result
-        if old is not None:
-            old.close()
-        endpoints.connected(preferred, time.monotonic())
-        self._log.warning(
-            "upstream_failover",
-            endpoint=str(preferred),
-            previous=str(previous),
-            reason="failback to a preferred endpoint",
-            failovers=endpoints.failovers,
-        )
-
-    def details(self) -> dict[str, Any]:
-        details = self._endpoints.details(time.monotonic())
-        details["pipeline"] = self._window // REQUEST_MAX
-        return details
+    def _details(self) -> dict[str, Any]:
+        return {"pipeline": self._window // REQUEST_MAX}

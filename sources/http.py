@@ -1,7 +1,7 @@
 """
 The ``http`` source: another ebroker's ``GET /v1/entropy?format=raw``, with a
 bearer token and TLS verification, failing over between a list of URLs
-(`sources.upstream`).
+(`sources.upstream.driver`).
 
 An open builds a client session (system CAs or ``ca_file``, an optional client
 certificate), reads the token, and asks the first endpoint that is not
@@ -14,7 +14,7 @@ on a kept-alive connection.
 
 When the endpoint in use fails during a read (refused, reset, closed, a
 malformed or short answer, a refusal below), the read fails over
-(`sources.upstream.fail_over`): the next endpoint is asked as an open asks
+(`sources.upstream.failover`): the next endpoint is asked as an open asks
 it (one block without waiting, within ``connect_timeout``), and the read
 returns that block, or goes on asking that endpoint when it answered with
 backpressure. A short or cut answer is never returned: the block is asked
@@ -41,37 +41,23 @@ redacted). A token file that its group or others may read is refused.
 
 import asyncio
 import contextlib
-import ipaddress
 import json
-import os
 import random
-import ssl
-import stat
-import time
 from collections.abc import Callable
-from pathlib import Path
-from types import TracebackType
-from typing import Annotated, Any, Final, Literal, Self
+from dataclasses import dataclass
+from typing import Any, Final
 
 import aiohttp
 import structlog
-from pydantic import AfterValidator, Field, model_validator
 from yarl import URL
 
-from broker.configbase import Duration, Size
 from broker.errors import SourceError
-from sources.upstream import (
-    ConnectFailed,
-    Endpoints,
-    UpstreamConfigBase,
-    UpstreamRefused,
-    blame,
-    closed,
-    fail_over,
-    failover_budget,
-    open_first,
-    try_connect,
-)
+from sources.http_config import HttpSourceConfig, read_token, tls_context
+from sources.upstream.driver import UpstreamSource
+from sources.upstream.endpoints import blame
+from sources.upstream.failover import UpstreamRefused
+
+__all__ = ["HttpSource", "HttpSourceConfig", "retry_after"]
 
 log = structlog.get_logger("ebroker.sources.http")
 
@@ -83,183 +69,6 @@ _RETRY_MAX: Final = 60.0
 _QUOTA_WAIT_MAX: Final = 86400.0
 _MESSAGE_MAX: Final = 200
 _ERROR_BODY_MAX: Final = 4096
-
-
-def _base_url(value: str) -> str:
-    try:
-        url = URL(value)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{value!r} is not a URL: {exc}") from None
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(
-            f"{value!r}: an upstream broker URL is 'https://HOST:PORT/' "
-            "(or 'http://' on loopback)"
-        )
-    if url.user is not None or url.password is not None:
-        raise ValueError(
-            f"{value!r}: no credentials in the URL; use token_file or token_env"
-        )
-    if url.query_string or url.fragment:
-        raise ValueError(f"{value!r}: a base URL has no query or fragment")
-    path = url.path if url.path.endswith("/") else url.path + "/"
-    return str(url.with_path(path))
-
-
-def _is_loopback(url: str) -> bool:
-    host = URL(url).host or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-BaseUrl = Annotated[str, AfterValidator(_base_url)]
-
-
-class HttpSourceConfig(UpstreamConfigBase):
-    """
-    ``kind = "http"``: an upstream broker over HTTP(S).
-    """
-
-    kind: Literal["http"] = Field(description="source driver")
-    urls: list[BaseUrl] = Field(
-        min_length=1,
-        description="base URLs of upstream brokers in order of preference, "
-        "such as 'https://broker-a.example:8889/' ('http://' for loopback)",
-    )
-    token_file: Path | None = Field(
-        default=None,
-        description="file holding the bearer token (mode 0600 or 0400: a file "
-        "its group or others may read is refused)",
-    )
-    token_env: str | None = Field(
-        default=None,
-        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-        description="environment variable holding the bearer token",
-    )
-    ca_file: Path | None = Field(
-        default=None,
-        description="CA certificates (PEM) that verify the upstream's certificate "
-        "(unset: the system's CAs)",
-    )
-    client_cert: Path | None = Field(
-        default=None,
-        description="client certificate (PEM) for upstreams that map certificates "
-        "to customers",
-    )
-    client_key: Path | None = Field(
-        default=None,
-        description="private key of client_cert (PEM; unset: in client_cert)",
-    )
-    read_size: Size = Field(
-        default=4096,
-        ge=1,
-        le=1 << 20,
-        description="bytes per request (at most the upstream's max_request_bytes)",
-    )
-    wait: Duration = Field(
-        default=10.0,
-        le=300,
-        description="seconds each request may wait upstream for its bytes "
-        "(?wait=; at most the upstream's max_wait, and below watchdog)",
-    )
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Self:
-        if self.token_file is not None and self.token_env is not None:
-            raise ValueError("set token_file or token_env, not both")
-        if self.client_key is not None and self.client_cert is None:
-            raise ValueError("client_key needs client_cert")
-        if self.token_file is not None or self.token_env is not None:
-            for url in self.urls:
-                if url.startswith("http://") and not _is_loopback(url):
-                    raise ValueError(
-                        f"{url!r}: a bearer token is not sent in clear text over "
-                        "the network; use https:// (http:// only on loopback)"
-                    )
-        watchdog = self.watchdog if self.watchdog is not None else 30.0
-        if self.wait >= watchdog:
-            raise ValueError(
-                f"wait ({self.wait:g} s) must be shorter than the watchdog "
-                f"({watchdog:g} s), or every slow answer is a stall"
-            )
-        return self
-
-
-def file_problem(path: Path) -> str | None:
-    """
-    Why a secret file at ``path`` must not be trusted: group or other access.
-
-    Raises:
-        OSError: the file cannot be examined.
-    """
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    if mode & 0o077:
-        who = "others" if mode & 0o007 else "its group"
-        return f"{path} is accessible to {who} (mode {mode:04o}): chmod 600 it"
-    return None
-
-
-def read_token(config: HttpSourceConfig) -> str | None:
-    """
-    The bearer token from ``token_file`` or ``token_env`` (None: no token).
-
-    Raises:
-        SourceError: the file is unsafe or unreadable, the variable unset, or
-            the token empty or not printable (the message never holds it).
-    """
-    if config.token_file is not None:
-        path = config.token_file
-        try:
-            problem = file_problem(path)
-            if problem is not None:
-                raise SourceError(f"token_file {problem}")
-            token = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
-            raise SourceError(f"cannot read token_file {path}: {reason}") from None
-        where = f"token_file {path}"
-    elif config.token_env is not None:
-        token = os.environ.get(config.token_env, "").strip()
-        where = f"environment variable {config.token_env}"
-    else:
-        return None
-    if not token:
-        raise SourceError(f"{where} holds no token")
-    if not token.isprintable() or not token.isascii() or " " in token:
-        raise SourceError(f"{where}: the token must be printable ASCII, no spaces")
-    return token
-
-
-def tls_context(config: HttpSourceConfig) -> ssl.SSLContext:
-    """
-    Verification on, with the system's CAs or ``ca_file``; the client
-    certificate if configured.
-
-    Raises:
-        SourceError: a file is missing, unsafe or not PEM.
-    """
-    try:
-        context = ssl.create_default_context(
-            cafile=str(config.ca_file) if config.ca_file else None
-        )
-    except (OSError, ssl.SSLError) as exc:
-        raise SourceError(f"cannot load ca_file {config.ca_file}: {exc}") from None
-    if config.client_cert is not None:
-        key = config.client_key
-        try:
-            if key is not None:
-                problem = file_problem(key)
-                if problem is not None:
-                    raise SourceError(f"client_key {problem}")
-            context.load_cert_chain(config.client_cert, key)
-        except (OSError, ssl.SSLError) as exc:
-            raise SourceError(
-                f"cannot load client_cert {config.client_cert}: {exc}"
-            ) from None
-    return context
 
 
 def retry_after(headers: Any, cap: float = _RETRY_MAX) -> float:
@@ -291,9 +100,20 @@ class Backpressure(Exception):
         self.seconds = seconds
 
 
-class HttpSource:
+@dataclass
+class _Answered:
     """
-    Reads blocks from the first reachable endpoint.
+    An endpoint that answered an open's request: the block it answered with
+    until a read returns it (b"": it answered with backpressure).
+    """
+
+    first: bytes
+
+
+class HttpSource(UpstreamSource[str, _Answered]):
+    """
+    ``read_size`` bytes a request from an upstream broker's HTTP API, on the
+    first endpoint that answers, one request at a time on one session.
 
     Args:
         config: the source's settings.
@@ -308,32 +128,13 @@ class HttpSource:
         *,
         rng: Callable[[], float] = random.random,
     ) -> None:
-        self.name = config.name
-        self.priority = config.priority
-        self.credit = config.credit
+        super().__init__(config, config.urls, log=log, rng=rng)
         self._config = config
-        self._budget = failover_budget(config.watchdog)
-        self._endpoints: Endpoints[str] = Endpoints(
-            config.urls,
-            backoff_max=config.endpoint_backoff,
-            failback=config.failback,
-            rng=rng,
-        )
         self._session: aiohttp.ClientSession | None = None
         self._token: str | None = None
-        self._first: bytes = b""
         self._backpressure = 0
-        self._log = log.bind(source=config.name, kind=self.kind)
 
-    @property
-    def nominal_rate(self) -> float | None:
-        return None
-
-    @property
-    def endpoints(self) -> Endpoints[str]:
-        return self._endpoints
-
-    async def __aenter__(self) -> Self:
+    async def _setup(self) -> None:
         config = self._config
         # Read at every open: a rotated token or certificate is picked up by
         # the next restart of the source.
@@ -345,38 +146,20 @@ class HttpSource:
                 total=None, sock_connect=config.connect_timeout
             ),
         )
-        try:
-            _, self._first = await open_first(
-                self._endpoints, self._probe, config.connect_timeout, self._log
-            )
-        except BaseException:
-            await self._close()
-            raise
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._first = b""
-        await self._close()
-        closed(self._endpoints, exc, self._log)
-
-    async def _close(self) -> None:
+    async def _teardown(self) -> None:
         session, self._session = self._session, None
         self._token = None
         if session is not None:
             await session.close()
 
-    async def _probe(self, endpoint: str) -> bytes:
+    async def _connect(self, endpoint: str) -> _Answered:
         """
         One request without waiting: the bytes, or b"" when the upstream
         answered with backpressure (it works, and is busy).
         """
         try:
-            return await self._request(endpoint, 0.0)
+            return _Answered(await self._request(endpoint, 0.0))
         except Backpressure as exc:
             self._log.info(
                 "upstream_backpressure",
@@ -384,34 +167,16 @@ class HttpSource:
                 reason=str(exc),
                 seconds=exc.seconds,
             )
-            return b""
+            return _Answered(b"")
 
-    async def read(self) -> bytes:
-        # The watchdog runs from about here: the failover budget does too.
-        deadline = time.monotonic() + self._budget
-        await self._failback()
-        first, self._first = self._first, b""
-        if first:
-            return first
+    def _pending(self, connection: _Answered) -> bytes:
+        first, connection.first = connection.first, b""
+        return first
+
+    async def _receive(self, endpoint: str, connection: _Answered) -> bytes:
         while True:
-            endpoint = self._endpoints.current
-            if endpoint is None or self._session is None:
-                raise SourceError("http source is not open")
             try:
-                data = await self._request(endpoint, self._config.wait)
-            except SourceError as exc:
-                _, first = await fail_over(
-                    self._endpoints,
-                    endpoint,
-                    exc,
-                    self._probe,
-                    self._config.connect_timeout,
-                    deadline,
-                    self._log,
-                )
-                if first:
-                    return first
-                continue  # the new endpoint answered with backpressure
+                return await self._request(endpoint, self._config.wait)
             except Backpressure as exc:
                 self._backpressure += 1
                 self._log.debug(
@@ -423,37 +188,6 @@ class HttpSource:
                 # A floor: "Retry-After: 0" on every answer must not become
                 # a busy loop against the upstream.
                 await asyncio.sleep(max(_RETRY_FLOOR, exc.seconds))
-                continue
-            self._endpoints.delivered(time.monotonic())
-            return data
-
-    async def _failback(self) -> None:
-        endpoints = self._endpoints
-        preferred = endpoints.failback_due(time.monotonic())
-        if preferred is None:
-            return
-        result = await try_connect(preferred, self._probe, self._config.connect_timeout)
-        if isinstance(result, ConnectFailed):
-            delay = endpoints.failed(
-                preferred, time.monotonic(), result.reason, at_least=result.retry_after
-            )
-            self._log.info(
-                "upstream_failback_failed",
-                endpoint=preferred,
-                reason=result.reason,
-                retry_in=round(delay, 3),
-            )
-            return
-        previous = endpoints.current
-        endpoints.connected(preferred, time.monotonic())
-        self._first = result
-        self._log.warning(
-            "upstream_failover",
-            endpoint=preferred,
-            previous=str(previous),
-            reason="failback to a preferred endpoint",
-            failovers=endpoints.failovers,
-        )
 
     async def _request(self, endpoint: str, wait: float) -> bytes:
         """
@@ -568,7 +302,5 @@ class HttpSource:
             text = text.replace(self._token, "[token]")
         return " ".join(text.split())[:_MESSAGE_MAX]
 
-    def details(self) -> dict[str, Any]:
-        details = self._endpoints.details(time.monotonic())
-        details["backpressure_waits"] = self._backpressure
-        return details
+    def _details(self) -> dict[str, Any]:
+        return {"backpressure_waits": self._backpressure}

@@ -14,15 +14,13 @@ import pytest
 import structlog
 
 from broker.errors import SourceError
-from sources.upstream import (
-    BACKOFF_INITIAL,
-    STABLE_SECONDS,
+from sources.upstream.config import failover_budget
+from sources.upstream.endpoints import BACKOFF_INITIAL, STABLE_SECONDS, Endpoints
+from sources.upstream.failover import (
     ConnectFailed,
-    Endpoints,
     UpstreamRefused,
     closed,
     fail_over,
-    failover_budget,
     open_first,
     try_connect,
 )
