@@ -71,6 +71,9 @@ from broker.recording import RawRecording
 from broker.status import SourceState, SourceStatus
 from sources.base import Source
 
+_ABSENT = (FileNotFoundError, NotADirectoryError)
+"""What opening a device that is not there raises."""
+
 log = structlog.get_logger("ebroker.supervisor")
 
 _RATE_WINDOW = 10.0
@@ -347,7 +350,13 @@ class SourceRunner:
                 except (SourceError, OSError) as exc:
                     if first_attempt and self._optional and self.bytes_in == 0:
                         self.skipped = True
-                        self._log.warning("source_skipped", reason=str(exc))
+                        # An optional device that is simply absent is what
+                        # optional means; one there but unusable is a problem.
+                        absent = isinstance(exc, _ABSENT) or isinstance(
+                            exc.__cause__, _ABSENT
+                        )
+                        emit = self._log.info if absent else self._log.warning
+                        emit("source_skipped", reason=str(exc))
                         self.set_state(SourceState.STOPPED, f"skipped: {exc}")
                         return
                     self.set_state(SourceState.FAILED, str(exc))
@@ -508,9 +517,11 @@ class SourceRunner:
                 position=event.position,
             )
             return
-        # A FIPS hold comes and goes on a healthy source; a warning each time
-        # would teach operators to ignore the ones that matter.
-        emit = self._log.info if event.hold else self._log.warning
+        # A passed start-up test (every source at every start) and a FIPS hold,
+        # which comes and goes on a healthy source, are routine; a warning each
+        # time would teach operators to ignore the ones that matter.
+        routine = event.hold or event.to_state is HealthState.HEALTHY
+        emit = self._log.info if routine else self._log.warning
         emit(
             "health_transition",
             previous=event.from_state.value,
