@@ -330,7 +330,7 @@ class BrokerCollector(Collector):
         prefix = f"{NAMESPACE}_customer"
         labels = ["customer"]
         served = CounterMetricFamily(
-            f"{prefix}_bytes_served", "Entropy bytes served per customer", labels=labels
+            f"{prefix}_served_bytes", "Entropy bytes served per customer", labels=labels
         )
         throttled = CounterMetricFamily(
             f"{prefix}_throttled_seconds",

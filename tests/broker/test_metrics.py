@@ -329,7 +329,7 @@ def test_customer_series_come_from_the_accounts() -> None:
     """
     found = samples(render_metrics(FakeBroker())[0])
     customer = (("customer", "default"),)
-    assert 0 == found[("ebroker_customer_bytes_served_total", customer)]
+    assert 0 == found[("ebroker_customer_served_bytes_total", customer)]
     assert 0 == found[("ebroker_customer_clients", customer)]
     assert 1 == found[("ebroker_accounts_backend_healthy", ())]
 

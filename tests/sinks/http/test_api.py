@@ -587,7 +587,7 @@ async def test_metrics_exposes_pool_and_source_series(
     assert 0 == samples[("ebroker_active_tier", ())]
     assert (
         0
-        == samples[("ebroker_customer_bytes_served_total", (("customer", "default"),))]
+        == samples[("ebroker_customer_served_bytes_total", (("customer", "default"),))]
     )
 
 
