@@ -356,9 +356,11 @@ class History:
     def _roll_up(self, coarse_slot: int) -> None:
         fine, coarse = self.fine, self.coarse
         begin = coarse_slot * COARSE_FACTOR
+        oldest, end = fine.oldest(), fine.head
+        if oldest is None or end is None:
+            return
         # The minute's points still in the fine ring (all of them, normally).
-        begin = max(begin, (fine.oldest() or begin))
-        end = fine.head if fine.head is not None else begin
+        begin = max(begin, oldest)
         for name in fine.series:
             how = _rollup(name.rsplit("/", 1)[1])
             values = (fine.get(name, slot) for slot in range(begin, end + 1))

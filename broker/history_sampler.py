@@ -197,7 +197,7 @@ class Watcher:
                 continue
             if source.state != before.state:
                 # The source knows when it changed; trust it within the interval.
-                when = source.since if since < source.since <= now else now
+                when = source.since if since <= source.since <= now else now
                 events.append(
                     Event(
                         when,
