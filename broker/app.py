@@ -36,7 +36,7 @@ from broker.health_policy import HealthInputs, assess
 from broker.history import History
 from broker.history_recorder import HistoryRecorder, configured_step
 from broker.inherited import InheritedListeners
-from broker.ownership import StateDirLock
+from broker.ownership import StateDirLock, file_problem, prepare_state_dir
 from broker.pool import EntropyPool
 from broker.sdnotify import Notifier
 from broker.status import (
@@ -336,7 +336,7 @@ class Broker:
         # start unwinds exactly what started, and shutdown is the same unwind.
         self._check_fd_budget()
         async with contextlib.AsyncExitStack() as stack:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            prepare_state_dir(self.state_dir)
             # First: a second broker on this directory stops here, before it
             # touches a listener, a socket file or the counters.
             stack.callback(StateDirLock(self.state_dir).acquire().release)
@@ -719,4 +719,9 @@ async def serve(
             if not broker.handed_over.is_set():
                 await broker.drain()
     except OSError as exc:
-        raise BrokerError(f"cannot start: {exc.strerror or exc}") from exc
+        what = (
+            file_problem(exc, Path(exc.filename), "file")
+            if exc.filename
+            else exc.strerror or str(exc)
+        )
+        raise BrokerError(f"cannot start: {what}") from exc

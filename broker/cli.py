@@ -228,7 +228,26 @@ async def _serve(config: Config, config_path: Path, takeover: bool) -> None:
     await serve(config, stop, config_path=config_path, hurry=hurry, takeover=takeover)
 
 
+def _unreadable(config_path: Path) -> str | None:
+    """
+    Why the configuration file cannot be read, naming it and the fix; None
+    when it can (or is absent, which `load_config` reports itself).
+    """
+    from broker.ownership import file_problem
+
+    try:
+        with config_path.open("rb"):
+            return None
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return file_problem(exc, config_path, "config file", access="read")
+
+
 def cmd_serve(config_path: Path, takeover: bool = False) -> int:
+    problem = _unreadable(config_path)
+    if problem is not None:
+        return _fail(f"cannot start: {problem}")
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -247,6 +266,9 @@ def cmd_serve(config_path: Path, takeover: bool = False) -> int:
 def cmd_check_config(config_path: Path) -> int:
     from broker.preflight import check
 
+    problem = _unreadable(config_path)
+    if problem is not None:
+        return _fail(problem)
     try:
         config = load_config(config_path)
     except ConfigError as exc:

@@ -13,11 +13,17 @@ left by a crashed broker never blocks the next one.
 (``ebroker reload``): a pid counts only while its lock is held, so a stale file
 naming a pid that has since been reused by an unrelated process is never
 signalled.
+
+`prepare_state_dir` and `file_problem` turn a failed file operation into one
+line that names the path and what to do about it, instead of a bare
+"Permission denied".
 """
 
 import contextlib
+import errno
 import fcntl
 import os
+import pwd
 from pathlib import Path
 from typing import Self
 
@@ -47,8 +53,8 @@ class StateDirLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise BrokerError(
-                f"cannot open {self.path}: {exc.strerror or exc}; check that the "
-                "broker's user may write its state_dir"
+                "cannot start: "
+                + file_problem(exc, self.path, "pid file", self.path.parent)
             ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -103,3 +109,110 @@ def _read_pid(fd: int) -> int | None:
         return int(os.pread(fd, 32, 0).decode().strip())
     except (OSError, ValueError):
         return None
+
+
+def _owner(path: Path) -> str | None:
+    try:
+        uid = path.stat().st_uid
+    except OSError:
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _me() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def file_problem(
+    exc: OSError,
+    path: Path,
+    what: str,
+    directory: Path | None = None,
+    *,
+    access: str = "write",
+) -> str:
+    """
+    One line for the operator: what failed, on which path, and the fix.
+
+    Args:
+        exc: the error the file operation raised.
+        path: the path it was about.
+        what: what the path is to the broker (``state_dir``, ``pid file``).
+        directory: the directory whose ownership matters (default: ``path``'s
+            nearest existing parent).
+        access: what the broker needs to do with it, ``read`` or ``write``.
+    """
+    why = (exc.strerror or str(exc)).lower()
+    code = exc.errno
+    if code in (errno.EACCES, errno.EPERM):
+        where = directory or _existing_parent(path)
+        owner, me = _owner(where), _me()
+        if directory is None and not path.exists():
+            fix = f"create it as a user that may: sudo install -d -o {me} {path}"
+        elif owner == me:
+            bits = "r" if access == "read" else "rwx" if where.is_dir() else "rw"
+            fix = f"its owner may not {access} it: chmod u+{bits} {where}"
+        elif access == "read":
+            fix = f"run as the user that owns it ({owner}), or let {me} read it"
+        else:
+            fix = f"run as the user that owns it ({owner}), or chown -R {me} {where}"
+    elif code in (errno.ENOTDIR, errno.EEXIST):
+        fix = f"a part of {path} is a file, not a directory: choose another path"
+    elif code == errno.ENOENT:
+        fix = f"create {path.parent} or choose another path"
+    elif code == errno.EROFS:
+        fix = "it is on a read-only file system: choose a writable path"
+    elif code == errno.ENOSPC:
+        fix = "the disk is full"
+    else:
+        fix = "check the path"
+    return f"{what} {path}: {why} ({fix})"
+
+
+def _existing_parent(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return path
+
+
+def prepare_state_dir(state_dir: Path) -> None:
+    """
+    Create the state directory (and its parents) if need be, and check that
+    this process may write it.
+
+    Raises:
+        BrokerError: it cannot be created or written; the message names the
+            path and the fix.
+    """
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BrokerError(
+            "cannot start: " + file_problem(exc, state_dir, "state_dir")
+        ) from exc
+    if not state_dir.is_dir():
+        raise BrokerError(
+            "cannot start: "
+            + file_problem(
+                OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)),
+                state_dir,
+                "state_dir",
+            )
+        )
+    if not os.access(state_dir, os.W_OK | os.X_OK):
+        raise BrokerError(
+            "cannot start: "
+            + file_problem(
+                PermissionError(errno.EACCES, os.strerror(errno.EACCES)),
+                state_dir,
+                "state_dir",
+                state_dir,
+            )
+        )
