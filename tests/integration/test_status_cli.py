@@ -18,6 +18,7 @@ from sources.entropykey.sim.keypairs import new_key_pair, write_keyring
 from tests.helpers import wait_until
 from tests.integration.clients import running_daemon
 from tests.integration.daemon import REPO, Daemon, default_config
+from tests.sources.entropykey.test_rekey import master_key_text
 
 
 def ebroker(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -258,3 +259,55 @@ def test_rekey_refuses_a_key_the_broker_holds(tmp_path: Path) -> None:
         "first (systemctl stop ebroker) and run rekey again\n"
     ) == result.stderr
     assert before == keyring.read_text()
+
+
+def test_rekey_of_a_key_in_use_says_to_stop_its_user(tmp_path: Path) -> None:
+    """
+    Asked not to consult the broker (``--url ''``), ``rekey`` meets a key
+    another program drives (the simulator, like ekey-ulusbd, closes a second
+    client): it fails, exit 1, saying to stop that program first.
+    """
+    pair = new_key_pair()
+    keyring = tmp_path / "keyring"
+    write_keyring(keyring, [pair])
+    sock = tmp_path / "key.sock"
+    simulator = subprocess.Popen(
+        [sys.executable, "-m", "broker.cli", "simulate-key",
+         "--serial", pair.serial_text, "--keyring", str(keyring),
+         "--socket", str(sock)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: sock.exists() or simulator.poll() is not None)
+        config = default_config(
+            tmp_path / "state",
+            f"""
+            [[sources]]
+            name = "ekey"
+            kind = "entropykey"
+            serial = "{pair.serial_text}"
+            transport = "unix"
+            path = "{sock}"
+            keyring = "{keyring}"
+            """,
+        )
+        with running_daemon(tmp_path, config) as daemon:
+            wait_until(
+                lambda: "healthy" == status_document(daemon)["sources"][0]["state"]
+            )
+            result = ebroker(
+                "rekey", "--serial", pair.serial_text, "--keyring", str(keyring),
+                "--transport", "unix", "--path", str(sock), "--url", "",
+                stdin=master_key_text(os.urandom(32)) + "\n",
+            )  # fmt: skip
+    finally:
+        simulator.terminate()
+        simulator.wait(timeout=20)
+    assert 1 == result.returncode
+    assert result.stderr.startswith("ebroker: rekey failed, keyring unchanged: ")
+    assert result.stderr.endswith(
+        "; if a broker (or ekeyd) drives this key, stop it first "
+        "(systemctl stop ebroker) and run rekey again\n"
+    )
