@@ -49,6 +49,8 @@ STEP_ENV: Final = "EBROKER_HISTORY_STEP"
 TICK: Final = 1.0
 """Seconds between two looks for events (never more than the step)."""
 SAVE_EVERY: Final = 300.0
+WAKE_SLACK: Final = 0.001
+"""Seconds past a slot's start the sampler wakes, so that it is in the slot."""
 
 
 def configured_step(environ: "os._Environ[str] | dict[str, str]") -> float:
@@ -159,7 +161,7 @@ class HistoryRecorder:
         log.info("history_loaded", path=str(self.path), points_until=_iso(last))
 
     async def _run(self) -> None:
-        tick = min(TICK, self._step)
+        tick = TICK
         saved = self._clock.monotonic()
         recorded: int | None = None
         while True:
@@ -181,7 +183,11 @@ class HistoryRecorder:
                 saved = self._clock.monotonic()
                 self._saving = asyncio.create_task(self._save(), name="history-save")
                 self._saving.add_done_callback(self._saved)
-            await self._clock.sleep(tick - math.fmod(self._clock.time(), tick))
+            # Wake just inside the next slot, or a tick from now to look for
+            # events; timers a little early or late never skip a slot then.
+            now = self._clock.time()
+            wake = min((self.history.fine.slot(now) + 1) * self._step, now + tick)
+            await self._clock.sleep(max(0.0, wake - now) + WAKE_SLACK)
 
     def _saved(self, task: "asyncio.Task[None]") -> None:
         self._saving = None

@@ -408,10 +408,11 @@ async def test_recorder_samples_saves_and_shows_a_gap(tmp_path: Path) -> None:
     broker = RecordedFake(sources=[status("healthy", T0)])
     recorder = HistoryRecorder(broker, tmp_path, clock=clock)
     async with recorder:
-        await clock.advance(30)
+        # The recorder samples just after each 10-s boundary.
+        await clock.advance(30.5)
         broker.sources = [status("failed", clock.time())]
         broker.current_phase = Phase.DRAINING
-        await clock.advance(30)
+        await clock.advance(30.5)
         broker.current_phase = Phase.CLOSING
     document = answer(recorder.history, clock.time())
     assert 7 == document["points"]
@@ -451,7 +452,7 @@ async def test_recorder_ignores_a_corrupt_file(tmp_path: Path) -> None:
     recorder = HistoryRecorder(RecordedFake(), tmp_path, clock=clock)
     with capture_logs() as logs:
         async with recorder:
-            await clock.advance(10)
+            await clock.advance(10.5)
     assert ["history_file_ignored"] == [
         entry["event"] for entry in logs if entry["log_level"] == "warning"
     ]
@@ -468,7 +469,7 @@ async def test_recorder_survives_the_clock_stepping_back(tmp_path: Path) -> None
     recorder = HistoryRecorder(RecordedFake(), tmp_path, clock=clock)
     with capture_logs() as logs:
         async with recorder:
-            await clock.advance(20)
+            await clock.advance(20.5)
             clock.set_wall(T0 - 3600)
             await clock.advance(30)
     assert 3 == answer(recorder.history, T0 + 30)["points"]
