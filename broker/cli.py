@@ -35,7 +35,14 @@ RELOAD_WAIT = 10.0
 
 OPERATOR_URL = "http://127.0.0.1:8890"
 """Where the shipped configs put the operator-plane HTTP sink (status, metrics)."""
-KEY_BUSY_WORDS = ("reset by peer", "closed the connection", "busy", "cannot claim")
+KEY_BUSY_WORDS = (
+    "reset by peer",
+    "connection lost",
+    "broken pipe",
+    "closed the connection",
+    "busy",
+    "cannot claim",
+)
 """What a transport says when something else holds the key (the simulator and
 ekey-ulusbd close a second client; the USB claim fails with EBUSY)."""
 DEFAULT_CONFIG = Path("/etc/ebroker/ebroker.toml")
