@@ -82,11 +82,7 @@ def _one_hot(
 
 DEVICE_DETAILS: dict[str, tuple[str, str, str]] = {
     "temperature_c": ("gauge", "device_temperature_celsius", "Device temperature"),
-    "voltage_v": (
-        "gauge",
-        "device_supply_voltage_volts",
-        "Device supply voltage",
-    ),
+    "voltage_v": ("gauge", "device_supply_voltage_volts", "Device supply voltage"),
     "fips_failures": (
         "gauge",
         "device_fips_failed_blocks",
