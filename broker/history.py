@@ -17,7 +17,9 @@ answer is at ``start + i * step``. Missing data (the broker was down, a source
 was not there yet, a counter was reset) is NaN and reads as JSON ``null``.
 Samples may only move forward: one for a slot older than the newest point (the
 wall clock stepped back) is dropped until the clock passes that point again,
-so a step back can never overwrite or reorder the past.
+so a step back can never overwrite or reorder the past. A step back of more
+than `REWIND_AFTER` (an hour) means the clock was wrong before, not now: the
+rings start afresh at the new time, with a ``gap`` event saying why.
 
 Memory is bounded and computable. Each series holds
 ``8 * (FINE_POINTS + COARSE_POINTS)`` = 149,760 bytes (``array('d')``, NaN for
@@ -45,6 +47,8 @@ COARSE_FACTOR: Final = 6
 COARSE_POINTS: Final = 10_080
 """7 days of 1-min points."""
 MAX_EVENTS: Final = 1_000
+REWIND_AFTER: Final = 3_600.0
+"""Seconds the wall clock may step back before the rings start afresh."""
 MAX_SOURCES: Final = 64
 MAX_CUSTOMERS: Final = 256
 BYTES_PER_POINT: Final = array("d").itemsize
@@ -177,6 +181,14 @@ class Ring:
     def slot(self, time: float) -> int:
         return math.floor(time / self.step)
 
+    def clear(self) -> None:
+        """
+        Forget every point (the series stay allocated, all NaN).
+        """
+        self.head = self.first = None
+        for values in self.series.values():
+            _blank(values, 0, self.capacity - 1, self.capacity)
+
     def oldest(self) -> int | None:
         """
         The oldest slot still held, or None before the first sample.
@@ -303,6 +315,24 @@ class History:
         """
         fine = self.fine
         slot = fine.slot(now)
+        head = fine.head
+        if head is not None and (head - slot) * fine.step > REWIND_AFTER:
+            # The newest points were stamped by a clock far ahead of the right
+            # time: they are not the past of this sample, so start afresh
+            # rather than show nothing until that clock's time comes again.
+            self.fine.clear()
+            self.coarse.clear()
+            self.add_event(
+                Event(
+                    now,
+                    "gap",
+                    "broker",
+                    "",
+                    "",
+                    f"wall clock went back {(head - slot) * fine.step:.0f} s: "
+                    "points recorded before were dropped",
+                )
+            )
         if not fine.advance(slot):
             self.dropped += 1
             return False

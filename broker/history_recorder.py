@@ -166,19 +166,16 @@ class HistoryRecorder:
         recorded: int | None = None
         while True:
             now = self._clock.time()
-            sources = self._look()
             slot = self.history.fine.slot(now)
-            if slot != recorded:
-                recorded = slot
-                counters = read_counters(self._broker, sources, self._clock.monotonic())
-                rates = self._rates.update(counters)
-                sample = build_sample(self._broker, sources, rates)
-                if not self.history.record(now, sample) and self.history.dropped == 1:
-                    log.warning(
-                        "history_clock_behind",
-                        hint="the wall clock went back; points resume once it "
-                        "passes the newest one",
-                    )
+            try:
+                sources = self._look()
+                if slot != recorded:
+                    recorded = slot
+                    self._sample(now, sources)
+            except Exception:
+                # One bad reading must not end the history: logged, and the
+                # next tick tries again.
+                log.error("history_sample_failed", exc_info=True)
             if self._clock.monotonic() - saved >= SAVE_EVERY and self._saving is None:
                 saved = self._clock.monotonic()
                 self._saving = asyncio.create_task(self._save(), name="history-save")
@@ -188,6 +185,23 @@ class HistoryRecorder:
             now = self._clock.time()
             wake = min((self.history.fine.slot(now) + 1) * self._step, now + tick)
             await self._clock.sleep(max(0.0, wake - now) + WAKE_SLACK)
+
+    def _sample(self, now: float, sources: list[SourceStatus]) -> None:
+        counters = read_counters(self._broker, sources, self._clock.monotonic())
+        sample = build_sample(self._broker, sources, self._rates.update(counters))
+        if not self.history.record(now, sample) and self.history.dropped == 1:
+            log.warning(
+                "history_clock_behind",
+                hint="the wall clock went back; points resume once it passes "
+                "the newest one",
+            )
+
+    @property
+    def saving(self) -> "asyncio.Task[None] | None":
+        """
+        The periodic save in progress, if one is.
+        """
+        return self._saving
 
     def _saved(self, task: "asyncio.Task[None]") -> None:
         self._saving = None

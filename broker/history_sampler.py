@@ -178,9 +178,16 @@ class Watcher:
                 Event(now, "phase", "broker", previous.phase, current.phase, "")
             )
         if current.active_tier != previous.active_tier:
-            reason = "only a fallback tier feeds the pool" if current.degraded else ""
             if current.active_tier is None:
                 reason = "no healthy source"
+            elif current.degraded:
+                reason = "only a fallback tier feeds the pool"
+            elif previous.active_tier is None or current.active_tier < (
+                previous.active_tier
+            ):
+                reason = "a preferred tier is healthy again"
+            else:
+                reason = ""
             events.append(
                 Event(
                     now,

@@ -25,7 +25,12 @@ from broker.history import (
     SourcePoint,
 )
 from broker.history_query import encode, take
-from broker.history_recorder import STEP_ENV, HistoryRecorder, configured_step
+from broker.history_recorder import (
+    SAVE_EVERY,
+    STEP_ENV,
+    HistoryRecorder,
+    configured_step,
+)
 from broker.history_sampler import Counters, Observation, Rates, Watcher
 from broker.history_store import (
     FILE_NAME,
@@ -180,7 +185,7 @@ def test_clock_stepping_back_drops_samples() -> None:
     for index in range(5):
         assert history.record(T0 + index * STEP, sample(float(index)))
     before = answer(history, T0 + 50)
-    assert not history.record(T0 - 3600, sample(99.0))
+    assert not history.record(T0 - 1800, sample(99.0))
     assert not history.record(T0 + 20, sample(99.0))
     assert 2 == history.dropped
     assert before == answer(history, T0 + 50)
@@ -188,6 +193,24 @@ def test_clock_stepping_back_drops_samples() -> None:
     after = answer(history, T0 + 60)
     assert [float(index) for index in range(6)] == after["pool"]["level_bytes"]
     assert [2.5] == answer(history, T0 + 60, "1m")["pool"]["level_bytes"]
+
+
+def test_clock_far_behind_starts_afresh() -> None:
+    """
+    A step back of more than an hour means the newest points had a wrong
+    time: the rings start again at the new time, with a gap event saying so.
+    """
+    history = History()
+    for index in range(5):
+        history.record(T0 + index * STEP, sample(float(index)))
+    assert history.record(T0 - 2 * 3600, sample(7.0))
+    document = answer(history, T0 - 2 * 3600 + 1)
+    assert T0 - 2 * 3600 == document["start"]
+    assert [7.0] == document["pool"]["level_bytes"]
+    assert [7.0] == answer(history, T0 - 2 * 3600 + 1, "1m")["pool"]["level_bytes"]
+    [event] = document["events"]
+    assert "gap" == event["kind"]
+    assert "wall clock went back" in event["reason"]
 
 
 def test_memory_bound() -> None:
@@ -305,6 +328,60 @@ def test_watcher_reports_changes() -> None:
     assert [
         Event(T0 + 3, "tier_change", "broker", "tier 1", "none", "no healthy source")
     ] == watcher.update(T0 + 3, third)
+    fourth = replace(third, active_tier=0)
+    assert [
+        Event(
+            T0 + 4,
+            "tier_change",
+            "broker",
+            "none",
+            "tier 0",
+            "a preferred tier is healthy again",
+        )
+    ] == watcher.update(T0 + 4, fourth)
+
+
+async def test_recorder_saves_every_few_minutes(tmp_path: Path) -> None:
+    """
+    The history is saved while the broker runs, not only when it stops, so
+    a crash loses minutes at most.
+    """
+    clock = FakeClock(wall=T0)
+    recorder = HistoryRecorder(RecordedFake(), tmp_path, clock=clock)
+    async with recorder:
+        await clock.advance(SAVE_EVERY + 1)
+        saving = recorder.saving
+        assert saving is not None
+        await saving
+        loaded = History()
+        decode((tmp_path / FILE_NAME).read_bytes(), loaded)
+        assert loaded.fine.head is not None
+        assert loaded.fine.head * STEP >= T0 + SAVE_EVERY - STEP
+
+
+async def test_recorder_survives_a_failing_reading(tmp_path: Path) -> None:
+    """
+    A reading that raises is logged; the recorder carries on.
+    """
+    clock = FakeClock(wall=T0)
+    broker = RecordedFake(health_error=None)
+    broker.sources = []
+    recorder = HistoryRecorder(broker, tmp_path, clock=clock)
+    failing = True
+
+    def sources_status() -> list[SourceStatus]:
+        if failing:
+            raise RuntimeError("no reading")
+        return []
+
+    broker.sources_status = sources_status  # type: ignore[method-assign]
+    with capture_logs() as logs:
+        async with recorder:
+            await clock.advance(10.5)
+            failing = False
+            await clock.advance(10)
+    assert "history_sample_failed" in [entry["event"] for entry in logs]
+    assert 1 <= answer(recorder.history, clock.time())["points"]
 
 
 # ---- the file ---------------------------------------------------------------------
@@ -462,7 +539,7 @@ async def test_recorder_ignores_a_corrupt_file(tmp_path: Path) -> None:
 
 async def test_recorder_survives_the_clock_stepping_back(tmp_path: Path) -> None:
     """
-    The wall clock set back an hour stops the points (with one warning)
+    The wall clock set back half an hour stops the points (with one warning)
     until it passes the newest point again.
     """
     clock = FakeClock(wall=T0)
@@ -470,7 +547,7 @@ async def test_recorder_survives_the_clock_stepping_back(tmp_path: Path) -> None
     with capture_logs() as logs:
         async with recorder:
             await clock.advance(20.5)
-            clock.set_wall(T0 - 3600)
+            clock.set_wall(T0 - 1800)
             await clock.advance(30)
     assert 3 == answer(recorder.history, T0 + 30)["points"]
     assert recorder.history.dropped >= 3
