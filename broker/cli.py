@@ -690,6 +690,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_simulate_key(
                 args.serial, args.keyring, args.socket, args.rate, args.master_key_file
             )
+    except BrokenPipeError:
+        # The reader went away (`ebroker status | head`): nothing left to say
+        # to it. Point stdout at /dev/null so the exit's flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - the CLI promises one line, never a traceback
         return _fail(f"internal error: {exc!r}")
     parser.print_help(sys.stderr)

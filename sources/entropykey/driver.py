@@ -290,7 +290,7 @@ class EntropyKeySource:
         voltage = self._info.voltage_mv
         return {
             "serial": self.serial,
-            "keyring": str(self._keyring_path),
+            "keyring": str(self._keyring_path.absolute()),
             "attachment": self.transport.description,
             "session": session_state,
             "session_reason": reason,

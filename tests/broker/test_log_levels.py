@@ -19,6 +19,7 @@ from sources.entropykey.sim.keypairs import new_key_pair, write_keyring
 from sources.entropykey.transport import SimulatedTransport
 from tests.broker.test_supervisor import FakeSource, deliver, pass_startup
 from tests.fakeclock import FakeClock
+from tests.helpers import eventually
 
 
 def levels(logs: list[MutableMapping[str, Any]], event: str) -> list[tuple[str, str]]:
@@ -57,13 +58,14 @@ async def test_absent_optional_device_is_info(tmp_path: Path) -> None:
     config = DeviceSourceConfig(
         name="hwrng", kind="hwrng", path=tmp_path / "hwrng", optional=True
     )
-    supervisor.add(DeviceSource(config), optional=True)
+    runner = supervisor.add(DeviceSource(config), optional=True)
     fallback = FakeSource("fallback", 1)
     supervisor.add(fallback)
     with capture_logs() as logs:
         supervisor.start()
         try:
             await pass_startup(fallback)
+            await eventually(lambda: runner.skipped)
         finally:
             await supervisor.stop()
     assert [("", "info")] == levels(logs, "source_skipped")
@@ -78,13 +80,15 @@ async def test_unusable_optional_device_is_a_warning(tmp_path: Path) -> None:
     config = DeviceSourceConfig(
         name="hwrng", kind="hwrng", path=tmp_path, optional=True
     )
-    supervisor.add(DeviceSource(config), optional=True)
+    runner = supervisor.add(DeviceSource(config), optional=True)
     fallback = FakeSource("fallback", 1)
     supervisor.add(fallback)
     with capture_logs() as logs:
         supervisor.start()
         try:
             await pass_startup(fallback)
+            # The directory opens; its first read, in a thread, fails.
+            await eventually(lambda: runner.skipped)
         finally:
             await supervisor.stop()
     assert [("", "warning")] == levels(logs, "source_skipped")
