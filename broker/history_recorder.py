@@ -137,7 +137,8 @@ class HistoryRecorder:
             return
         loaded = History(self._step)
         try:
-            decode(data, loaded)
+            # Inflating a full history takes tens of milliseconds.
+            await asyncio.to_thread(decode, data, loaded)
         except HistoryFileError as exc:
             log.warning("history_file_ignored", path=str(self.path), error=str(exc))
             return

@@ -122,7 +122,14 @@ def decode(data: bytes, history: History) -> float:
         return _load(header, memoryview(raw), history)
     except HistoryFileError:
         raise
-    except (zlib.error, ValueError, TypeError, KeyError, IndexError) as exc:
+    except (
+        zlib.error,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+    ) as exc:
         raise HistoryFileError(f"corrupt: {exc}") from exc
 
 

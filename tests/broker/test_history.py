@@ -426,6 +426,7 @@ def test_file_round_trip() -> None:
         MAGIC + b"garbage",
         MAGIC + compress(b"{}\n")[len(MAGIC) :],
         MAGIC + compress(b'{"version": 2}\n')[len(MAGIC) :],
+        MAGIC + compress(b"[1, 2]\n")[len(MAGIC) :],
     ],
 )
 def test_foreign_or_corrupt_file_is_refused(data: bytes) -> None:
@@ -434,6 +435,19 @@ def test_foreign_or_corrupt_file_is_refused(data: bytes) -> None:
     """
     with pytest.raises(HistoryFileError):
         decode(data, History())
+
+
+def test_file_with_malformed_header_is_refused() -> None:
+    """
+    A header whose parts have the wrong types is refused, not a crash.
+    """
+    body = snapshot(recorded(), T0)
+    line, _, raw = body.partition(b"\n")
+    header = json.loads(line)
+    for key, bad in (("sources", ["ekey"]), ("events", [{"time": "x"}])):
+        broken = {**header, key: bad}
+        with pytest.raises(HistoryFileError):
+            decode(compress(json.dumps(broken).encode() + b"\n" + raw), History())
 
 
 def test_truncated_or_other_step_file_is_refused() -> None:
