@@ -27,7 +27,10 @@ Memory is bounded and computable. Each series holds
 without a thermometer cost nothing for temperature and voltage. There are at most
 ``4 + 5 * sources + 2 * customers`` series, sources capped at `MAX_SOURCES` and
 customers at `MAX_CUSTOMERS`; e.g. 4 sources and 20 customers: 64 series,
-9,584,640 bytes (9.1 MiB), plus at most `MAX_EVENTS` events.
+9,584,640 bytes (9.1 MiB), plus at most `MAX_EVENTS` events (a few hundred bytes
+each). The caps put the worst case at 836 series, 125,199,360 bytes (119 MiB):
+sources and customers come from the config, and one past a cap is not
+recorded.
 
 This module reads no clock and does no I/O: every call takes ``now``.
 """
