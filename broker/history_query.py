@@ -28,7 +28,6 @@ from typing import Final
 
 from broker.history import (
     CUSTOMER_SERIES,
-    NAN,
     POOL_SERIES,
     SOURCE_SERIES,
     STATES,
@@ -195,6 +194,3 @@ def encode(window: Window) -> bytes:
     parts.append(str(window.memory_bytes))
     parts.append("}")
     return "".join(parts).encode()
-
-
-__all__ = ["NAN", "RESOLUTIONS", "Window", "encode", "take"]
