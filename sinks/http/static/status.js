@@ -545,7 +545,13 @@ function renderSources(s) {
   $("sources").tBodies[0].replaceChildren(...rows);
 }
 
+function customerSeries(id) {
+  const seen = live.customers[id] || emptySeries();
+  return useHistory() ? withTail(history.customers[id]?.bytes_per_s, seen) : seen;
+}
+
 function renderCustomers(s) {
+  const gap = useHistory() ? history.step * 2.5 : 10;
   const customers = Object.entries(s.accounts?.customers || {});
   const rows = customers.map(([id, c]) => {
     const quota = el("td", { class: "quota" });
@@ -578,7 +584,7 @@ function renderCustomers(s) {
       "tr",
       { "data-customer": id },
       name,
-      td(fmtBytes(c.bytes_served), "n"),
+      el("td", { class: "n" }, fmtBytes(c.bytes_served), sparkline(customerSeries(id), gap)),
       quota,
       td(fmtCount(c.throttled_requests) + " req \u00b7 " + (c.throttled_seconds ?? 0).toFixed(1) + " s", "n"),
       td(c.client_count, "n"),
