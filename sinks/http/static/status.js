@@ -118,7 +118,7 @@ const live = { level: emptySeries(), inRate: emptySeries(), outRate: emptySeries
 let prev = null;
 const derivedEvents = [];
 
-const history = {
+const recorded = {
   state: "loading", // "loading" | "ok" | "absent" | "error"
   step: 10,
   times: [],
@@ -180,8 +180,8 @@ function deriveEvents(a, b) {
 }
 
 function historyUrl() {
-  if (history.times.length === 0) return "/v1/history?resolution=10s&last=" + WINDOW_S;
-  return "/v1/history?resolution=10s&since=" + history.times[history.times.length - 1];
+  if (recorded.times.length === 0) return "/v1/history?resolution=10s&last=" + WINDOW_S;
+  return "/v1/history?resolution=10s&since=" + recorded.times[recorded.times.length - 1];
 }
 
 // Cut every series of `group` at `cut`, pad it to `length` with nulls.
@@ -218,43 +218,44 @@ function appendSeries(group, incoming, cut, base) {
 function mergeHistory(doc) {
   const step = Number(doc.step) || 10;
   const n = Number(doc.points) || 0;
-  history.step = step;
+  recorded.step = step;
   const times = Array.from({ length: n }, (_, i) => doc.start + i * step);
   // Points at or after the first new one are replaced by the new answer.
-  let cut = history.times.findIndex((t) => t >= doc.start - step / 2);
-  if (cut < 0) cut = history.times.length;
-  history.times.length = cut;
-  history.times.push(...times);
-  const total = history.times.length;
-  cutSeries(history.sources, cut, cut);
-  cutSeries(history.customers, cut, cut);
-  for (const k of Object.keys(history.pool)) history.pool[k].length = cut;
-  appendSeries(history.sources, doc.sources, cut, total);
-  appendSeries(history.customers, doc.customers, cut, total);
+  let cut = recorded.times.findIndex((t) => t >= doc.start - step / 2);
+  if (cut < 0) cut = recorded.times.length;
+  recorded.times.length = cut;
+  recorded.times.push(...times);
+  const total = recorded.times.length;
+  cutSeries(recorded.sources, cut, cut);
+  cutSeries(recorded.customers, cut, cut);
+  for (const k of Object.keys(recorded.pool)) recorded.pool[k].length = cut;
+  appendSeries(recorded.sources, doc.sources, cut, total);
+  appendSeries(recorded.customers, doc.customers, cut, total);
   for (const [k, v] of Object.entries(doc.pool || {})) {
-    if (!history.pool[k]) history.pool[k] = new Array(cut).fill(null);
-    history.pool[k].push(...v);
+    if (!recorded.pool[k]) recorded.pool[k] = new Array(cut).fill(null);
+    recorded.pool[k].push(...v);
   }
-  for (const group of [history.sources, history.customers]) {
+  for (const group of [recorded.sources, recorded.customers]) {
     for (const entry of Object.values(group)) {
       for (const v of Object.values(entry)) if (Array.isArray(v)) while (v.length < total) v.push(null);
     }
   }
-  for (const v of Object.values(history.pool)) while (v.length < total) v.push(null);
+  for (const v of Object.values(recorded.pool)) while (v.length < total) v.push(null);
   // Keep the last hour.
-  const drop = history.times.findIndex((t) => t >= doc.now - WINDOW_S);
+  let drop = recorded.times.findIndex((t) => t >= doc.now - WINDOW_S);
+  if (drop < 0) drop = recorded.times.length;
   if (drop > 0) {
-    history.times.splice(0, drop);
-    for (const v of Object.values(history.pool)) v.splice(0, drop);
-    for (const group of [history.sources, history.customers]) {
+    recorded.times.splice(0, drop);
+    for (const v of Object.values(recorded.pool)) v.splice(0, drop);
+    for (const group of [recorded.sources, recorded.customers]) {
       for (const entry of Object.values(group)) {
         for (const v of Object.values(entry)) if (Array.isArray(v)) v.splice(0, drop);
       }
     }
   }
-  const seen = new Set(history.events.map(eventKey));
-  for (const e of doc.events || []) if (!seen.has(eventKey(e))) history.events.push(e);
-  history.events = history.events.filter((e) => e.time >= doc.now - WINDOW_S).slice(-500);
+  const seen = new Set(recorded.events.map(eventKey));
+  for (const e of doc.events || []) if (!seen.has(eventKey(e))) recorded.events.push(e);
+  recorded.events = recorded.events.filter((e) => e.time >= doc.now - WINDOW_S).slice(-500);
 }
 
 function eventKey(e) {
@@ -378,13 +379,13 @@ function sparkline(series, gap) {
 // ---- rendering ------------------------------------------------------------
 
 function useHistory() {
-  return history.state === "ok" && history.times.length > 0;
+  return recorded.state === "ok" && recorded.times.length > 0;
 }
 
 // History, then what this tab has polled since history's last point: the
 // graphs move every 2 s although history has a point every 10 s.
 function withTail(values, tail) {
-  const times = history.times.slice();
+  const times = recorded.times.slice();
   const out = (values || []).slice();
   while (out.length < times.length) out.push(null);
   const after = times.length ? times[times.length - 1] : -Infinity;
@@ -405,10 +406,10 @@ function drawCharts() {
   let outRate = live.outRate;
   let gap = (STATUS_MS / 1000) * 5;
   if (useHistory()) {
-    level = withTail(history.pool.level_bytes, live.level);
-    inRate = withTail(history.pool.in_bytes_per_s, live.inRate);
-    outRate = withTail(history.pool.out_bytes_per_s, live.outRate);
-    gap = history.step * 2.5;
+    level = withTail(recorded.pool.level_bytes, live.level);
+    inRate = withTail(recorded.pool.in_bytes_per_s, live.inRate);
+    outRate = withTail(recorded.pool.out_bytes_per_s, live.outRate);
+    gap = recorded.step * 2.5;
   }
   // Both graphs share one time axis, ending now.
   const firsts = [level, inRate, outRate].map((x) => x.times[0]).filter(Number.isFinite);
@@ -446,10 +447,10 @@ function renderHeader(s) {
   setText("pool-out", fmtRate(lastValue(live.outRate)));
   const note = {
     loading: "history: loading",
-    ok: "history: last hour, " + history.step + " s steps",
+    ok: "history: last hour, " + recorded.step + " s steps",
     absent: "history: not kept by this broker; graphs show what this tab has seen",
     error: "history: unavailable; graphs show what this tab has seen",
-  }[history.state];
+  }[recorded.state];
   setText("history-note", note);
 }
 
@@ -464,7 +465,7 @@ function renderBanner(s, failure) {
     const reasons = (s.health.reasons || []).join("; ");
     if (["draining", "closing", "stopped"].includes(s.phase) || status === "shutting_down") {
       level = "bad";
-      items.push(["shutting down", "phase " + s.phase + (reasons ? ": " + reasons : "")]);
+      items.push(["shutting down", reasons || "phase " + s.phase]);
     } else if (status === "unhealthy") {
       level = "bad";
       items.push(["unhealthy", reasons || "not serving"]);
@@ -515,11 +516,11 @@ function keyFacts(src) {
 }
 
 function renderSources(s) {
-  const gap = useHistory() ? history.step * 2.5 : 10;
+  const gap = useHistory() ? recorded.step * 2.5 : 10;
   const rows = s.sources.map((src) => {
     const cls = STATE_CLASS[src.state] || "warn";
     const seen = live.sources[src.name] || emptySeries();
-    const series = useHistory() ? withTail(history.sources[src.name]?.rate_bytes_per_s, seen) : seen;
+    const series = useHistory() ? withTail(recorded.sources[src.name]?.rate_bytes_per_s, seen) : seen;
     const key = keyFacts(src);
     const keyCell = el("td", { "data-label": "key" }, key);
     if (src.details?.serial) keyCell.append(el("div", { class: "small muted" }, src.details.serial));
@@ -547,11 +548,11 @@ function renderSources(s) {
 
 function customerSeries(id) {
   const seen = live.customers[id] || emptySeries();
-  return useHistory() ? withTail(history.customers[id]?.bytes_per_s, seen) : seen;
+  return useHistory() ? withTail(recorded.customers[id]?.bytes_per_s, seen) : seen;
 }
 
 function renderCustomers(s) {
-  const gap = useHistory() ? history.step * 2.5 : 10;
+  const gap = useHistory() ? recorded.step * 2.5 : 10;
   const customers = Object.entries(s.accounts?.customers || {});
   const rows = customers.map(([id, c]) => {
     const quota = el("td", { class: "quota" });
@@ -629,7 +630,7 @@ const EVENT_WORDS = {
 };
 
 function renderEvents() {
-  const events = (useHistory() ? history.events : derivedEvents).slice(-100).reverse();
+  const events = (useHistory() ? recorded.events : derivedEvents).slice(-100).reverse();
   const items = events.map((e) => {
     const change = el("span", {}, e.from || e.to ? (e.from || "?") + " \u2192 " + (e.to || "?") : "");
     if (e.kind === "source_state" && e.to) {
@@ -681,21 +682,21 @@ async function getJson(url) {
 
 async function pollHistory() {
   const now = Date.now();
-  if (now < history.nextFetch) return;
-  history.nextFetch = now + Math.max(STATUS_MS, history.step * 1000);
+  if (now < recorded.nextFetch) return;
+  recorded.nextFetch = now + Math.max(STATUS_MS, recorded.step * 1000);
   try {
     const { status, body } = await getJson(historyUrl());
     if (status === 404) {
-      history.state = "absent";
-      history.nextFetch = now + HISTORY_RETRY_MS;
+      recorded.state = "absent";
+      recorded.nextFetch = now + HISTORY_RETRY_MS;
     } else if (body) {
       mergeHistory(body);
-      history.state = "ok";
+      recorded.state = "ok";
     } else {
-      history.state = history.times.length ? "ok" : "error";
+      recorded.state = recorded.times.length ? "ok" : "error";
     }
   } catch (err) {
-    history.state = history.times.length ? "ok" : "error";
+    recorded.state = recorded.times.length ? "ok" : "error";
   }
 }
 
