@@ -365,6 +365,14 @@ def test_status_page_follows_the_broker_live(
             )
         )
         assert not browser.find_element(By.ID, "banner").is_displayed()
+        if not history_absent:
+            wait(browser, "the graphs draw the broker's history").until(
+                lambda d: d.find_element(By.ID, "history-note").text.startswith(
+                    "history: last hour"
+                )
+            )
+        level = browser.find_element(By.ID, "chart-level")
+        assert "pool level from" in str(level.get_attribute("aria-label"))
         screenshot(browser, tmp_path / "status-desktop.png")
 
         viewport(browser, PHONE)

@@ -297,6 +297,8 @@ function drawChart(svg, series, opts) {
   }
   // For tests and curious operators: the fewest points any line has.
   svg.dataset.points = String(fewest);
+  const latest = series.map((x) => x.cls.slice(2) + " " + opts.format(lastValue(x) ?? 0)).join(", ");
+  svg.setAttribute("aria-label", opts.label + " from " + fmtClock(t0) + " to " + fmtClock(opts.t1) + "; now " + latest);
   if (!count) {
     const text = svgEl("text", { x: w / 2, y: h / 2, "text-anchor": "middle", class: "empty" });
     text.textContent = "waiting for data";
@@ -414,10 +416,11 @@ function drawCharts() {
   // Both graphs share one time axis, ending now.
   const firsts = [level, inRate, outRate].map((x) => x.times[0]).filter(Number.isFinite);
   const range = { t0: Math.min(s.time - 60, ...firsts), t1: s.time };
-  drawChart($("chart-level"), [{ ...level, cls: "s-level" }], { format: fmtAxis, cap: s.pool.capacity, gap, ...range });
+  drawChart($("chart-level"), [{ ...level, cls: "s-level" }], { format: fmtAxis, cap: s.pool.capacity, gap, label: "pool level", ...range });
   drawChart($("chart-rates"), [{ ...inRate, cls: "s-in" }, { ...outRate, cls: "s-out" }], {
     format: (v) => fmtAxis(v) + "/s",
     cap: null,
+    label: "pool input and output",
     gap,
     ...range,
   });
