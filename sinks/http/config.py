@@ -17,7 +17,7 @@ from sinks.http.tls import ClientAuth, TlsFiles, build_context
 _REQUEST_MARGIN = 10.0
 
 API_PATHS: Final = frozenset(
-    {"/v1/entropy", "/healthz", "/readyz", "/v1/status", "/metrics"}
+    {"/v1/entropy", "/healthz", "/readyz", "/v1/status", "/v1/history", "/metrics"}
 )
 """Paths of the API's own routes, which the pollen endpoint cannot share."""
 

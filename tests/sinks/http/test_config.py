@@ -35,6 +35,7 @@ def test_pollinate_body_size() -> None:
         "/readyz",
         "/v1/entropy",
         "/v1/status",
+        "/v1/history",
         "/metrics",
         "/v1/admin/reload",
         "/v1/admin/other",
