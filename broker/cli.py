@@ -362,7 +362,7 @@ def _status_frame(
         return assessment.verdict, json.dumps(document, indent=2), document
     if shape == "nagios":
         return assessment.verdict, assessment.plugin_line(perfdata(document)), document
-    out_rate = None
+    out_rate = _recent_output_rate(url)
     if previous is not None:
         elapsed = float(document.get("time", 0)) - float(previous.get("time", 0))
         served = int(document.get("pool", {}).get("bytes_out", 0)) - int(
@@ -372,6 +372,22 @@ def _status_frame(
             out_rate = served / elapsed
     text = render(document, assessment, colour=_colour_wanted(), out_rate=out_rate)
     return assessment.verdict, text, document
+
+
+def _recent_output_rate(url: str) -> float | None:
+    """
+    The pool's output rate at the newest point of the broker's history
+    (``/v1/history``), or None when it keeps none or has no point yet.
+    """
+    target = url.rstrip("/") + "/v1/history?last=30"
+    try:
+        with urllib.request.urlopen(target, timeout=5) as response:  # noqa: S310 - _read_status checked the scheme
+            history = json.load(response)
+        rates = history["pool"]["out_bytes_per_s"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
+        return None
+    known = [rate for rate in rates if isinstance(rate, int | float)]
+    return float(known[-1]) if known else None
 
 
 def cmd_status(url: str, shape: str, watch: float | None = None) -> int:
