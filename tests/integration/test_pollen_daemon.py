@@ -269,7 +269,7 @@ async def test_operator_plane_serves_page_and_pollen_at_root(daemon: Daemon) -> 
         async with session.get(url(daemon, "pollen_operator")) as response:
             assert 200 == response.status
             assert "text/html" == response.content_type
-            assert "<title>ebroker</title>" in await response.text()
+            assert "<title>ebroker status</title>" in await response.text()
         async with session.get(url(daemon, "pollen")) as response:
             assert 404 == response.status
     seeded = await pollinate(url(daemon, "pollen_operator"))
