@@ -3,6 +3,7 @@ Shared test helpers.
 """
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 
@@ -38,3 +39,25 @@ def wait_until(predicate: Callable[[], bool], timeout: float = DEADLINE) -> None
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         time.sleep(0.01)
+
+
+_PORTS_HANDED_OUT: set[int] = set()
+
+
+def free_port() -> int:
+    """
+    A loopback TCP port nobody listens on right now, and one this process has
+    not handed out before.
+
+    The kernel may give the same ephemeral port to two probes in a row once
+    the first is closed: a test that picks the ports of several servers
+    before starting any (a Redis primary and its sentinels) would then start
+    two on one port, and the second would never come up.
+    """
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if port not in _PORTS_HANDED_OUT:
+            _PORTS_HANDED_OUT.add(port)
+            return port

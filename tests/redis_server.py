@@ -4,7 +4,6 @@ primary with replicas watched by Redis Sentinels (``redis-server --sentinel``,
 from the redis-server package) that fail it over when it dies.
 """
 
-import socket
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,17 +11,7 @@ from pathlib import Path
 import redis
 
 from tests import system_tools
-from tests.helpers import wait_until
-
-
-def free_port() -> int:
-    """
-    A loopback port nobody listens on right now.
-    """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
+from tests.helpers import free_port, wait_until
 
 
 class RedisServer:

@@ -35,10 +35,9 @@ from typing import Any, Self
 
 import aiohttp
 
-from tests.helpers import DEADLINE, eventually
+from tests.helpers import DEADLINE, eventually, free_port
 from tests.integration.clients import poll_until
 from tests.integration.daemon import REPO, Daemon, start_daemon
-from tests.redis_server import free_port
 
 SHIPPED_HAPROXY = REPO / "config" / "haproxy.cfg"
 LOOPBACK = "127.0.0.1"

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import DEADLINE, wait_until
+from tests.helpers import DEADLINE, free_port, wait_until
 from tests.integration.daemon import Daemon, default_config, start_daemon
 
 AGENT_TOML = Path(__file__).parents[2] / "config" / "agent.toml"
@@ -32,15 +32,6 @@ RESEED_INTERVAL = 0.2
 POOL_SIZE = 4096
 """The agent's pool as shipped: bytes it can hand the kernel without asking
 a broker again."""
-
-
-def free_port() -> int:
-    """
-    A TCP port on 127.0.0.1 that nothing listens on now.
-    """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def replace_once(text: str, old: str, new: str) -> str:

@@ -23,10 +23,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.helpers import DEADLINE
+from tests.helpers import DEADLINE, free_port
 from tests.integration.clients import poll_until, running_daemon
 from tests.integration.daemon import Daemon
-from tests.redis_server import free_port
 
 pytestmark = pytest.mark.needs_tool("haproxy")
 

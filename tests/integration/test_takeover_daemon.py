@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.helpers import DEADLINE, eventually, wait_until
+from tests.helpers import DEADLINE, eventually, free_port, wait_until
 from tests.integration.clients import BrokerHttp, FifoFeeder, empty_pool, poll_until
 from tests.integration.daemon import REPO, Daemon, default_config, start_daemon
 from tests.integration.test_drain_daemon import NotifySocket
@@ -69,14 +69,6 @@ def successor(
 
 
 # ---- socket activation --------------------------------------------------------------
-
-
-def free_port() -> int:
-    # systemd-socket-activate takes fixed addresses; the race with another
-    # process binding the port between here and there is harmless on loopback.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.mark.needs_tool("systemd-socket-activate")

@@ -19,7 +19,6 @@ asserted: speed belongs to benchmarks.
 
 import contextlib
 import hashlib
-import socket
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import DEADLINE
+from tests.helpers import DEADLINE, free_port
 from tests.integration.clients import (
     BrokerHttp,
     EgdReader,
@@ -46,13 +45,6 @@ TOKEN = "upstream-" + "7" * 32
 RECOVERY = 2 * DEADLINE
 _EGD_LISTEN = 'listen = ["tcp://127.0.0.1:0", "unix:egd.sock"]'
 _HTTP_LISTEN = 'listen = ["tcp://127.0.0.1:0"]'
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 @dataclass

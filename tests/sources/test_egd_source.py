@@ -19,7 +19,7 @@ import structlog
 from broker.config import parse_config
 from broker.errors import ConfigError, SourceError
 from sources.egd import EgdEndpoint, EgdSource, EgdSourceConfig, parse_egd_endpoint
-from tests.helpers import DEADLINE, eventually
+from tests.helpers import DEADLINE, eventually, free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]
 
@@ -135,13 +135,6 @@ def make(*endpoints: str, **settings: Any) -> EgdSource:
         {"name": "up", "kind": "egd", "endpoints": list(endpoints), **settings}
     )
     return EgdSource(config, rng=lambda: 0.0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 async def read_at_least(source: EgdSource, count: int) -> bytes:

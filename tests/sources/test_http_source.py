@@ -12,7 +12,6 @@ shows in logs, errors or status.
 import asyncio
 import contextlib
 import os
-import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -26,7 +25,7 @@ from aiohttp import web
 from broker.config import parse_config
 from broker.errors import ConfigError, SourceError
 from sources.http import HttpSource, HttpSourceConfig, retry_after
-from tests.helpers import DEADLINE
+from tests.helpers import DEADLINE, free_port
 
 TOKEN = "s3cret-upstream-token-0123456789"
 
@@ -163,13 +162,6 @@ def config(*urls: str, **settings: Any) -> HttpSourceConfig:
 
 def make(*urls: str, **settings: Any) -> HttpSource:
     return HttpSource(config(*urls, **settings), rng=lambda: 0.0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 async def open_and_read(source: HttpSource, reads: int = 1) -> list[bytes]:

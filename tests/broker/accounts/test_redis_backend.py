@@ -21,7 +21,8 @@ from broker.accounts import (
 )
 from broker.accounts.backend import BucketLimit, QuotaLimit
 from tests.fakeclock import FakeClock
-from tests.redis_server import RedisServer, free_port
+from tests.helpers import free_port
+from tests.redis_server import RedisServer
 
 NOW = 1_714_564_800.0
 QUOTA = QuotaLimit("day:2024-05-01", 10_000, NOW + 43_200)

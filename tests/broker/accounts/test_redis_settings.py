@@ -17,7 +17,7 @@ from broker.accounts.config import AccountsConfig
 from broker.accounts.redis_link import RedisLink, target_from_config
 from broker.config import parse_config
 from broker.errors import ConfigError
-from tests.redis_server import free_port
+from tests.helpers import free_port
 
 REFERENCE = Path(__file__).parents[3] / "config" / "README.md"
 SENTINELS = ["10.0.0.5:26379", "10.0.0.6:26379", "[fd00::7]:26379"]
